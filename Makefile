@@ -1,0 +1,23 @@
+# Two commands do all the set-up on a fresh machine with Python 3:
+#   make demo   -> creates .venv, installs kdjax, runs `kdjax demo`
+#   make test   -> creates .venv, installs kdjax[dev], runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= workdirs/demo
+
+$(BIN)/kdjax: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	touch $(BIN)/kdjax
+
+install: $(BIN)/kdjax
+
+demo: install
+	$(BIN)/kdjax demo --workdir $(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -n 2 kdjax tests; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
+
+.PHONY: install demo test

@@ -1,0 +1,8 @@
+"""Meshes, sharding rules and multi-host start-up."""
+
+from kdjax.parallel.distributed import initialize_from_env
+from kdjax.parallel.mesh import batch_sharding
+from kdjax.parallel.mesh import make_mesh
+from kdjax.parallel.mesh import path_str
+from kdjax.parallel.mesh import replicated
+from kdjax.parallel.mesh import shardings_from_rules

@@ -1,0 +1,108 @@
+"""Meshes from configs and parameter shardings from regex rules.
+
+``config.mesh = [('data', -1)]`` makes a 1-axis mesh over every device; ``-1``
+takes the devices the other axes leave. Parameters are placed by rules::
+
+    partition_rules = [
+        ('.*kernel', 'fsdp'),        # shard the largest divisible axis over 'data'
+        ('.*embedding', ('data', None)),
+        ('.*', None),                # replicate the rest
+    ]
+
+The first rule whose regex matches (``re.fullmatch``) the parameter's path
+(``'stage1/conv/kernel'``) wins. A rule's value is ``None`` (replicated), a
+tuple (a ``PartitionSpec``) or ``'fsdp'`` / ``'fsdp:<axis>'``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with the named axes; one size may be -1 (all remaining devices).
+
+  >>> make_mesh([('data', -1)]).axis_names
+  ('data',)
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  names = tuple(str(name) for name, _ in axes)
+  sizes = [int(size) for _, size in axes]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh {list(axes)}: at most one axis may have size -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f'mesh {list(axes)}: {len(devices)} devices do not divide by {known}')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f'mesh {list(axes)} needs {math.prod(sizes)} devices; there are {len(devices)}')
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(tuple(sizes), names, devices=devices)
+  return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def path_str(path) -> str:
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  if parts and parts[-1] == 'value':  # nnx.Variable leaves end in '.value'
+    parts.pop()
+  return '/'.join(parts)
+
+
+def _spec_for(leaf, rule: Any, mesh: Mesh) -> P:
+  shape = getattr(leaf, 'shape', ())
+  if rule is None:
+    return P()
+  if isinstance(rule, str):
+    if not rule.startswith('fsdp'):
+      raise ValueError(f'unknown partition rule {rule!r}; use None, a tuple of axis names, or "fsdp"')
+    axis = rule.split(':', 1)[1] if ':' in rule else mesh.axis_names[0]
+    size = mesh.shape[axis]
+    # Shard the largest axis that divides evenly; replicate if none does.
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if shape[dim] % size == 0 and shape[dim] >= size:
+        spec = [None] * len(shape)
+        spec[dim] = axis
+        return P(*spec)
+    return P()
+  spec = tuple(rule)
+  if len(spec) > len(shape):
+    raise ValueError(f'partition rule {rule} has more axes than the parameter shape {shape}')
+  return P(*spec)
+
+
+def shardings_from_rules(tree, rules: Sequence[tuple[str, Any]] | None, mesh: Mesh):
+  """A pytree of ``NamedSharding`` matching ``tree``, from the first matching rule."""
+  compiled = [(re.compile(regex), value) for regex, value in (rules or ())]
+
+  def one(path, leaf):
+    name = path_str(path)
+    for regex, value in compiled:
+      if regex.fullmatch(name):
+        return NamedSharding(mesh, _spec_for(leaf, value, mesh))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, axis: str = 'data') -> NamedSharding:
+  """Shards the leading (batch) axis over ``axis``."""
+  return NamedSharding(mesh, P(axis))
