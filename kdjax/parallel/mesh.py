@@ -44,9 +44,12 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(f'mesh {list(axes)} needs {math.prod(sizes)} devices; there are {len(devices)}')
+  # Auto axes: shardings are given to jit (in/out shardings, constraints) and GSPMD
+  # propagates them.
+  axis_types = (jax.sharding.AxisType.Auto,) * len(names)
   if len(devices) == len(jax.devices()):
-    return jax.make_mesh(tuple(sizes), names, devices=devices)
-  return Mesh(np.asarray(devices).reshape(sizes), names)
+    return jax.make_mesh(tuple(sizes), names, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=axis_types)
 
 
 def path_str(path) -> str:

@@ -1,0 +1,90 @@
+"""End to end through the CLI: train, distill, eval, resume after kill -9, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _names(cli, paths):
+  global kdjax_cli, CONFIGS, ROOT, SMALL
+  kdjax_cli, CONFIGS, ROOT, SMALL = cli, paths['configs'], paths['root'], paths['small']
+
+pytestmark = pytest.mark.slow
+
+
+def _common(data_dir):
+  return [f'--config.data.name={SMALL}', f'--config.data.data_dir={data_dir}',
+          '--config.progress=false']
+
+
+def test_train_writes_everything(teacher_dir):
+  summary = json.load(open(os.path.join(teacher_dir, 'summary.json')))
+  for key in ('step', 'eval_accuracy', 'train_loss', 'examples_per_sec'):
+    assert summary[key] is not None, key
+  assert summary['step'] == 100
+  assert summary['eval_accuracy'] > 0.2          # 10 classes: chance is 0.1
+  assert sorted(os.listdir(os.path.join(teacher_dir, 'checkpoints'))) == ['100', '50']
+  lines = [json.loads(l) for l in open(os.path.join(teacher_dir, 'metrics.jsonl'))]
+  assert {l['split'] for l in lines} == {'train', 'eval'}
+  assert os.path.exists(os.path.join(teacher_dir, 'learning_curves.png'))
+  assert os.listdir(os.path.join(teacher_dir, 'tensorboard'))
+
+
+def test_distill_and_eval(teacher_dir, data_dir, tmp_path):
+  wd = str(tmp_path / 'kd')
+  out = kdjax_cli(['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:tiny', '--workdir', wd,
+                   f'--config.teacher.workdir={teacher_dir}', *_common(data_dir)])
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['step'] == 100 and 0.0 <= result['eval_accuracy'] <= 1.0
+  summary = json.load(open(os.path.join(wd, 'summary.json')))
+  assert summary['teacher_step'] == 100
+  ev = json.loads(kdjax_cli(['eval', '--workdir', wd]).stdout.strip().splitlines()[-1])
+  assert ev['step'] == 100
+  assert abs(ev['accuracy'] - summary['eval_accuracy']) < 1e-6
+
+
+def test_transfer_split_distillation(teacher_dir, data_dir, tmp_path):
+  wd = str(tmp_path / 'kdt')
+  kdjax_cli(['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:transfer,tiny', '--workdir', wd,
+             f'--config.teacher.workdir={teacher_dir}', *_common(data_dir)])
+  summary = json.load(open(os.path.join(wd, 'summary.json')))
+  assert summary['step'] == 100
+
+
+def test_kill9_resume_matches_uninterrupted(teacher_dir, data_dir, tmp_path):
+  args = ['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:tiny',
+          f'--config.teacher.workdir={teacher_dir}', *_common(data_dir),
+          '--config.num_steps=400', '--config.checkpoint_every=50', '--config.seed=0',
+          '--config.steps_per_call=25']
+  ref = str(tmp_path / 'ref')
+  kdjax_cli([*args, '--workdir', ref])
+  wd = str(tmp_path / 'killed')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen([sys.executable, '-m', 'kdjax', *args, '--workdir', wd], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(wd, 'checkpoints')
+  deadline = time.time() + 300
+  killed_at = None
+  while time.time() < deadline and proc.poll() is None:
+    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    done = [d for d in done if d >= 100 and os.path.exists(os.path.join(ckpt, str(d), '_CHECKPOINT_METADATA'))]
+    if done:
+      proc.send_signal(signal.SIGKILL)
+      killed_at = max(done)
+      break
+    time.sleep(0.05)
+  proc.wait()
+  assert killed_at is not None and killed_at < 400, 'the run ended before it could be killed'
+  out = kdjax_cli([*args, '--workdir', wd])
+  assert 'resuming from step' in out.stdout
+  a = json.load(open(os.path.join(ref, 'summary.json')))
+  b = json.load(open(os.path.join(wd, 'summary.json')))
+  assert b['resumed_from'] is not None and b['resumed_from'] >= 100
+  assert a['train_loss'] == b['train_loss']
+  assert a['eval_accuracy'] == b['eval_accuracy']
