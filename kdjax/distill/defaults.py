@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adam'        # adam | adamw | sgd
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.schedule = 'cosine'  # constant | cosine
+  c.optimizer.schedule = 'cosine'  # constant | cosine | step
+  c.optimizer.decay_steps = [0]    # 'step': where the rate is multiplied by decay_factor
+  c.optimizer.decay_factor = 0.1
   c.optimizer.warmup_steps = 0
   c.optimizer.weight_decay = 0.0
   c.optimizer.momentum = 0.9

@@ -190,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return {'feed': 'device', 'step': int(jax.device_get(state.step))}
   else:
     iterator = kdata.make_train_iterator(
-        config.data.name, config.data.train_split, batch_size=int(config.batch_size),
+        config.data.name, split=config.data.train_split, batch_size=int(config.batch_size),
         seed=int(config.seed), data_dir=data_dir, shard_index=jax.process_index(),
         shard_count=jax.process_count())
     if data_position.get('iterator') is not None:

@@ -23,8 +23,15 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0 if cfg.warmup_steps else lr, lr, max(int(cfg.warmup_steps), 0),
         max(num_steps, int(cfg.warmup_steps) + 1), end_value=0.0)
+  elif cfg.schedule == 'step':
+    # Multiply the rate by decay_factor at each of decay_steps (CIFAR recipes).
+    schedule = optax.piecewise_constant_schedule(
+        lr, {int(s): float(cfg.decay_factor) for s in cfg.decay_steps})
+    if cfg.warmup_steps:
+      schedule = optax.join_schedules(
+          [optax.linear_schedule(0.0, lr, cfg.warmup_steps), schedule], [cfg.warmup_steps])
   else:
-    raise ValueError(f'unknown optimizer.schedule {cfg.schedule!r}; use constant or cosine')
+    raise ValueError(f'unknown optimizer.schedule {cfg.schedule!r}; use constant, cosine or step')
   if cfg.name == 'adam':
     tx = optax.adam(schedule)
     if cfg.weight_decay:
