@@ -120,7 +120,19 @@ def dataset_spec(name: str, *,
     10 classes.
   """
   sources = load_source(name, None, data_dir=data_dir)
-  info = next(iter(sources.values())).dataset_info
+  if sources:
+    info = next(iter(sources.values())).dataset_info
+  else:
+    # Metadata without split records (TFDS's mock data, for one): read the usual
+    # splits one by one.
+    for split in ('train', 'test'):
+      try:
+        sources[split] = load_source(name, split, data_dir=data_dir)
+      except (DataError, ValueError, KeyError):
+        pass
+    if not sources:
+      raise DataError(f'Data set {name!r} reports no splits; is it prepared?')
+    info = next(iter(sources.values())).dataset_info
   features = info.features
   recipe = preprocess_lib.recipe_for(name, features.keys())
   shape = preprocess_lib.input_shape(
@@ -128,6 +140,8 @@ def dataset_spec(name: str, *,
   label = features['label'] if 'label' in features else None
   num_classes = int(getattr(label, 'num_classes', 0) or 0)
   splits = {s: int(info.splits[s].num_examples) for s in info.splits.keys()}
+  if not splits:
+    splits = {s: len(src) for s, src in sources.items()}
   return DatasetSpec(name=name, input_shape=shape, num_classes=num_classes,
                      splits=splits)
 
