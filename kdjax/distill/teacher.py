@@ -7,6 +7,7 @@ Forward only, never checkpointed with the student, placed with its own sharding
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -64,17 +65,29 @@ def load_teacher(workdir: str, mesh, rules, *, input_shape=None) -> Teacher:
   apply, params, model_state = build_model(
       tconfig.model, num_classes=spec.num_classes,
       input_shape=input_shape or spec.input_shape, seed=tconfig.seed)
-  manager = ocp.CheckpointManager(ckpt.checkpoint_dir(workdir), item_names=('state', 'data'))
-  try:
-    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  finally:
-    manager.close()
+  raw = _restore_replicated(os.path.join(ckpt.checkpoint_dir(workdir), str(step), 'state'), mesh)
   params = _fill(params, raw['params']['student'], workdir)
   model_state = _fill(model_state, raw['model_state'], workdir)
   variables = (params, model_state)
   shardings = shardings_from_rules(variables, rules, mesh)
   variables = jax.device_put(variables, shardings)
   return Teacher(TeacherFns(apply, spec.num_classes), variables, tconfig, step, fingerprint(params))
+
+
+def _restore_replicated(path: str, mesh):
+  """Restores a saved state pytree replicated over ``mesh`` (any process layout).
+
+  The target comes from the checkpoint's own metadata, so the checkpoint may have
+  been written by another number of processes or devices.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path).item_metadata
+  repl = NamedSharding(mesh, P())
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=repl), meta)
+  restored = checkpointer.restore(path, abstract)
+  checkpointer.close()
+  return restored
 
 
 def _fill(template, restored, workdir):
@@ -87,4 +100,4 @@ def _fill(template, restored, workdir):
     if tuple(want.shape) != tuple(np.shape(got)):
       raise UserError(f'the checkpoint in {workdir} does not match its config.json model '
                       f'(a parameter of shape {tuple(want.shape)} is stored as {np.shape(got)})')
-  return jax.tree.unflatten(treedef, [np.asarray(l) for l in leaves])
+  return jax.tree.unflatten(treedef, [np.asarray(jax.device_get(l)) for l in leaves])
