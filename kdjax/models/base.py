@@ -1,0 +1,174 @@
+"""The functional core every kdjax model is used through.
+
+Models are Flax NNX modules. The train step, the cache builder and the federated
+simulator never hold a module: they hold `(apply, params, state)` from
+:func:`functional`, where ``apply`` is a pure function of pytrees that ``jit``,
+``vmap`` and sharding can transform.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class ModelOutput(NamedTuple):
+  """What every model returns.
+
+  Attributes:
+    logits: ``[batch, ..., num_classes]``, in the model's computation dtype.
+    features: named intermediate activations. Every classifier provides
+      ``'stage1' ... 'stageN'`` (block outputs, channels last) and
+      ``'penultimate'`` (``[batch, dim]``, the input of the classifier head).
+    attentions: for attention models, a tuple with one
+      ``[batch, heads, query, key]`` array per layer; ``None`` otherwise.
+  """
+
+  logits: jax.Array
+  features: dict[str, jax.Array]
+  attentions: tuple[jax.Array, ...] | None = None
+
+
+ApplyFn = Callable[..., tuple[ModelOutput, Any]]
+
+
+def functional(module: nnx.Module) -> tuple[ApplyFn, nnx.State, nnx.State]:
+  """Splits a module into a pure ``apply`` and its ``(params, state)``.
+
+  ``params`` holds the trainable ``nnx.Param`` leaves; ``state`` holds the rest
+  (batch statistics, RNG stream keys and counters). The returned function is
+
+  ``apply(params, state, x, *, train=False, rng=None, **kwargs) -> (ModelOutput, new_state)``
+
+  and is pure: the module is rebuilt inside it with ``nnx.merge`` from fresh
+  variables, so neither ``module`` nor the arguments are mutated.
+
+  * ``train`` (a Python bool, static under ``jit``) selects the training view
+    of the module: ``nnx.BatchNorm`` normalises with batch statistics and
+    updates its running averages in ``new_state``; ``nnx.Dropout`` is active.
+    With ``train=False`` batch norm uses the stored averages and ``new_state``
+    equals ``state``.
+  * ``rng`` (a PRNG key, typed or raw ``uint32``) reseeds every RNG stream of
+    the module for this call: stream ``i`` (in graph order) gets
+    ``fold_in(rng, i)`` with its counter reset, so the dropout masks are a
+    function of ``rng`` alone. The streams are put back afterwards, so
+    ``new_state`` carries no trace of ``rng``. Without ``rng`` the streams
+    stored in ``state`` are used and advanced, and ``new_state`` carries the
+    advanced counters (still pure, but pass ``rng`` when stepping many clients
+    from identical states under ``vmap``).
+  * ``**kwargs`` go to the module's ``__call__``.
+
+  The training and evaluation views are two ``GraphDef``s built once here with
+  ``nnx.view``, which sets the ``deterministic`` / ``use_running_average``
+  attributes of the modules that support them (flax's ``BatchNorm``,
+  ``Dropout``, attention, ...).
+
+  Args:
+    module: an NNX module; it is not modified.
+
+  Returns:
+    ``(apply, params, state)``.
+
+  >>> from kdjax.models import create
+  >>> import jax.numpy as jnp
+  >>> apply, params, state = functional(create('mlp', num_classes=10, input_shape=(40, 1)))
+  >>> out, _ = jax.jit(apply)(params, state, jnp.zeros((2, 40, 1)))
+  >>> out.logits.shape
+  (2, 10)
+  >>> sorted(out.features)
+  ['penultimate', 'stage1', 'stage2']
+  """
+  graphdefs = {}
+  for train in (False, True):
+    view = nnx.view(
+        module,
+        deterministic=not train,
+        use_running_average=not train,
+        raise_if_not_found=False,
+    )
+    graphdefs[train] = nnx.split(view, nnx.Param, ...)[0]
+  _, params, state = nnx.split(module, nnx.Param, ...)
+  # Copies: later stateful use of `module` must not change what we return.
+  params, state = jax.tree.map(lambda a: a, (params, state))
+
+  def apply(
+      params: nnx.State,
+      state: nnx.State,
+      x: Any,
+      *,
+      train: bool = False,
+      rng: jax.Array | None = None,
+      **kwargs: Any,
+  ) -> tuple[Any, nnx.State]:
+    if not isinstance(train, (bool, int, np.bool_)):
+      raise TypeError(
+          f'`train` must be a Python bool (static under jit), got {type(train)}.'
+      )
+    # Fresh Variable objects owned by the current trace: `merge` would otherwise
+    # reuse (and the call would mutate) the caller's Variables, which is impure
+    # and fails inside `grad`/`vmap` of an outer `jit`.
+    params, state = jax.tree.map(lambda a: a, (params, state))
+    model = nnx.merge(graphdefs[bool(train)], params, state)
+    saved = _reseed(model, rng) if rng is not None else ()
+    out = model(x, **kwargs)
+    _restore(saved)
+    new_state = nnx.split(model, nnx.Param, ...)[2]
+    return out, new_state
+
+  return apply, params, state
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalar entries in a pytree (e.g. ``params`` from :func:`functional`).
+
+  Args:
+    tree: any pytree of arrays (or ``jax.ShapeDtypeStruct``), or an NNX module
+      (its ``nnx.Param`` leaves).
+
+  Returns:
+    The total number of elements.
+
+  >>> count_params({'w': jnp.zeros((3, 4)), 'b': jnp.zeros(4)})
+  16
+  """
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree, nnx.Param)
+  return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def _as_typed_key(rng: jax.Array) -> jax.Array:
+  rng = jnp.asarray(rng)
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng
+  return jax.random.wrap_key_data(rng)
+
+
+def _reseed(model: nnx.Module, rng: jax.Array) -> tuple[tuple[Any, ...], ...]:
+  """Gives every RNG stream in ``model`` a key derived from ``rng``.
+
+  Returns the previous ``(stream, key, count)`` values for :func:`_restore`.
+  """
+  rng = _as_typed_key(rng)
+  saved = []
+  streams = [s for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)]
+  for i, stream in enumerate(streams):
+    old_key, old_count = stream.key.get_value(), stream.count.get_value()
+    saved.append((stream, old_key, old_count))
+    key = jax.random.fold_in(rng, i)
+    shape = tuple(old_key.shape)
+    if shape:  # a stream holding a batch of keys (e.g. made by `split`)
+      key = jax.random.split(key, shape)
+    stream.key.set_value(key)
+    stream.count.set_value(jnp.zeros(shape, dtype=old_count.dtype))
+  return tuple(saved)
+
+
+def _restore(saved: tuple[tuple[Any, ...], ...]) -> None:
+  for stream, key, count in saved:
+    stream.key.set_value(key)
+    stream.count.set_value(count)

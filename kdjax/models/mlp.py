@@ -1,0 +1,86 @@
+"""A multilayer perceptron over flattened inputs (the MNIST-1D paper's MLP by default)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax.models import layers
+from kdjax.models.base import ModelOutput
+from kdjax.models.registry import register
+
+
+class MLP(nnx.Module):
+  """Flatten -> [Linear -> norm -> ReLU -> dropout] per hidden size -> Linear.
+
+  Features: ``'stage{i}'`` is the ``i``-th hidden activation ``[B, hidden[i-1]]``
+  (after ReLU and dropout); ``'penultimate'`` is the last of them (the flattened
+  input when ``hidden=()``).
+
+  Args:
+    input_shape: one example's shape (flattened inside).
+    num_classes: output size.
+    hidden: hidden layer sizes; ``(100, 100)`` is the MNIST-1D paper's MLP.
+    norm: ``None``, ``'batch'`` or ``'layer'`` after each hidden Linear.
+    dropout: dropout rate after each hidden activation.
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+    rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` when ``dropout > 0``).
+
+  References:
+    Greydanus & Kobak, "Scaling down deep learning with MNIST-1D", ICML 2024
+    (arXiv:2011.14439).
+
+  >>> from kdjax.models import create, functional
+  >>> apply, params, state = functional(create('mlp', num_classes=10, input_shape=(40, 1)))
+  >>> out, _ = jax.jit(apply)(params, state, jnp.zeros((3, 40, 1)))
+  >>> out.features['stage2'].shape, out.logits.shape
+  ((3, 100), (3, 10))
+  """
+
+  def __init__(
+      self,
+      input_shape: Sequence[int],
+      num_classes: int,
+      *,
+      hidden: Sequence[int] = (100, 100),
+      norm: str | None = None,
+      dropout: float = 0.0,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    self.input_shape = tuple(input_shape)
+    sizes = (layers.flat_size(input_shape), *hidden)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.hidden = nnx.List(
+        [nnx.Linear(a, b, **kw) for a, b in zip(sizes[:-1], sizes[1:])]
+    )
+    self.norms = nnx.List([layers.norm(norm, b, **kw) for b in hidden])
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    self.head = nnx.Linear(sizes[-1], num_classes, **kw)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> ModelOutput:
+    nd = len(self.input_shape)
+    h = jnp.reshape(x, (*x.shape[: x.ndim - nd], -1)).astype(self.dtype)
+    features = {}
+    for i, (lin, nrm) in enumerate(zip(self.hidden, self.norms)):
+      h = lin(h)
+      if nrm is not None:
+        h = nrm(h)
+      h = jax.nn.relu(h)
+      if self.dropout is not None:
+        h = self.dropout(h)
+      features[f'stage{i + 1}'] = h
+    features['penultimate'] = h
+    return ModelOutput(self.head(h), features)
+
+
+@register('mlp')
+def _mlp(*, num_classes, input_shape, rngs, dtype, **kwargs) -> MLP:
+  return MLP(input_shape, num_classes, rngs=rngs, dtype=dtype, **kwargs)
