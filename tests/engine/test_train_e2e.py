@@ -88,3 +88,32 @@ def test_kill9_resume_matches_uninterrupted(teacher_dir, data_dir, tmp_path):
   assert b['resumed_from'] is not None and b['resumed_from'] >= 100
   assert a['train_loss'] == b['train_loss']
   assert a['eval_accuracy'] == b['eval_accuracy']
+
+
+def test_sigterm_checkpoints_and_resumes(teacher_dir, data_dir, tmp_path):
+  args = ['train', '--config', f'{CONFIGS}/mnist1d/student_baseline.py:tiny', *_common(data_dir),
+          '--config.num_steps=3000', '--config.checkpoint_every=1000', '--config.log_every=25',
+          '--config.eval_every=1000', '--config.steps_per_call=25']
+  wd = str(tmp_path / 'preempted')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen([sys.executable, '-m', 'kdjax', *args, '--workdir', wd], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(wd, 'metrics.jsonl')
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  assert 'preempted: saved step' in out
+  saved = int(out.split('preempted: saved step ')[1].split(';')[0])
+  assert 0 < saved < 3000 and saved % 25 == 0
+  resumed = kdjax_cli([*args, '--workdir', wd])
+  assert f'resuming from step {saved}' in resumed.stdout
+  ref = str(tmp_path / 'ref')
+  kdjax_cli([*args, '--workdir', ref])
+  a = json.load(open(os.path.join(ref, 'summary.json')))
+  b = json.load(open(os.path.join(wd, 'summary.json')))
+  assert (a['train_loss'], a['eval_accuracy']) == (b['train_loss'], b['eval_accuracy'])
