@@ -5,6 +5,9 @@
     kdjax eval    --workdir DIR [--split test]
     kdjax demo    [--workdir DIR] [--seeds 3]
     kdjax losses  list
+    kdjax cache   build --config configs/mnist1d/kd.py --workdir CACHE [--epochs E --k K --dtype D]
+    kdjax cache   inspect [--json] CACHE  |  kdjax cache verify CACHE
+    kdjax fed     run --config configs/fed/mnist1d_fedavg.py:tiny --workdir DIR [--config.key=value ...]
 
 Mistakes a user can make end in one line on stderr and exit code 2.
 """
@@ -38,7 +41,84 @@ def _parser() -> argparse.ArgumentParser:
   l = sub.add_parser('losses', help='the loss catalog')
   l.add_argument('action', choices=['list'])
   l.add_argument('--json', action='store_true')
+  _cache_parser(sub)  # teacher cache (issue 5)
+  _fed_parser(sub)  # federated simulator (issue 4)
   return p
+
+
+# ---- teacher cache (issue 5) -------------------------------------------------------------
+def _cache_parser(sub) -> None:
+  c = sub.add_parser('cache', help='the teacher-inference cache: build, inspect, verify')
+  csub = c.add_subparsers(dest='cache_command', required=True)
+  b = csub.add_parser('build', help="run the teacher once over a distill config's training data",
+                      epilog='Any config field can be overridden: --config.seed=1')
+  b.add_argument('--config', required=True, help='the distill config, path/to/config.py[:variant]')
+  b.add_argument('--workdir', required=True, help='the cache directory (an unfinished build resumes)')
+  b.add_argument('--epochs', type=int, default=1, help='augmentation epochs to cache')
+  b.add_argument('--k', type=int, default=None, help='top-k logits kept (default: all classes)')
+  b.add_argument('--dtype', default='float32', help='float32 | bfloat16 | float16 | int8')
+  b.add_argument('--features', nargs='*', default=[], help='NAME[:POOL[:DTYPE]] teacher features')
+  b.add_argument('--chunk-size', type=int, default=None, help='examples per chunk')
+  i = csub.add_parser('inspect', help='entries, coverage, k, dtypes, sizes, top-k mass, checksum')
+  i.add_argument('dir')
+  i.add_argument('--json', action='store_true')
+  v = csub.add_parser('verify', help='check every chunk against the manifest checksums')
+  v.add_argument('dir')
+
+
+def _cache_main(args, overrides) -> int:
+  import kdjax.cache as kcache
+  if args.cache_command == 'build':
+    from kdjax.config import load_config
+    config = load_config(args.config, overrides)
+    manifest = _guard_data(lambda: kcache.build_cache(
+        config, args.workdir, epochs=args.epochs, k=args.k, dtype=args.dtype,
+        features=args.features, chunk_size=args.chunk_size))
+    print(json.dumps({'cache': os.path.abspath(args.workdir), 'chunks': len(manifest['chunks']),
+                      'content_checksum': manifest['content_checksum']}))
+    return 0
+  if overrides:
+    raise UserError(f'--config.* overrides go with cache build, not cache {args.cache_command}')
+  if args.cache_command == 'inspect':
+    info = kcache.inspect_cache(args.dir)
+    if args.json:
+      print(json.dumps(info, indent=2))
+    else:
+      for key in ('entries', 'examples', 'epochs', 'coverage', 'chunks', 'k', 'num_classes',
+                  'dtype', 'bytes_per_example', 'bytes_on_disk', 'topk_mass', 'content_checksum'):
+        print(f'{key:<18} {info[key]}')
+    return 0
+  problems = kcache.verify_cache(args.dir)
+  for line in problems:
+    print(f'kdjax: cache verify: {line}', file=sys.stderr)
+  if problems:
+    return 1
+  print(f'ok: every chunk of {args.dir} matches its checksum')
+  return 0
+# ---- end teacher cache --------------------------------------------------------------------
+
+
+# ---- federated simulator (issue 4) --------------------------------------------------------
+def _fed_parser(sub) -> None:
+  f = sub.add_parser('fed', help='vmap-simulated federated learning')
+  fsub = f.add_subparsers(dest='fed_command', required=True)
+  r = fsub.add_parser('run', help='run a federated simulation from a config',
+                      epilog='Any config field can be overridden: --config.partition.alpha=0.1')
+  r.add_argument('--config', required=True, help='path/to/config.py[:variant]')
+  r.add_argument('--workdir', required=True)
+  r.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+
+def _fed_main(args, overrides) -> int:
+  from kdjax.config import load_config
+  from kdjax.federated.run import run_simulation
+  config = load_config(args.config, overrides)
+  summary = _guard_data(lambda: run_simulation(config, args.workdir,
+                                               progress=not args.no_progress))
+  print(json.dumps({k: summary[k] for k in ('round', 'global_accuracy',
+                                             'personalized_accuracy_mean', 'rounds_per_sec')}))
+  return 0
+# ---- end federated simulator --------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -53,11 +133,21 @@ def main(argv=None) -> int:
     return 130
 
 
+def _quiet_libraries() -> None:
+  """orbax and tfds log routine steps as absl warnings; keep the console for kdjax."""
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:  # pragma: no cover
+    pass
+
+
 def _main(argv) -> int:
   from kdjax.config import load_config, split_overrides
+  _quiet_libraries()
   rest, overrides = split_overrides(argv)
   args = _parser().parse_args(rest)
-  if overrides and args.command not in ('train', 'distill'):
+  if overrides and args.command not in ('train', 'distill', 'cache', 'fed'):  # cache: 5, fed: 4
     raise UserError(f'--config.* overrides go with train or distill, not {args.command}')
 
   if args.command in ('train', 'distill'):
@@ -77,6 +167,10 @@ def _main(argv) -> int:
     from kdjax.demo import run_demo
     _guard_data(lambda: run_demo(args.workdir, seeds=args.seeds, variant=args.variant))
     return 0
+  if args.command == 'cache':  # teacher cache (issue 5)
+    return _cache_main(args, overrides)
+  if args.command == 'fed':  # federated simulator (issue 4)
+    return _fed_main(args, overrides)
   if args.command == 'losses':
     from kdjax.losses import catalog
     rows = [dict(name=s.name, family=s.family, batch_level=s.batch_level, reference=s.reference,
