@@ -99,12 +99,20 @@ def register(name: str, *, family: str, reference: str,
     raise ValueError(f'unknown family {family!r}; one of {FAMILIES}')
 
   def decorator(factory):
-    if name in REGISTRY and REGISTRY[name].factory is not factory:
-      raise ValueError(f'loss {name!r} is registered twice')
+    if name in REGISTRY:
+      # The same definition executed twice (pytest's --doctest-modules with
+      # --import-mode=importlib imports a module file a second time) is not a clash.
+      if _definition(REGISTRY[name].factory) != _definition(factory):
+        raise ValueError(f'loss {name!r} is registered twice')
+      return factory
     REGISTRY[name] = LossSpec(name, factory, family, reference, tuple(needs), batch_level)
     return factory
 
   return decorator
+
+
+def _definition(factory) -> tuple[str, str]:
+  return (getattr(factory, '__module__', ''), getattr(factory, '__qualname__', repr(factory)))
 
 
 def get(name: str) -> LossSpec:
