@@ -56,7 +56,9 @@ def test_load_config_file(tmp_path):
     load_config(f'{path}:huge')
 
 
-@pytest.mark.parametrize('name', ['mnist1d/teacher.py', 'mnist1d/student_baseline.py', 'mnist1d/kd.py'])
+@pytest.mark.parametrize('name', ['mnist1d/teacher.py', 'mnist1d/student_baseline.py', 'mnist1d/kd.py',
+                                  'digits/teacher.py', 'digits/student_baseline.py', 'digits/kd.py',
+                                  'cifar10/resnet32x4.py', 'cifar10/resnet8x4_kd.py'])
 def test_shipped_configs_have_tiny(name):
   import os
   root = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
