@@ -110,14 +110,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   spec = kdata.dataset_spec(config.data.name, data_dir=data_dir)
   objective = _build_objective(config)
   needs_teacher = bool(objective.needs & {'teacher_logits', 'teacher_features', 'teacher_attentions'})
-  if require_teacher and not needs_teacher:
+  # ---- teacher cache (issue 5): the cache replaces the live teacher (never run then)
+  cache = cache_cols = None
+  if config.teacher.cache:
+    from kdjax.cache.read import open_for_run
+    cache = open_for_run(config, num_classes=spec.num_classes, needs=objective.needs, mesh=mesh)
+    cache_cols = cache.columns(objective.needs)
+    needs_teacher = False
+  elif objective.needs & {'teacher_topk_logits', 'teacher_topk_indices'}:
+    raise UserError('sparse (top-k) losses read the teacher cache: build one with `kdjax cache '
+                    'build` and pass --config.teacher.cache=DIR')
+  # ---- end teacher cache
+  if require_teacher and not needs_teacher and cache is None:
     raise UserError('`kdjax distill` needs a loss that uses the teacher (e.g. kd); '
                     'use `kdjax train` for training from labels')
 
   ckpt.check_or_write_config(workdir, config)
 
   teacher = None
-  if needs_teacher or config.teacher.workdir:
+  if (needs_teacher or config.teacher.workdir) and cache is None:  # cache: issue 5
     teacher = load_teacher(config.teacher.workdir, mesh, config.teacher.partition_rules)
     if teacher.fns.num_classes != spec.num_classes:
       raise UserError(f'the teacher predicts {teacher.fns.num_classes} classes but {config.data.name} '
@@ -146,6 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   init_rng = jax.random.key(config.seed)
   sample_x = np.zeros((2, *spec.input_shape), np.float32)
   sample = _sample_inputs(apply, params, model_state, sample_x, teacher)
+  if cache is not None:  # teacher cache (issue 5)
+    from kdjax.cache.read import sample_rows
+    sample.update(sample_rows(cache_cols))
   loss_params, loss_state = objective.init(jax.random.fold_in(init_rng, 1), sample)
   trainable = {'student': params, 'loss': loss_params}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, model_state=model_state,
@@ -174,6 +188,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_fn = _make_evaluator(config, apply, spec, mesh, data_dir)
 
   if feed == 'device':
+    if cache is not None:  # teacher cache (issue 5): columns [E, N, ...] on device with the data
+      from kdjax.cache.read import check_dataset
+      check_dataset(cache.manifest, train_arrays, cache.cache_dir)
+      train_arrays = dict(train_arrays, teacher_cache=cache_cols)
     data_sh = jax.tree.map(lambda _: repl, train_arrays)
     device_data = _put_global(train_arrays, repl)
     fused_cache: dict[int, Any] = {}
@@ -203,8 +221,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       acc = None
       for _ in range(n):
         batch = next(iterator)
-        batch = {k: jax.make_array_from_process_local_data(local_sh, np.asarray(v))
-                 for k, v in batch.items() if k in ('x', 'label', 'id', 'epoch', 'mask')}
+        if cache is not None:  # teacher cache (issue 5): join rows of cached epoch e mod E
+          from kdjax.cache.read import host_rows
+          batch = dict(batch, epoch=np.asarray(batch['epoch']) % cache.epochs,
+                       **host_rows(cache_cols, batch['epoch'], batch['id']))
+        batch = {k: jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+                     local_sh, np.asarray(a)), v)
+                 for k, v in batch.items() if k in ('x', 'label', 'id', 'epoch', 'mask')
+                 or k.startswith('teacher_')}
         state, m = single(state, batch, teacher_vars)
         acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
       return state, acc

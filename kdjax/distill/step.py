@@ -123,8 +123,13 @@ def make_fused_steps(step_fn, *, num_examples: int, batch_size: int, shuffle_see
       epoch = state.step // steps_per_epoch
       pos = state.step % steps_per_epoch
       idx = jax.lax.dynamic_slice(perms[epoch - first_epoch], (pos * batch_size,), (batch_size,))
-      batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
+      batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items() if k != 'teacher_cache'}
       batch['epoch'] = jnp.full((batch_size,), epoch, jnp.int32)
+      if 'teacher_cache' in data:  # teacher cache (issue 5): cached epoch e mod E, same views
+        from kdjax.cache.read import gather_rows
+        num_cached = jax.tree.leaves(data['teacher_cache'])[0].shape[0]
+        batch.update(gather_rows(data['teacher_cache'], epoch, idx))
+        batch['epoch'] = jnp.full((batch_size,), epoch % num_cached, jnp.int32)
       batch['mask'] = jnp.ones((batch_size,), bool)
       if batch_sharding is not None:
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
