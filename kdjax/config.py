@@ -42,6 +42,20 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+def sibling(config_file: str, name: str):
+  """Loads the config module ``name`` next to ``config_file`` (for configs built on others).
+
+  Loaded by path under a unique module name, so ``configs/a/base.py`` and
+  ``configs/b/base.py`` never shadow each other.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name + '.py')
+  unique = '_kdjax_config_' + os.path.abspath(path).replace(os.sep, '_').replace('.', '_')
+  spec = importlib.util.spec_from_file_location(unique, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def parse_value(text: str):
   try:
     return ast.literal_eval(text)

@@ -7,11 +7,9 @@ The recipe of the CRD / mdistiller benchmarks: SGD 0.05, momentum 0.9, weight de
         --config.teacher.workdir=workdirs/cifar_r32x4
 """
 
-import os
-import sys
+from kdjax.config import sibling
 
-sys.path.insert(0, os.path.dirname(__file__))
-import resnet32x4  # noqa: E402  (the shared CIFAR-10 recipe)
+resnet32x4 = sibling(__file__, 'resnet32x4')  # the shared CIFAR-10 recipe
 
 
 def get_config(arg=None):

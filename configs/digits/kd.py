@@ -4,11 +4,9 @@
         --config.teacher.workdir=workdirs/digits_teacher
 """
 
-import os
-import sys
+from kdjax.config import sibling
 
-sys.path.insert(0, os.path.dirname(__file__))
-import student_baseline  # noqa: E402  (same student, same recipe)
+student_baseline = sibling(__file__, 'student_baseline')  # same student, same recipe
 
 
 def get_config(arg=None):
