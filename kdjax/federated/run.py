@@ -1,0 +1,309 @@
+"""``kdjax fed run``: dataset -> partition -> packed clients -> rounds -> metrics.
+
+``run_simulation(config, workdir)`` writes into ``workdir``:
+
+* ``metrics.jsonl``: one line per round (``round``, ``train_loss``,
+  ``train_accuracy``, ``num_reported``, ``bytes_up``, ``bytes_down``, and on
+  evaluation rounds ``global_accuracy`` and ``personalized_accuracy_mean`` /
+  ``_std`` / ``_worst10``);
+* ``summary.json``: the last evaluation, rounds per second, the partition stats;
+* ``partition.txt`` and ``partition.png``: the stats table and the heatmap;
+* ``accuracy.png`` (accuracy against round) and ``clients.png`` (per-client
+  personalized accuracy at the end);
+* ``checkpoints/``: orbax checkpoints of the simulation state every
+  ``checkpoint_every`` rounds; a rerun with the same workdir resumes from the
+  latest one and produces the same result as an uninterrupted run.
+
+Bytes are those of the pytrees exchanged in this simulation: down = cohort size
+× what a client downloads, up = reporting clients × the update pytree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kdjax.errors import UserError
+from kdjax.federated import packing
+from kdjax.federated import partition as partition_lib
+from kdjax.federated import simulator as sim
+from kdjax.federated.algorithms import make_algorithm
+from kdjax.federated.local import make_local_trainer
+
+
+def _plain(d) -> dict:
+  if d is None:
+    return {}
+  if isinstance(d, ml_collections.ConfigDict):
+    return d.to_dict()
+  return dict(d)
+
+
+def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Loads data, partitions, packs, builds the model, trainer, algorithm and round.
+
+  Returns:
+    A dict with ``apply``, ``params``, ``model_state``, ``algorithm``,
+    ``round_fn``, ``evaluate``, ``personal_evaluate``, ``train`` / ``test``
+    (packed, on device), ``test_x`` / ``test_label`` (the global test split),
+    ``partition`` and ``labels``.
+  """
+  from kdjax.data import load_arrays
+  from kdjax.models import create
+  from kdjax.models import functional
+
+  train = load_arrays(config.dataset, 'train')
+  test = load_arrays(config.dataset, 'test')
+  num_classes = int(max(train['label'].max(), test['label'].max())) + 1
+  proxy_x = None
+  proxy_size = int(config.get('proxy_size', 0) or 0)
+  if proxy_size:
+    # Unlabeled proxy data (FedDF): a seeded subset of the training split, held out
+    # of the partition for every algorithm, so runs with and without it compare.
+    if proxy_size >= len(train['label']):
+      raise UserError(f'proxy_size ({proxy_size}) must be smaller than the '
+                      f'{len(train["label"])} training examples.')
+    perm = np.random.default_rng([config.seed, 7]).permutation(len(train['label']))
+    proxy_x = train['x'][np.sort(perm[:proxy_size])]
+    keep = np.sort(perm[proxy_size:])
+    train = {k: v[keep] for k, v in train.items()}
+  part_opts = _plain(config.partition)
+  method = part_opts.pop('method', 'dirichlet')
+  part_opts.setdefault('seed', config.seed)
+  part = partition_lib.make_partition(train['label'], config.num_clients, method,
+                                      num_classes=num_classes, **part_opts)
+  skew = None
+  if config.get('feature_skew'):
+    fs = _plain(config.feature_skew)
+    skew = partition_lib.feature_skew(config.num_clients, seed=config.seed, **fs)
+  local = _plain(config.local)
+  tr, te = packing.pack_partition(train['x'], train['label'], part,
+                                  batch_size=local['batch_size'], skew=skew)
+  model = create(config.model, num_classes=num_classes, input_shape=train['x'].shape[1:],
+                 seed=config.seed, **_plain(config.get('model_options')))
+  apply, params, model_state = functional(model)
+  trainer = make_local_trainer(apply, batch_size=local['batch_size'],
+                               epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),
+                               momentum=local.get('momentum', 0.0))
+  alg_options = _plain(config.get('algorithm_options'))
+  if config.algorithm == 'feddf':
+    alg_options.setdefault('seed', config.seed)
+  algorithm = make_algorithm(config.algorithm, trainer, proxy_x=proxy_x,
+                             num_classes=num_classes, **alg_options)
+  chunk = config.get('clients_per_chunk') or None
+  round_fn = sim.make_round(algorithm, num_clients=config.num_clients,
+                            clients_per_round=config.clients_per_round,
+                            sampling=config.get('sampling', 'uniform'),
+                            dropout=config.get('dropout', 0.0), clients_per_chunk=chunk,
+                            seed=config.seed)
+  return {
+      'apply': apply, 'params': params, 'model_state': model_state, 'algorithm': algorithm,
+      'round_fn': round_fn, 'evaluate': sim.make_evaluate(apply),
+      'clients_global_evaluate': sim.make_clients_global_evaluate(algorithm, apply),
+      'personal_evaluate': sim.make_personal_evaluate(algorithm, apply,
+                                                      clients_per_chunk=chunk),
+      'train': jax.tree.map(jnp.asarray, tr), 'test': jax.tree.map(jnp.asarray, te),
+      'test_x': jnp.asarray(test['x']), 'test_label': jnp.asarray(test['label']),
+      'partition': part, 'labels': train['label'],
+  }
+
+
+def evaluate_state(parts: dict[str, Any], state: sim.SimState) -> dict[str, float]:
+  """Global test accuracy and personalized accuracy summary of ``state``."""
+  if parts['algorithm'].has_global_model:
+    c, n = parts['evaluate'](state.server.params, state.server.model_state, parts['test_x'],
+                             parts['test_label'])
+  else:   # no server model: the mean over the client models
+    cs, ns = parts['clients_global_evaluate'](state, parts['test_x'], parts['test_label'])
+    c, n = float(np.mean(np.asarray(cs) / np.maximum(np.asarray(ns), 1.0))), 1.0
+  pc, pn = parts['personal_evaluate'](state, parts['test'])
+  out = {'global_accuracy': float(c) / max(float(n), 1.0)}
+  out.update(sim.personalized_summary(np.asarray(pc), np.asarray(pn)))
+  return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _to_saveable(state) -> dict[str, np.ndarray]:
+  leaves = jax.tree.leaves(state)
+  out = {}
+  for i, a in enumerate(leaves):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a = jax.random.key_data(a)
+    out[f'leaf_{i:05d}'] = np.asarray(a)
+  return out
+
+
+def _from_saved(template, saved: dict[str, np.ndarray]):
+  leaves, treedef = jax.tree.flatten(template)
+  if len(saved) != len(leaves):
+    raise UserError('the checkpoint in the workdir does not match this config '
+                    '(different algorithm or model); use a fresh --workdir.')
+  new = []
+  for i, t in enumerate(leaves):
+    a = jnp.asarray(saved[f'leaf_{i:05d}'])
+    if jnp.issubdtype(t.dtype, jax.dtypes.prng_key):
+      a = jax.random.wrap_key_data(a, impl=jax.random.key_impl(t))
+    if a.shape != t.shape:
+      raise UserError('the checkpoint in the workdir does not match this config '
+                      f'(leaf shape {a.shape} vs {t.shape}); use a fresh --workdir.')
+    new.append(a.astype(t.dtype) if not jnp.issubdtype(t.dtype, jax.dtypes.prng_key) else a)
+  return jax.tree.unflatten(treedef, new)
+
+
+def _manager(workdir: str):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def save_checkpoint(manager, state: sim.SimState) -> None:
+  import orbax.checkpoint as ocp
+  step = int(state.round)
+  manager.save(step, args=ocp.args.StandardSave(_to_saveable(state)), force=True)
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, template: sim.SimState) -> sim.SimState | None:
+  import orbax.checkpoint as ocp
+  step = manager.latest_step()
+  if step is None:
+    return None
+  saved = manager.restore(step, args=ocp.args.StandardRestore(_to_saveable(template)))
+  return _from_saved(template, saved)
+
+
+# --------------------------------------------------------------------------- the run
+
+def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
+                   progress: bool = True) -> dict[str, Any]:
+  """Runs ``config.num_rounds`` rounds and writes the workdir files (module doc).
+
+  Args:
+    config: a federated config (see ``configs/fed/mnist1d_fedavg.py``).
+    workdir: output directory (created; resumed from if it holds checkpoints).
+    progress: show a progress bar.
+
+  Returns:
+    The summary dict (also written to ``summary.json``).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  parts = setup(config)
+  part, labels = parts['partition'], parts['labels']
+  with open(os.path.join(workdir, 'partition.txt'), 'w') as f:
+    f.write(partition_lib.format_stats(part, labels) + '\n')
+  if config.get('plots', True):
+    partition_lib.plot_heatmap(part, labels, os.path.join(workdir, 'partition.png'))
+  algorithm = parts['algorithm']
+  state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
+  ckpt_every = int(config.get('checkpoint_every', 0) or 0)
+  manager = _manager(workdir) if ckpt_every else None
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if manager is not None:
+    restored = restore_checkpoint(manager, state)
+    if restored is not None:
+      state = restored
+  start = int(state.round)
+  if start == 0 and os.path.exists(metrics_path):
+    os.remove(metrics_path)
+  elif start and os.path.exists(metrics_path):   # drop rounds after the checkpoint
+    with open(metrics_path) as f:
+      kept = [l for l in f if json.loads(l)['round'] <= start]
+    with open(metrics_path, 'w') as f:
+      f.writelines(kept)
+
+  update_shape = jax.eval_shape(
+      algorithm.client_update, state.server, jax.tree.map(lambda a: a[0], state.clients),
+      jax.tree.map(lambda a: a[0], parts['train']), jax.random.key(0)).update
+  bytes_update = sim.tree_bytes(update_shape)
+  bytes_down = sim.tree_bytes(algorithm.download(state.server))
+  eval_every = max(int(config.get('eval_every', 1) or 1), 1)
+
+  rounds = range(start, int(config.num_rounds))
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(rounds, desc=f'fed {config.algorithm}', unit='round', leave=False)
+    rounds = bar
+  history, last_eval = [], {}
+  t0, timed_rounds = None, 0
+  with open(metrics_path, 'a') as out:
+    for r in rounds:
+      state, info = parts['round_fn'](state, parts['train'])
+      if t0 is None:
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()   # the first round compiles: not timed
+      else:
+        timed_rounds += 1
+      loss_s, loss_n = info['loss']
+      acc_s, acc_n = info['accuracy']
+      rep = int(info['num_reported'])
+      row = {'round': r + 1, 'train_loss': float(loss_s) / max(float(loss_n), 1.0),
+             'train_accuracy': float(acc_s) / max(float(acc_n), 1.0), 'num_reported': rep,
+             'bytes_up': rep * bytes_update,
+             'bytes_down': int(config.clients_per_round) * bytes_down}
+      if (r + 1) % eval_every == 0 or r + 1 == int(config.num_rounds):
+        last_eval = evaluate_state(parts, state)
+        row.update(last_eval)
+        if bar is not None:
+          bar.set_postfix(acc=f'{last_eval["global_accuracy"]:.3f}')
+      history.append(row)
+      out.write(json.dumps(row) + '\n')
+      out.flush()
+      if manager is not None and (r + 1) % ckpt_every == 0:
+        save_checkpoint(manager, state)
+  jax.block_until_ready(state)
+  elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+  if not last_eval:
+    last_eval = evaluate_state(parts, state)
+  pc, pn = parts['personal_evaluate'](state, parts['test'])
+  summary = {
+      'round': int(state.round),
+      'algorithm': config.algorithm,
+      'num_clients': int(config.num_clients),
+      'clients_per_round': int(config.clients_per_round),
+      'partition': partition_lib.partition_stats(part, labels),
+      'rounds_per_sec': timed_rounds / elapsed if elapsed > 0 else None,
+      **last_eval,
+  }
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2, default=float)
+  if config.get('plots', True):
+    _plot(workdir, metrics_path, np.asarray(pc), np.asarray(pn))
+  return summary
+
+
+def _plot(workdir: str, metrics_path: str, pc, pn) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  with open(metrics_path) as f:
+    rows = [json.loads(l) for l in f]
+  ev = [r for r in rows if 'global_accuracy' in r]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([r['round'] for r in ev], [r['global_accuracy'] for r in ev], label='global')
+  ax.plot([r['round'] for r in ev], [r['personalized_accuracy_mean'] for r in ev],
+          label='personalized mean')
+  ax.set_xlabel('round')
+  ax.set_ylabel('accuracy')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'accuracy.png'), dpi=100)
+  plt.close(fig)
+  has = pn > 0
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.hist(pc[has] / pn[has], bins=20, range=(0, 1))
+  ax.set_xlabel('client accuracy on its local test split')
+  ax.set_ylabel('clients')
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'clients.png'), dpi=100)
+  plt.close(fig)

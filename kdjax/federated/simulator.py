@@ -1,0 +1,307 @@
+"""The vmap simulator: a whole federated round as one jitted function.
+
+A round (``make_round``):
+
+1. samples a cohort of ``clients_per_round`` distinct clients, uniformly or
+   with probability proportional to their example counts;
+2. marks a ``dropout`` fraction of it (in expectation) as failing to report;
+3. gathers the cohort's packed data and client states and runs
+   ``jax.vmap(algorithm.client_update)`` over it — in one call, or, with
+   ``clients_per_chunk``, as ``lax.map`` over chunks of that many clients
+   (each chunk vmapped; only the running weighted sums cross chunks, so peak
+   memory scales with the chunk, not the cohort);
+4. averages the reported updates with their weights and calls
+   ``algorithm.server_update``; the reported clients' states are written back.
+
+Keys: round ``r`` uses ``k_r = fold_in(key(seed), r)``; the cohort is drawn
+with ``fold_in(k_r, 0)``, dropouts with ``fold_in(k_r, 1)`` and client ``i``
+trains with :func:`client_key` ``(k_r, i)``, so a client's randomness does not
+depend on its position in the cohort or on the chunking.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.errors import UserError
+from kdjax.federated import base
+from kdjax.federated.packing import ClientData
+
+
+class SimState(NamedTuple):
+  """The whole simulation state (a pytree; what a checkpoint saves).
+
+  Attributes:
+    round: int32 number of rounds done.
+    server: the algorithm's :class:`~kdjax.federated.base.ServerState`.
+    clients: stacked per-client states ``[num_clients, ...]`` (or ``{}``).
+  """
+
+  round: jax.Array
+  server: base.ServerState
+  clients: Any
+
+
+def init_state(algorithm: base.FedAlgorithm, params, model_state, num_clients: int) -> SimState:
+  """The state before round 0."""
+  server, clients = algorithm.init(params, model_state, num_clients)
+  return SimState(jnp.zeros((), jnp.int32), server, clients)
+
+
+def round_key(seed: int, round_index) -> jax.Array:
+  """The key of round ``round_index``."""
+  return jax.random.fold_in(jax.random.key(seed), round_index)
+
+
+def client_key(rkey: jax.Array, client) -> jax.Array:
+  """The training key of client ``client`` (a global client id) in a round."""
+  return jax.random.fold_in(jax.random.fold_in(rkey, 2), client)
+
+
+def sample_cohort(rkey: jax.Array, counts: jax.Array, clients_per_round: int,
+                  sampling: str = 'uniform') -> jax.Array:
+  """``[clients_per_round]`` distinct client ids.
+
+  Args:
+    rkey: the round key.
+    counts: ``[num_clients]`` example counts (for size-weighted sampling).
+    clients_per_round: the cohort size.
+    sampling: ``'uniform'`` or ``'size'`` (probability ∝ example count,
+      without replacement).
+
+  Returns:
+    int32 client ids.
+
+  >>> sample_cohort(jax.random.key(0), jnp.ones(5), 5).sort().tolist()
+  [0, 1, 2, 3, 4]
+  """
+  n = counts.shape[0]
+  key = jax.random.fold_in(rkey, 0)
+  if sampling == 'uniform':
+    p = None
+  elif sampling == 'size':
+    p = counts.astype(jnp.float32) / jnp.sum(counts)
+  else:
+    raise UserError(f"cohort sampling must be 'uniform' or 'size', got {sampling!r}.")
+  return jax.random.choice(key, n, (clients_per_round,), replace=False, p=p).astype(jnp.int32)
+
+
+def sample_reported(rkey: jax.Array, cohort_size: int, dropout: float) -> jax.Array:
+  """``[cohort_size]`` bool: which cohort clients report (each drops with prob. ``dropout``)."""
+  if dropout <= 0:
+    return jnp.ones((cohort_size,), bool)
+  return jax.random.uniform(jax.random.fold_in(rkey, 1), (cohort_size,)) >= dropout
+
+
+def _take(tree, idx):
+  return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), tree)
+
+
+def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_round: int,
+               sampling: str = 'uniform', dropout: float = 0.0,
+               clients_per_chunk: int | None = None, seed: int = 0) -> Callable:
+  """Builds ``round_fn(state, data) -> (state, info)``, jitted.
+
+  Args:
+    algorithm: the :class:`~kdjax.federated.base.FedAlgorithm`.
+    num_clients: the client count ``N`` (the leading axis of ``data``).
+    clients_per_round: the cohort size.
+    sampling: ``'uniform'`` or ``'size'``.
+    dropout: the probability that a cohort client fails to report (its update
+      is left out of the average and its state is not changed).
+    clients_per_chunk: when set, the cohort is processed in chunks of this
+      many clients (``lax.map`` over ``clients_per_round / clients_per_chunk``
+      vmapped chunks); it must divide ``clients_per_round``.
+    seed: the simulation seed.
+
+  Returns:
+    A jitted ``round_fn(state: SimState, data: ClientData) -> (SimState, info)``
+    where ``info`` holds ``cohort`` ``[K]``, ``reported`` ``[K]``, the summed
+    training metrics ``loss`` and ``accuracy`` as ``(sum, count)`` over the
+    reported clients, and ``num_reported``.
+
+  Raises:
+    UserError: a cohort larger than the client count, a bad chunk size or
+      dropout rate.
+  """
+  k = int(clients_per_round)
+  if not 1 <= k <= num_clients:
+    raise UserError(
+        f'clients_per_round ({clients_per_round}) must be between 1 and num_clients '
+        f'({num_clients}).')
+  if not 0.0 <= dropout < 1.0:
+    raise UserError(f'client dropout must be in [0, 1), got {dropout}.')
+  chunk = k if clients_per_chunk is None else int(clients_per_chunk)
+  if chunk < 1 or k % chunk:
+    raise UserError(
+        f'clients_per_chunk ({clients_per_chunk}) must divide clients_per_round ({k}).')
+  num_chunks = k // chunk
+
+  def run_chunk(server, ids, reported, data, client_states, rkey):
+    cdata = _take(data, ids)
+    cstates = _take(client_states, ids)
+    keys = jax.vmap(lambda i: client_key(rkey, i))(ids)
+    out = jax.vmap(algorithm.client_update, in_axes=(None, 0, 0, 0))(
+        server, cstates, cdata, keys)
+    w = out.weight.astype(jnp.float32) * reported.astype(jnp.float32)
+    wsum = jax.tree.map(lambda u: jnp.tensordot(w, u.astype(jnp.float32), axes=1), out.update)
+    rep = reported.astype(jnp.float32)
+    metrics = jax.tree.map(lambda m: jnp.sum(m * rep), out.metrics)
+    new_states = jax.tree.map(
+        lambda new, old: _where(reported.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+        out.client_state, cstates)
+    return wsum, jnp.sum(w), metrics, new_states
+
+  def round_fn(state: SimState, data: ClientData):
+    rkey = round_key(seed, state.round)
+    cohort = sample_cohort(rkey, data.count, k, sampling)
+    reported = sample_reported(rkey, k, dropout)
+    server = state.server
+    if num_chunks == 1:
+      wsum, wtot, metrics, new_states = run_chunk(server, cohort, reported, data,
+                                                  state.clients, rkey)
+    else:
+      def one(args):
+        ids, rep = args
+        return run_chunk(server, ids, rep, data, state.clients, rkey)
+      wsums, wtots, mets, states = jax.lax.map(
+          one, (cohort.reshape(num_chunks, chunk), reported.reshape(num_chunks, chunk)))
+      wsum = jax.tree.map(lambda a: jnp.sum(a, 0), wsums)
+      wtot = jnp.sum(wtots)
+      metrics = jax.tree.map(lambda a: jnp.sum(a, 0), mets)
+      new_states = jax.tree.map(lambda a: a.reshape((k,) + a.shape[2:]), states)
+    mean = jax.tree.map(lambda s: s / jnp.maximum(wtot, 1e-12), wsum)
+    num_reported = jnp.sum(reported.astype(jnp.int32))
+    info_counts = {'num_reported': num_reported, 'num_clients': jnp.asarray(num_clients),
+                   'cohort_size': jnp.asarray(k), 'round': state.round}
+    new_server = algorithm.server_update(server, mean, info_counts)
+    # Nobody reported: the server keeps its state (no optimizer step on a zero update).
+    any_rep = wtot > 0
+    new_server = jax.tree.map(lambda n, o: _where(any_rep, n, o), new_server, server)
+    clients = jax.tree.map(lambda all_, new: all_.at[cohort].set(new), state.clients,
+                           new_states)
+    if algorithm.personalize is not None:
+      clients = algorithm.personalize(new_server, clients)
+    info = {'cohort': cohort, 'reported': reported, 'num_reported': num_reported,
+            'loss': metrics['loss'], 'accuracy': metrics['accuracy']}
+    return SimState(state.round + 1, new_server, clients), info
+
+  return jax.jit(round_fn)
+
+
+def _where(pred, a, b):
+  if jnp.issubdtype(jnp.asarray(b).dtype, jax.dtypes.prng_key):
+    return b
+  return jnp.where(pred, a, b)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def make_evaluate(apply_fn: Callable[..., Any], *, batch_size: int = 1000) -> Callable:
+  """``evaluate(params, model_state, x, label) -> (correct, count)``, jitted, in batches.
+
+  ``label == -1`` marks padding. ``x`` is split into batches of ``batch_size``
+  (the last one padded) scanned with ``lax.map``.
+  """
+
+  def evaluate(params, model_state, x, label):
+    n = x.shape[0]
+    b = min(int(batch_size), n)
+    nb = -(-n // b)
+    pad = nb * b - n
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    label = jnp.pad(label, (0, pad), constant_values=-1)
+
+    def one(args):
+      xb, yb = args
+      out, _ = apply_fn(params, model_state, xb, train=False)
+      valid = (yb >= 0).astype(jnp.float32)
+      return (jnp.sum((jnp.argmax(out.logits, -1) == yb) * valid), jnp.sum(valid))
+
+    c, v = jax.lax.map(one, (x.reshape(nb, b, *x.shape[1:]), label.reshape(nb, b)))
+    return jnp.sum(c), jnp.sum(v)
+
+  return jax.jit(evaluate)
+
+
+def make_personal_evaluate(algorithm: base.FedAlgorithm, apply_fn: Callable[..., Any], *,
+                           clients_per_chunk: int | None = None) -> Callable:
+  """``evaluate(state, test) -> (correct [N], count [N])`` on every client's local test split.
+
+  Each client evaluates ``algorithm.personal(server, its client state)`` (the
+  global model for non-personalized algorithms).
+  """
+
+  def one_client(server, cstate, x, label):
+    params, model_state = algorithm.personal(server, cstate)
+    out, _ = apply_fn(params, model_state, x, train=False)
+    valid = (label >= 0).astype(jnp.float32)
+    return jnp.sum((jnp.argmax(out.logits, -1) == label) * valid), jnp.sum(valid)
+
+  def evaluate(state: SimState, test: ClientData):
+    n = test.x.shape[0]
+    chunk = n if clients_per_chunk is None else min(int(clients_per_chunk), n)
+    fn = jax.vmap(one_client, in_axes=(None, 0, 0, 0))
+    if chunk >= n:
+      return fn(state.server, state.clients, test.x, test.label)
+    nc = -(-n // chunk)
+    pad = nc * chunk - n
+    padt = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)]) if pad else a
+    xs = jax.tree.map(lambda a: padt(a).reshape(nc, chunk, *a.shape[1:]),
+                      (state.clients, test.x, test.label))
+    c, v = jax.lax.map(lambda t: fn(state.server, *t), xs)
+    return c.reshape(-1)[:n], v.reshape(-1)[:n]
+
+  return jax.jit(evaluate)
+
+
+def make_clients_global_evaluate(algorithm: base.FedAlgorithm,
+                                 apply_fn: Callable[..., Any]) -> Callable:
+  """``evaluate(state, x, label) -> (correct [N], count [N])``: every client's model on one set.
+
+  For algorithms without a global model, "global accuracy" is the mean of
+  the clients' accuracies on the global test set.
+  """
+
+  def one_client(server, cstate, x, label):
+    params, model_state = algorithm.personal(server, cstate)
+    out, _ = apply_fn(params, model_state, x, train=False)
+    valid = (label >= 0).astype(jnp.float32)
+    return jnp.sum((jnp.argmax(out.logits, -1) == label) * valid), jnp.sum(valid)
+
+  def evaluate(state: SimState, x, label):
+    return jax.lax.map(lambda cs: one_client(state.server, cs, x, label), state.clients)
+
+  return jax.jit(evaluate)
+
+
+def personalized_summary(correct, count) -> dict[str, float]:
+  """Mean, std and worst-10% mean of per-client accuracy (clients with a test split).
+
+  >>> personalized_summary(np.array([1., 2., 0.]), np.array([2., 2., 0.]))['personalized_accuracy_mean']
+  0.75
+  """
+  correct, count = np.asarray(correct, np.float64), np.asarray(count, np.float64)
+  has = count > 0
+  if not has.any():
+    return {'personalized_accuracy_mean': float('nan'), 'personalized_accuracy_std': float('nan'),
+            'personalized_accuracy_worst10': float('nan')}
+  acc = correct[has] / count[has]
+  worst = np.sort(acc)[:max(1, int(np.ceil(0.1 * len(acc))))]
+  return {'personalized_accuracy_mean': float(acc.mean()),
+          'personalized_accuracy_std': float(acc.std()),
+          'personalized_accuracy_worst10': float(worst.mean())}
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf of ``tree`` (shapes only; works on abstract values).
+
+  >>> tree_bytes({'a': jnp.zeros((2, 3)), 'b': jnp.zeros(4, jnp.int8)})
+  28
+  """
+  return int(sum(np.prod(np.shape(a)) * jnp.dtype(a.dtype).itemsize
+                 for a in jax.tree.leaves(tree)))

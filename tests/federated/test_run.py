@@ -1,0 +1,127 @@
+"""`kdjax fed run` end to end on the tiny config: files, resume, errors; FedBN locality."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import cli
+from kdjax.federated import packing
+from kdjax.federated import partition
+from kdjax.federated import simulator as sim
+from kdjax.federated.fedbn import fedbn
+from kdjax.federated.local import make_local_trainer
+from kdjax.models import create
+from kdjax.models import functional
+
+CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'fed',
+                      'mnist1d_fedavg.py')
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f]
+
+
+def test_fed_run_cli_writes_metrics_and_resumes_identically(tmp_path, capsys):
+  straight = str(tmp_path / 'straight')
+  assert cli.main(['fed', 'run', '--config', CONFIG + ':tiny', '--workdir', straight,
+                   '--no-progress', '--config.algorithm=scaffold']) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed['round'] == 6
+  rows = _rows(straight)
+  assert [r['round'] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert all(r['num_reported'] == 5 and r['bytes_up'] > 0 and r['bytes_down'] > 0
+             for r in rows)
+  evals = [r for r in rows if 'global_accuracy' in r]
+  assert [r['round'] for r in evals] == [3, 6]
+  with open(os.path.join(straight, 'summary.json')) as f:
+    summary = json.load(f)
+  for key in ('round', 'global_accuracy', 'personalized_accuracy_mean',
+              'personalized_accuracy_std', 'personalized_accuracy_worst10'):
+    assert key in summary
+  assert 0.0 <= summary['global_accuracy'] <= 1.0
+  for name in ('partition.png', 'partition.txt', 'accuracy.png', 'clients.png'):
+    assert os.path.exists(os.path.join(straight, name))
+
+  # Stop after 3 rounds (checkpoint at 3), then continue to 6 in the same workdir.
+  resumed = str(tmp_path / 'resumed')
+  base = ['fed', 'run', '--config', CONFIG + ':tiny', '--workdir', resumed, '--no-progress',
+          '--config.algorithm=scaffold']
+  assert cli.main(base + ['--config.num_rounds=3']) == 0
+  assert cli.main(base) == 0
+  a, b = _rows(straight), _rows(resumed)
+  assert [r['round'] for r in b] == [1, 2, 3, 4, 5, 6]
+  for ra, rb in zip(a, b):
+    np.testing.assert_allclose(ra['train_loss'], rb['train_loss'], rtol=1e-6)
+  with open(os.path.join(resumed, 'summary.json')) as f:
+    assert json.load(f)['global_accuracy'] == summary['global_accuracy']
+
+
+@pytest.mark.parametrize('override,match', [
+    ('--config.clients_per_round=50', 'clients_per_round'),
+    ('--config.partition.alpha=0', 'alpha must be > 0'),
+    ('--config.num_clients=5000', '5000 clients but only'),
+    ('--config.algorithm=fedsgd', 'unknown federated algorithm'),
+])
+def test_fed_run_user_errors_exit_2(tmp_path, capsys, override, match):
+  code = cli.main(['fed', 'run', '--config', CONFIG + ':tiny', '--workdir',
+                   str(tmp_path / 'w'), '--no-progress', override])
+  err = capsys.readouterr().err.strip()
+  assert code == 2
+  assert match in err and len(err.splitlines()) == 1
+
+
+def test_fedbn_keeps_norm_layers_local():
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 3, 40).astype(np.int32)
+  x = rng.normal(size=(40, 5)).astype(np.float32)
+  part = partition.iid(y, 4, seed=0, test_fraction=0.0)
+  data = jax.tree.map(jnp.asarray, packing.pack(x, y, part.train, multiple=5))
+  apply, params, state = functional(create('mlp', num_classes=3, input_shape=(5,),
+                                           hidden=(6,), norm='batch'))
+  alg = fedbn(make_local_trainer(apply, batch_size=5, epochs=1, lr=0.5))
+  st = sim.init_state(alg, params, state, 4)
+  round_fn = sim.make_round(alg, num_clients=4, clients_per_round=2, seed=0)
+  st, info = round_fn(st, data)
+  cohort = np.asarray(info['cohort'])
+  # The server's normalization parameters and batch statistics never move ...
+  np.testing.assert_array_equal(st.server.params['norms'][0]['scale'],
+                                params['norms'][0]['scale'])
+  np.testing.assert_array_equal(st.server.model_state['norms'][0]['mean'],
+                                state['norms'][0]['mean'])
+  # ... the shared layers do, and each cohort client has its own norm layer now.
+  assert not np.allclose(st.server.params['head']['kernel'], params['head']['kernel'])
+  scales = np.asarray(st.clients['params']['norms'][0]['scale'])
+  assert not np.allclose(scales[cohort[0]], scales[cohort[1]])
+  others = [k for k in range(4) if k not in cohort]
+  for k in others:
+    np.testing.assert_array_equal(scales[k], params['norms'][0]['scale'])
+  means = np.asarray(st.clients['model_state']['norms'][0]['mean'])
+  assert not np.allclose(means[cohort[0]], 0.0)
+
+
+def test_every_registered_algorithm_traces_a_round_and_evaluation():
+  from kdjax.federated.algorithms import ALGORITHMS
+  from kdjax.federated.algorithms import make_algorithm
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 3, 40).astype(np.int32)
+  x = rng.normal(size=(40, 5)).astype(np.float32)
+  part = partition.iid(y, 4, seed=0)
+  tr, te = packing.pack_partition(x, y, part, batch_size=5)
+  tr, te = jax.tree.map(jnp.asarray, tr), jax.tree.map(jnp.asarray, te)
+  apply, params, state = functional(create('mlp', num_classes=3, input_shape=(5,),
+                                           hidden=(6,), norm='batch'))
+  trainer = make_local_trainer(apply, batch_size=5, epochs=1, lr=0.1)
+  for name in ALGORITHMS:
+    alg = make_algorithm(name, trainer, proxy_x=x[:8], num_classes=3)
+    st = sim.init_state(alg, params, state, 4)
+    round_fn = sim.make_round(alg, num_clients=4, clients_per_round=2, clients_per_chunk=1)
+    new, info = jax.eval_shape(round_fn, st, tr)
+    assert jax.tree.structure(new) == jax.tree.structure(st), name
+    assert info['cohort'].shape == (2,)
+    c, n = jax.eval_shape(sim.make_personal_evaluate(alg, apply), st, te)
+    assert c.shape == (4,), name
