@@ -9,7 +9,10 @@ WORKDIR ?= workdirs/demo
 $(BIN)/kdjax: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench]'
+	# torchdistill's declared dependencies (torchvision, ...) do not install beside the CPU
+	# torch build; its KDLoss needs none of them.
+	$(BIN)/pip install -q --no-deps torchdistill==1.1.5
 	touch $(BIN)/kdjax
 
 install: $(BIN)/kdjax
