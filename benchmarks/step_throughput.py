@@ -27,7 +27,11 @@ faster of the two is the reference (both are recorded).
 
 Pair 1 is also timed with the teacher's logits precomputed on both sides (kdjax's step
 reads them from the batch, the dense form of its teacher cache; exact here because
-nothing is augmented). Those figures are reported apart from the headline ratio.
+nothing is augmented), and with the teacher's forward alone over the same batches. Those
+figures are reported apart from the headline ratio, in ``parts``: a live step does both
+parts, so ``1 / (1/teacher + 1/student)`` (the serial bound) says how fast it could be if
+the two parts ran one after the other with no other cost, and what ratio against torch
+that would give.
 
 Timing: everything is warmed up; the work of one repeat is fixed from a timed probe so
 that a repeat lasts at least ``--min-seconds``; kdjax and torch repeats are interleaved
@@ -495,6 +499,12 @@ class TorchRun:
     for _ in range(n):
       self.step()
 
+  def teacher_steps(self, n: int) -> None:
+    """The teacher's forward alone on ``n`` batches (the other part of a live step)."""
+    with self.torch.no_grad():
+      for _ in range(n):
+        self.teacher(self.x[next(self._batches)])
+
 
 def conv_linear_flops(module, x) -> float:
   """2 x multiply-adds of every Conv/Linear in one forward pass of ``module`` on ``x``."""
@@ -603,7 +613,7 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
 
   arrays = load_data(pair)
   res: dict[str, Any] = {'pair': dataclasses.asdict(pair)}
-  runs, objects = {}, None
+  runs, objects, objects_by_impl = {}, None, {}
   # The FLOP count of the step is XLA's for the plain convolution lowering (the same
   # arithmetic as the other lowerings); it is used for every runner, torch included.
   flops_impl = 'xla' if 'xla' in impls else impls[0]
@@ -614,6 +624,7 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
     run, flops, objs = kdjax_setup(pair, arrays, steps_per_call=args_spc(pair, args),
                                    conv_impl=impl, want_step_flops=impl == flops_impl)
     objects = objects or objs
+    objects_by_impl[impl] = objs
     if impl == flops_impl:
       res['xla_flops_per_step'] = flops
       res['xla_flops_per_fused_call'] = run.fused_call_flops
@@ -667,6 +678,10 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
     t0 = time.perf_counter()
     cached_trun = TorchRun(pair, arrays, teacher, student, cache_teacher=True)
     res['torch_teacher_logits_seconds'] = time.perf_counter() - t0
+    # The other part of a live step: the teacher's forward alone over the same batches.
+    for impl, objs in objects_by_impl.items():
+      cached_runs[f'kdjax[teacher forward,{impl}]'] = TeacherOnlyRun(
+          objs['teacher'], arrays, pair.batch_size, args_spc(pair, args))
 
   # Runners: name -> (do n units, examples per unit). Warm each up, then fix the work of
   # one repeat from a timed probe so that a repeat lasts at least --min-seconds. A runner
@@ -687,6 +702,11 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
         torch.set_num_threads(threads)
         cached_trun.steps(n)
       runners[f'torch[cached teacher,{threads}t]'] = (torch_cached_steps, pair.batch_size)
+
+      def torch_teacher_steps(n, threads=threads):
+        torch.set_num_threads(threads)
+        trun.teacher_steps(n)
+      runners[f'torch[teacher forward,{threads}t]'] = (torch_teacher_steps, pair.batch_size)
 
   samples: dict[str, list[float]] = {name: [] for name in runners}
   cpu: dict[str, list[float]] = {name: [] for name in runners}   # CPU seconds per step
@@ -726,8 +746,9 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
   torch.set_num_threads(torch_thread_counts(args)[0])
 
   med = {k: statistics.median(v) for k, v in samples.items()}
-  kd_names = [n for n in runners if n.startswith('kdjax') and 'cached' not in n]
-  th_names = [n for n in runners if n.startswith('torch') and 'cached' not in n]
+  part = lambda n: 'cached' in n or 'teacher forward' in n
+  kd_names = [n for n in runners if n.startswith('kdjax') and not part(n)]
+  th_names = [n for n in runners if n.startswith('torch') and not part(n)]
   best_kd = max(kd_names, key=med.get)
   best_th = max(th_names, key=med.get)
   default_kd = 'kdjax[xla]' if 'kdjax[xla]' in med else kd_names[0]
@@ -755,7 +776,65 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
         'ratio_vs_torch_cached': kd_cached / med[th_cached],
         'ratio_vs_torch_live_teacher': kd_cached / med[best_th],
     }
+    res['parts'] = serial_parts(med, best_kd, best_th)
   return res
+
+
+def serial_parts(med: dict, best_kd: str, best_th: str) -> dict:
+  """A live step against its two parts timed alone: the teacher's forward, and the
+  student step fed precomputed teacher logits. ``serial_bound`` = 1 / (1/teacher + 1/student)
+  is what a step doing the two one after the other, with no other cost, would reach."""
+  impl = best_kd[len('kdjax['):-1]
+  kd_t = med.get(f'kdjax[teacher forward,{impl}]') or max(
+      v for k, v in med.items() if k.startswith('kdjax[teacher forward'))
+  kd_s = med['kdjax[cached teacher]']
+  threads = best_th[len('torch['):-2]
+  th_t = med[f'torch[teacher forward,{threads}t]']
+  th_s = med[f'torch[cached teacher,{threads}t]']
+  bound = lambda a, b: 1.0 / (1.0 / a + 1.0 / b)
+  out = {'kdjax_teacher_forward': kd_t, 'kdjax_student_step': kd_s,
+         'kdjax_serial_bound': bound(kd_t, kd_s), 'torch_teacher_forward': th_t,
+         'torch_student_step': th_s, 'torch_serial_bound': bound(th_t, th_s)}
+  out['kdjax_live_over_serial_bound'] = med[best_kd] / out['kdjax_serial_bound']
+  out['torch_live_over_serial_bound'] = med[best_th] / out['torch_serial_bound']
+  out['teacher_forward_ratio'] = kd_t / th_t
+  out['student_step_ratio'] = kd_s / th_s
+  out['ratio_vs_torch_at_kdjax_serial_bound'] = out['kdjax_serial_bound'] / med[best_th]
+  return out
+
+
+class TeacherOnlyRun:
+  """The teacher's eval forward alone over shuffled batches, ``steps`` per jitted call."""
+
+  def __init__(self, teacher, arrays: dict, batch_size: int, steps: int):
+    import jax
+    import jax.numpy as jnp
+    t_apply, t_params, t_state = teacher
+    n = len(arrays['label'])
+    per_epoch = n // batch_size
+
+    def run(variables, x, key):
+      perm = jax.random.permutation(key, n)
+
+      def body(acc, i):
+        idx = jax.lax.dynamic_slice(perm, ((i % per_epoch) * batch_size,), (batch_size,))
+        out, _ = t_apply(*variables, jnp.take(x, idx, axis=0), train=False)
+        return acc + jnp.sum(out.logits), None   # returned, so nothing is dead code
+
+      return jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(steps))[0]
+
+    self.fn = jax.jit(run)
+    self.variables = (t_params, t_state)
+    self.x = jnp.asarray(arrays['x'])
+    self.key = jax.random.key(0)
+    self.steps_per_call = steps
+
+  def calls(self, n: int) -> None:
+    import jax
+    for _ in range(n):
+      self.key, sub = jax.random.split(self.key)
+      out = self.fn(self.variables, self.x, sub)
+    out.block_until_ready()
 
 
 def teacher_logits_kdjax(teacher, x, chunk: int = 1024):
@@ -1078,6 +1157,15 @@ def main(argv=None) -> dict | None:
           f'ex/s, torch {c["torch_examples_per_sec"]:,.0f} ex/s ({c["torch_threads"]} thread(s)), '
           f'ratio {c["ratio_vs_torch_cached"]:.2f}; kdjax cached vs torch live teacher '
           f'{c["ratio_vs_torch_live_teacher"]:.2f}')
+    if 'parts' in res:
+      q = res['parts']
+      log(f'[{key}] parts alone (ex/s): teacher forward kdjax {q["kdjax_teacher_forward"]:,.0f} '
+          f'vs torch {q["torch_teacher_forward"]:,.0f} ({q["teacher_forward_ratio"]:.2f}x), '
+          f'student step kdjax {q["kdjax_student_step"]:,.0f} vs torch '
+          f'{q["torch_student_step"]:,.0f} ({q["student_step_ratio"]:.2f}x); serial bound '
+          f'kdjax {q["kdjax_serial_bound"]:,.0f} (live at {q["kdjax_live_over_serial_bound"]:.2f} '
+          f'of it), torch {q["torch_serial_bound"]:,.0f} ({q["torch_live_over_serial_bound"]:.2f}); '
+          f'kdjax at its serial bound would be {q["ratio_vs_torch_at_kdjax_serial_bound"]:.2f}x torch')
     out[key] = res
     out.update({TOP_KEYS[key][name]: res[name] for name in TOP_KEYS[key]})
   if 'resnet' in out:

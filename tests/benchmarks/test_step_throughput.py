@@ -50,3 +50,12 @@ def test_quick_run_writes_every_figure(tmp_path):
     # Each reported rate is the median of the per-repeat samples of its runner.
     for name, samples in res['examples_per_sec_samples'].items():
       assert len(samples) == 3 and min(samples) > 0, name
+  # Pair 1's parts: the teacher's forward and the cached-logits student step, each timed
+  # alone, and the serial bound 1 / (1/teacher + 1/student) computed from those medians.
+  parts = figures['mnist1d']['parts']
+  med = figures['mnist1d']['examples_per_sec_median']
+  assert parts['kdjax_student_step'] == med['kdjax[cached teacher]']
+  expected = 1 / (1 / parts['kdjax_teacher_forward'] + 1 / parts['kdjax_student_step'])
+  assert parts['kdjax_serial_bound'] == pytest.approx(expected, rel=1e-12)
+  assert parts['kdjax_serial_bound'] < min(parts['kdjax_teacher_forward'],
+                                           parts['kdjax_student_step'])
