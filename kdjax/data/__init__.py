@@ -1,7 +1,7 @@
 """kdjax's data layer: TFDS sources, grain pipelines, seeded JAX augmentation.
 
 Importing this package registers kdjax's TFDS builders (``mnist1d``,
-``uci_digits``). Records become standard examples ``{'x', 'label', 'id'}``; see
+``shakespeare``, ``uci_digits``). Records become standard examples ``{'x', 'label', 'id'}``; see
 ``kdjax.data.preprocessing`` for the normalization and the meaning of ``id``,
 ``kdjax.data.pipeline`` for sharding and epochs, ``kdjax.data.augment`` for how
 augmentation keys derive from ``(seed, id, epoch)``.

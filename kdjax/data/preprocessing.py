@@ -3,8 +3,11 @@
 A standard example (or batch of them) is a dict:
 
 * ``'x'``: float32, channels last: ``(40, 1)`` for MNIST-1D, ``(8, 8, 1)`` for
-  UCI digits, ``(32, 32, 3)`` for CIFAR.
+  UCI digits, ``(32, 32, 3)`` for CIFAR; int32 token ids ``(seq_len,)`` for
+  Shakespeare (a recipe with ``dtype='int32'`` keeps integer inputs as they are).
 * ``'label'``: int32 class, ``-1`` for an unlabeled example.
+* ``'client'``: int32, only for data sets with natural clients (Shakespeare's
+  speaking roles), passed through from the record.
 * ``'id'``: int32, the record's index in its split. The pair ``(split, id)`` is the
   example's key: each split (``train``, ``test``, ``transfer``) has its own index
   space.
@@ -35,6 +38,8 @@ class Recipe:
     mean: per-channel mean subtracted after scaling, or None.
     std: per-channel std divided by after centering, or None.
     add_channel: append a channel axis (1-D signals).
+    dtype: dtype of ``'x'``; an integer dtype (token ids) skips the scaling.
+    extra_keys: record features passed through as int32 (``'client'``).
   """
 
   input_key: str
@@ -42,6 +47,8 @@ class Recipe:
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
   add_channel: bool = False
+  dtype: str = 'float32'
+  extra_keys: tuple[str, ...] = ()
 
 
 # Per-channel statistics of the [0, 1]-scaled training images.
@@ -59,6 +66,7 @@ DIGITS_STD = (0.3761,)
 
 RECIPES: dict[str, Recipe] = {
     'mnist1d': Recipe('signal', add_channel=True),
+    'shakespeare': Recipe('x', dtype='int32', extra_keys=('client',)),
     'uci_digits': Recipe('image', 16.0, DIGITS_MEAN, DIGITS_STD),
     'cifar10': Recipe('image', 255.0, CIFAR10_MEAN, CIFAR10_STD),
     'cifar100': Recipe('image', 255.0, CIFAR100_MEAN, CIFAR100_STD),
@@ -104,7 +112,8 @@ def preprocess(name: str | None, example: Mapping[str, np.ndarray],
     ids: the record index (or indices) in its split.
 
   Returns:
-    ``{'x': float32, 'label': int32, 'id': int32}``.
+    ``{'x': float32 (or the recipe's integer dtype), 'label': int32, 'id':
+    int32}``, plus the recipe's ``extra_keys``.
 
   >>> import numpy as np
   >>> raw = {'image': np.full((2, 8, 8, 1), 16, np.uint8), 'label': np.array([3, 7])}
@@ -115,7 +124,7 @@ def preprocess(name: str | None, example: Mapping[str, np.ndarray],
   1.8466
   """
   recipe = recipe_for(name, example.keys())
-  x = np.asarray(example[recipe.input_key]).astype(np.float32)
+  x = np.asarray(example[recipe.input_key]).astype(recipe.dtype)
   if recipe.scale != 1.0:
     x = x / np.float32(recipe.scale)
   if recipe.mean is not None:
@@ -132,7 +141,10 @@ def preprocess(name: str | None, example: Mapping[str, np.ndarray],
   if 'labeled' in example:
     label = np.where(np.asarray(example['labeled'], bool), label, -1)
     label = label.astype(np.int32)
-  return {'x': x, 'label': label, 'id': ids}
+  out = {'x': x, 'label': label, 'id': ids}
+  for key in recipe.extra_keys:
+    out[key] = np.asarray(example[key]).astype(np.int32)
+  return out
 
 
 def input_shape(name: str, feature_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """Loading data sets as random-access sources, through one TFDS code path.
 
-Every data set, kdjax's own builders (``mnist1d``, ``uci_digits``) and TFDS
+Every data set, kdjax's own builders (``mnist1d``, ``uci_digits``,
+``shakespeare``) and TFDS
 catalog data sets (``cifar10``, ``mnist``, ...), is read with
 ``tfds.data_source(..., builder_kwargs={'file_format': 'array_record'})``: the
 first call prepares the array_record files (generating kdjax's data locally, or
@@ -164,7 +165,7 @@ def stack_records(records: Sequence[dict], keys) -> dict[str, np.ndarray]:
 def record_keys(name: str | None, sample: dict) -> tuple[str, ...]:
   """The record features that preprocessing for ``name`` reads."""
   recipe = preprocess_lib.recipe_for(name, sample.keys())
-  return (recipe.input_key, 'label', 'labeled')
+  return (recipe.input_key, 'label', 'labeled', *recipe.extra_keys)
 
 
 def load_arrays(name: str, split: str, *,
@@ -179,7 +180,8 @@ def load_arrays(name: str, split: str, *,
 
   Returns:
     ``{'x': [n, ...] float32, 'label': [n] int32, 'id': [n] int32}`` with
-    ``id == arange(n)`` (the record index in the split).
+    ``id == arange(n)`` (the record index in the split); ``x`` is int32 for
+    token data (``shakespeare``), which also has ``'client'`` ``[n]`` int32.
   """
   source = load_source(name, split, data_dir=data_dir)
   n = len(source)
