@@ -16,9 +16,11 @@ from kdjax.federated.ditto import ditto
 from kdjax.federated.dsfl import dsfl
 from kdjax.federated.edgefd import edgefd
 from kdjax.federated.fd import fd
+from kdjax.federated import groups
 from kdjax.federated.fedavg import fedavg
 from kdjax.federated.fedbn import fedbn
 from kdjax.federated.fedmd import fedmd
+from kdjax.federated.fedd2s import fedd2s
 from kdjax.federated.feddf import feddf
 from kdjax.federated.fednova import fednova
 from kdjax.federated.fedopt import fedadam
@@ -47,6 +49,8 @@ from kdjax.federated.partition import quantity_skew
 from kdjax.federated.partition import shards
 from kdjax.federated.scaffold import scaffold
 from kdjax.federated.simulator import SimState
+from kdjax.federated.simulator import client_sharding
+from kdjax.federated.simulator import cohort_pass
 from kdjax.federated.simulator import init_state
 from kdjax.federated.simulator import make_evaluate
 from kdjax.federated.simulator import make_personal_evaluate

@@ -14,6 +14,7 @@ from kdjax.federated.ditto import ditto
 from kdjax.federated.dsfl import dsfl
 from kdjax.federated.edgefd import edgefd
 from kdjax.federated.fd import fd
+from kdjax.federated.fedd2s import fedd2s
 from kdjax.federated.fedavg import fedavg
 from kdjax.federated.fedbn import fedbn
 from kdjax.federated.fedmd import fedmd
@@ -43,12 +44,13 @@ ALGORITHMS: dict[str, Callable[..., base.FedAlgorithm]] = {
     'dsfl': dsfl,
     'edgefd': edgefd,
     'knfu': knfu,
+    'fedd2s': fedd2s,
 }
 
 # Algorithms whose factory takes the unlabeled proxy / public inputs as second argument.
 NEEDS_PROXY = frozenset({'feddf', 'fedmd', 'dsfl', 'edgefd', 'knfu'})
 # Algorithms that take ``num_classes``.
-NEEDS_NUM_CLASSES = frozenset({'fd', 'knfu'})
+NEEDS_NUM_CLASSES = frozenset({'fd', 'knfu', 'fedd2s'})
 
 
 def make_algorithm(name: str, trainer: LocalTrainer, *, proxy_x=None,

@@ -25,6 +25,13 @@ An algorithm is a :class:`FedAlgorithm`:
 * ``has_global_model``: False for federated distillation algorithms without
   a server model (FD, FedMD, DS-FL); their "global accuracy" is then the mean
   accuracy of the client models on the global test set.
+* ``heterogeneous``: True when clients may use different architectures
+  (:mod:`kdjax.federated.groups`): the knowledge exchanged lives in logit
+  space, so the updates of every architecture group have the same shapes and
+  are averaged together. Parameter-averaging algorithms leave it False.
+* ``group_keys``: keys of the update dict that are averaged within an
+  architecture group only (FedDF's parameter deltas, averaged into one server
+  model per architecture); every other key is averaged over all groups.
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ class FedAlgorithm(NamedTuple):
   download: Callable[[ServerState], Any]
   has_global_model: bool = True
   personalize: Callable[[ServerState, Any], Any] | None = None
+  heterogeneous: bool = False
+  group_keys: tuple[str, ...] = ()
 
 
 def global_model(server: ServerState, client_state: Any = None) -> tuple[Any, Any]:

@@ -99,4 +99,4 @@ def dsfl(trainer: LocalTrainer, open_x, *, temperature: float = 0.1,
     return server.extra['soft_labels']
 
   return base.FedAlgorithm('dsfl', init, client_update, server_update, public.own_model,
-                           download, has_global_model=False)
+                           download, has_global_model=False, heterogeneous=True)

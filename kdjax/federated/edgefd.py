@@ -149,4 +149,4 @@ def edgefd(trainer: LocalTrainer, proxy_x, *, num_clusters: int = 5, kmeans_iter
     return server.extra['logits']
 
   return base.FedAlgorithm('edgefd', init, client_update, server_update, public.own_model,
-                           download, has_global_model=False)
+                           download, has_global_model=False, heterogeneous=True)

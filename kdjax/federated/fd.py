@@ -99,4 +99,4 @@ def fd(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
     return server.extra['logits']
 
   return base.FedAlgorithm('fd', init, client_update, server_update, public.own_model,
-                           download, has_global_model=False)
+                           download, has_global_model=False, heterogeneous=True)

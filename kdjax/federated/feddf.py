@@ -98,4 +98,5 @@ def feddf(trainer: LocalTrainer, proxy_x, *, server_steps: int = 50,
     return base.ServerState(params, model_state, opt_state, server.extra)
 
   return base.FedAlgorithm('feddf', init, client_update, server_update, base.global_model,
-                           base.download_params)
+                           base.download_params, heterogeneous=True,
+                           group_keys=('delta', 'model_state'))

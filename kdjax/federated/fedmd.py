@@ -1,7 +1,8 @@
 """FedMD: heterogeneous clients agree on class scores for a shared public set.
 
-Each client keeps its own model (architectures may differ between clients in
-the paper; here all clients share one architecture, vmapped). A round, for a
+Each client keeps its own model (architectures may differ between clients, as
+in the paper: see :mod:`kdjax.federated.groups`; each architecture group is
+vmapped). A round, for a
 cohort client: *digest* — train toward the current consensus on the public
 set (``digest_epochs`` passes, L1 loss between logits); *revisit* — train on
 its private data (the local trainer); then report its logits on the public
@@ -87,7 +88,7 @@ def fedmd(trainer: LocalTrainer, public_x, *, digest_epochs: int = 1,
     return server.extra['consensus']
 
   return base.FedAlgorithm('fedmd', init, client_update, server_update, public.own_model,
-                           download, has_global_model=False)
+                           download, has_global_model=False, heterogeneous=True)
 
 
 def base_select(pred, a, b):

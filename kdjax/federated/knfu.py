@@ -158,4 +158,5 @@ def knfu(trainer: LocalTrainer, transfer_x, *, num_classes: int, beta: float = 1
     return jax.ShapeDtypeStruct((transfer_x.shape[0], c), jnp.float32)
 
   return base.FedAlgorithm('knfu', init, client_update, server_update, public.own_model,
-                           download, has_global_model=False, personalize=personalize)
+                           download, has_global_model=False, personalize=personalize,
+                           heterogeneous=True)

@@ -48,7 +48,10 @@ class LocalTrainer(NamedTuple):
   ``data`` is one client's ``(x [E, ...], label [E], mask [E], count)``
   (a :class:`~kdjax.federated.packing.ClientData` row). ``penalty(params)``
   is added to the loss; ``batch_loss(logits, labels, mask) -> scalar`` too
-  (FD's distillation toward per-class logits); ``correction`` (a
+  (FD's distillation toward per-class logits); ``batch_loss_mask`` (a
+  params-shaped pytree of scalars, FedD2S's layer dropping) scales the
+  gradient of ``batch_loss`` leafwise, so that leaves with mask 0 are trained
+  by the main loss only; ``correction`` (a
   params-shaped pytree) is added to every gradient. ``lr``, ``momentum``, ``batch_size`` and ``epochs`` are the
   settings it was built with (algorithms such as SCAFFOLD and FedNova need
   them).
@@ -127,7 +130,7 @@ def make_local_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs:
   batch_size, epochs = int(batch_size), int(epochs)
 
   def train(params, model_state, data, rng, *, penalty=None, correction=None,
-            batch_loss=None) -> LocalResult:
+            batch_loss=None, batch_loss_mask=None) -> LocalResult:
     x, label, mask = data[0], data[1], data[2]
     e = mask.shape[0]
     if e % batch_size:
@@ -147,11 +150,33 @@ def make_local_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs:
         loss = loss + batch_loss(out.logits, yb, mb)
       return loss, (new_ms, out.logits)
 
+    def split_loss_fn(p, ms, xb, yb, mb, key, step):
+      # (main loss, batch loss) separately, for a leafwise mask on the second's gradient.
+      out, new_ms = apply_fn(p, ms, xb, train=True, rng=key)
+      inputs = {'student_logits': out.logits, 'labels': yb, 'where': mb, 'step': step}
+      loss, _, _ = objective.apply(obj_params, obj_state, inputs)
+      if penalty is not None:
+        loss = loss + penalty(p)
+      return (loss, batch_loss(out.logits, yb, mb)), (new_ms, out.logits)
+
+    def masked_value_and_grad(p, ms, xb, yb, mb, key, step):
+      (main, extra), vjp, (new_ms, logits) = jax.vjp(
+          lambda q: split_loss_fn(q, ms, xb, yb, mb, key, step), p, has_aux=True)
+      (g_main,) = vjp((jnp.ones_like(main), jnp.zeros_like(extra)))
+      (g_extra,) = vjp((jnp.zeros_like(main), jnp.ones_like(extra)))
+      g = jax.tree.map(lambda a, b, m: a + jnp.asarray(m, b.dtype) * b, g_main, g_extra,
+                       batch_loss_mask)
+      return (main + extra, (new_ms, logits)), g
+
     def body(carry, idx):
       p, ms, opt, steps = carry
       xb, yb, mb = x[idx], label[idx], mask[idx]
-      (loss, (new_ms, logits)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-          p, ms, xb, yb, mb, step_key(rng, steps), steps)
+      if batch_loss is not None and batch_loss_mask is not None:
+        (loss, (new_ms, logits)), g = masked_value_and_grad(
+            p, ms, xb, yb, mb, step_key(rng, steps), steps)
+      else:
+        (loss, (new_ms, logits)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+            p, ms, xb, yb, mb, step_key(rng, steps), steps)
       if correction is not None:
         g = jax.tree.map(jnp.add, g, correction)
       updates, new_opt = tx.update(g, opt, p)

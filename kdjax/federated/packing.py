@@ -70,7 +70,9 @@ def pack(x, labels, index_lists, *, multiple: int = 1, length: int | None = None
   if counts.max(initial=0) > e:
     raise ValueError(f'a client holds {counts.max()} examples, more than length={e}')
   k = len(index_lists)
-  xs = np.zeros((k, e, *x.shape[1:]), np.float32)
+  # Integer inputs (character ids) stay integers; everything else is float32.
+  xs = np.zeros((k, e, *x.shape[1:]),
+                np.int32 if np.issubdtype(x.dtype, np.integer) and skew is None else np.float32)
   ys = np.full((k, e), -1, np.int32)
   mask = np.zeros((k, e), bool)
   for c, idx in enumerate(index_lists):

@@ -9,6 +9,9 @@ The local test split is carved out of each client's own examples (LEAF-style):
 ``floor(test_fraction * n_i)`` of them, always leaving at least one training
 example. ``min_size`` counts a client's examples before that split.
 
+Natural clients (:func:`natural`, LEAF's Shakespeare speaking roles) come
+from a per-example client id instead of the labels.
+
 Feature skew (:func:`feature_skew`) is a transform spec layered on any label
 partition; :func:`apply_feature_skew` applies it to one client's inputs.
 
@@ -44,6 +47,8 @@ class Partition:
     num_classes: the number of classes of the labels partitioned.
     method: the partitioner's name.
     options: the options it ran with (for the stats table and manifests).
+    client_names: optional name of every client (Shakespeare roles); empty
+      when clients are anonymous.
   """
 
   train: tuple[np.ndarray, ...]
@@ -51,6 +56,7 @@ class Partition:
   num_classes: int
   method: str
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  client_names: tuple[str, ...] = ()
 
   @property
   def num_clients(self) -> int:
@@ -377,17 +383,114 @@ def quantity_skew(labels, num_clients: int, *, distribution: str = 'lognormal',
                   'min_size': min_size})
 
 
+def natural(client_ids, *, labels=None, test_mask=None, test_fraction: float = 0.2,
+            min_size: int = 2, max_clients: int | None = None, max_size: int | None = None,
+            seed: int = 0, num_classes: int | None = None, names=None) -> Partition:
+  """Natural clients: each example names its client (LEAF's Shakespeare roles).
+
+  Client ``k`` of the result holds the examples whose ``client_ids`` equal the
+  ``k``-th kept id (kept ids in increasing order). Rules, in order:
+
+  1. Local test split: with ``test_mask`` (True marks an example of the data
+     set's own test split, e.g. a role's last 20% of windows), those examples;
+     otherwise the last ``floor(test_fraction * n)`` of a client's examples in
+     index order (by position, as LEAF splits a role's text), always leaving
+     one for training.
+  2. Ids with fewer than ``min_size`` examples (train + test) are dropped, as
+     LEAF drops tiny roles, and so are ids left without a training example.
+  3. ``max_clients``: a seeded subsample of that many of the remaining ids
+     (all of them when there are fewer).
+  4. ``max_size``: a client with more training examples keeps a seeded random
+     subset of ``max_size`` (its test split is kept whole). The simulator pads
+     every client to the largest one, so this caps the cost of a round.
+
+  Args:
+    client_ids: ``[n]`` integer client id of every example.
+    labels: ``[n]`` labels (for ``num_classes`` and the stats; optional).
+    test_mask: optional ``[n]`` bool, True for local test examples.
+    test_fraction: the positional test share when ``test_mask`` is None.
+    min_size: the fewest examples a kept client has.
+    max_clients: keep at most this many clients (seeded), or None for all.
+    max_size: cap on a client's training examples, or None.
+    seed: the subsampling seed.
+    num_classes: the class count (default: ``max(labels) + 1``).
+    names: optional name per client id (indexable by id), stored in
+      ``client_names``.
+
+  Returns:
+    A :class:`Partition` with ``method='natural'``.
+
+  Raises:
+    UserError: bad shapes, ``min_size < 1``, or no client left.
+
+  References:
+    Caldas et al., "LEAF: A Benchmark for Federated Settings", arXiv:1812.01097.
+
+  >>> ids = np.array([0, 0, 0, 1, 2, 2, 2, 2, 2])
+  >>> p = natural(ids, min_size=2, test_fraction=0.2)
+  >>> [i.tolist() for i in p.train], [i.tolist() for i in p.test]
+  ([[0, 1, 2], [4, 5, 6, 7]], [[], [8]])
+  """
+  client_ids = np.asarray(client_ids)
+  if client_ids.ndim != 1 or not np.issubdtype(client_ids.dtype, np.integer):
+    raise UserError(f'client_ids must be a 1-D integer array, got {client_ids.dtype} '
+                    f'{client_ids.shape}.')
+  n = len(client_ids)
+  labels = np.zeros(n, np.int64) if labels is None else np.asarray(labels)
+  if labels.shape != (n,):
+    raise UserError(f'labels {labels.shape} and client_ids ({n},) differ in length.')
+  if test_mask is not None:
+    test_mask = np.asarray(test_mask, bool)
+    if test_mask.shape != (n,):
+      raise UserError(f'test_mask {test_mask.shape} and client_ids ({n},) differ in length.')
+  if min_size < 1:
+    raise UserError(f'min_size must be at least 1, got {min_size}.')
+  if not 0.0 <= test_fraction < 1.0:
+    raise UserError(f'test_fraction must be in [0, 1), got {test_fraction}.')
+  order = np.argsort(client_ids, kind='stable')
+  ids, starts = np.unique(client_ids[order], return_index=True)
+  groups = np.split(order, starts[1:]) if n else []
+  kept = []
+  for cid, idx in zip(ids, groups):
+    if test_mask is None:
+      n_test = min(int(math.floor(test_fraction * len(idx))), len(idx) - 1)
+      tr, te = idx[:len(idx) - n_test], idx[len(idx) - n_test:]
+    else:
+      tr, te = idx[~test_mask[idx]], idx[test_mask[idx]]
+    if len(idx) >= min_size and len(tr):
+      kept.append((int(cid), tr, te))
+  if not kept:
+    raise UserError(f'no client has at least {min_size} examples (and one for training): '
+                    'lower min_size.')
+  rng = np.random.default_rng(seed)
+  if max_clients is not None and 0 < int(max_clients) < len(kept):
+    pick = np.sort(rng.choice(len(kept), int(max_clients), replace=False))
+    kept = [kept[i] for i in pick]
+  train, test = [], []
+  for _, tr, te in kept:
+    if max_size is not None and len(tr) > int(max_size):
+      tr = np.sort(rng.choice(tr, int(max_size), replace=False))
+    train.append(np.asarray(tr, np.int64))
+    test.append(np.asarray(te, np.int64))
+  client_names = tuple(str(names[c]) for c, _, _ in kept) if names is not None else ()
+  options = {'min_size': int(min_size), 'max_clients': max_clients, 'max_size': max_size}
+  return Partition(tuple(train), tuple(test), _num_classes(labels, num_classes), 'natural',
+                   options, client_names)
+
+
 PARTITIONERS = {
     'iid': iid,
     'dirichlet': dirichlet,
     'pathological': pathological,
     'shards': shards,
     'quantity_skew': quantity_skew,
+    'natural': natural,
 }
 
 
 _KNOWN_OPTIONS = frozenset({'alpha', 'min_size', 'classes_per_client', 'shards_per_client',
-                            'distribution', 'sigma', 'exponent', 'max_retries'})
+                            'distribution', 'sigma', 'exponent', 'max_retries',
+                            'client_ids', 'test_mask', 'max_size', 'names'})
 
 
 def make_partition(labels, num_clients: int, method: str = 'dirichlet', **options) -> Partition:
@@ -397,8 +500,11 @@ def make_partition(labels, num_clients: int, method: str = 'dirichlet', **option
     labels: ``[n]`` integer labels.
     num_clients: how many clients.
     method: one of ``iid``, ``dirichlet``, ``pathological``, ``shards``,
-      ``quantity_skew``.
-    **options: that partitioner's keyword options.
+      ``quantity_skew``, ``natural``.
+    **options: that partitioner's keyword options. ``natural`` needs
+      ``client_ids`` (and takes ``test_mask``, ``names``, ...); its
+      ``num_clients`` is the number of clients to keep (``max_clients``), and
+      fewer clients than that meeting ``min_size`` is an error.
 
   Returns:
     A :class:`Partition`.
@@ -420,6 +526,21 @@ def make_partition(labels, num_clients: int, method: str = 'dirichlet', **option
   if method == 'pathological':
     options = dict(options)
     return fn(labels, num_clients, options.pop('classes_per_client', 2), **options)
+  if method == 'natural':
+    options = dict(options)
+    if options.get('client_ids') is None:
+      raise UserError("partition 'natural' needs per-example client ids: use a data set "
+                      'with natural clients (shakespeare).')
+    try:
+      part = fn(options.pop('client_ids'), labels=labels, max_clients=num_clients, **options)
+    except TypeError as e:
+      raise UserError(f'partition {method!r}: {e}.') from None
+    if part.num_clients != int(num_clients):
+      raise UserError(
+          f'natural partition: only {part.num_clients} clients have at least '
+          f'{part.options["min_size"]} examples; set num_clients to at most '
+          f'{part.num_clients} (or lower partition.min_size).')
+    return part
   try:
     return fn(labels, num_clients, **options)
   except TypeError as e:
@@ -572,8 +693,9 @@ def format_stats(partition: Partition, labels, *, max_rows: int = 20) -> str:
   tr, te = partition.train_sizes(), partition.test_sizes()
   shown = range(min(partition.num_clients, max_rows))
   for k in shown:
+    name = f'  ({partition.client_names[k]})' if partition.client_names else ''
     lines.append(f'{k:>6}  {tr[k]:>5}  {te[k]:>4}  {int((counts[k] > 0).sum()):>7}  '
-                 + ' '.join(str(int(c)) for c in counts[k]))
+                 + ' '.join(str(int(c)) for c in counts[k]) + name)
   if partition.num_clients > max_rows:
     lines.append(f'... ({partition.num_clients - max_rows} more clients)')
   s = partition_stats(partition, labels)

@@ -77,6 +77,16 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   part_opts = _plain(config.partition)
   method = part_opts.pop('method', 'dirichlet')
   part_opts.setdefault('seed', config.seed)
+  if method == 'natural':
+    # Natural clients (Shakespeare roles): partition train + test together; each
+    # client's local test split is its own windows of the data set's test split.
+    from kdjax.data import load_source
+    n_train = len(train['label'])
+    train = {k: np.concatenate([train[k], test[k]]) for k in train if k in test}
+    part_opts.update(client_ids=train.get('client'),
+                     test_mask=np.arange(len(train['label'])) >= n_train)
+    meta = load_source(config.dataset, 'train').dataset_info.metadata or {}
+    part_opts.setdefault('names', meta.get('role_names'))
   part = partition_lib.make_partition(train['label'], config.num_clients, method,
                                       num_classes=num_classes, **part_opts)
   skew = None
@@ -86,6 +96,14 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   local = _plain(config.local)
   tr, te = packing.pack_partition(train['x'], train['label'], part,
                                   batch_size=local['batch_size'], skew=skew)
+  data_parts = {
+      'train': jax.tree.map(jnp.asarray, tr), 'test': jax.tree.map(jnp.asarray, te),
+      'test_x': jnp.asarray(test['x']), 'test_label': jnp.asarray(test['label']),
+      'partition': part, 'labels': train['label'],
+  }
+  if config.get('client_models'):   # heterogeneous architectures (kdjax.federated.groups)
+    return {**_setup_groups(config, num_classes=num_classes, input_shape=train['x'].shape[1:],
+                            proxy_x=proxy_x), **data_parts}
   model = create(config.model, num_classes=num_classes, input_shape=train['x'].shape[1:],
                  seed=config.seed, **_plain(config.get('model_options')))
   apply, params, model_state = functional(model)
@@ -109,14 +127,64 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'clients_global_evaluate': sim.make_clients_global_evaluate(algorithm, apply),
       'personal_evaluate': sim.make_personal_evaluate(algorithm, apply,
                                                       clients_per_chunk=chunk),
-      'train': jax.tree.map(jnp.asarray, tr), 'test': jax.tree.map(jnp.asarray, te),
-      'test_x': jnp.asarray(test['x']), 'test_label': jnp.asarray(test['label']),
-      'partition': part, 'labels': train['label'],
+      **data_parts,
+  }
+
+
+def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_shape,
+                  proxy_x) -> dict[str, Any]:
+  """The model/algorithm/round parts of :func:`setup` for ``config.client_models``."""
+  from kdjax.federated import groups
+  from kdjax.models import create
+  from kdjax.models import functional
+
+  specs = [_plain(m) for m in config.client_models]
+  for spec in specs:
+    unknown = set(spec) - {'model', 'model_options', 'fraction'}
+    if unknown or 'model' not in spec:
+      raise UserError('each client_models entry needs a model (and optionally model_options '
+                      f'and fraction); got keys {sorted(spec)}.')
+  ids = groups.assign_clients(config.num_clients, [float(s.get('fraction', 1.0)) for s in specs],
+                              seed=config.seed)
+  local = _plain(config.local)
+  alg_options = _plain(config.get('algorithm_options'))
+  if config.algorithm == 'feddf':
+    alg_options.setdefault('seed', config.seed)
+  applies, params, states, algorithms = [], [], [], []
+  for spec in specs:
+    model = create(spec['model'], num_classes=num_classes, input_shape=input_shape,
+                   seed=config.seed, **_plain(spec.get('model_options')))
+    apply, p, ms = functional(model)
+    trainer = make_local_trainer(apply, batch_size=local['batch_size'],
+                                 epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),
+                                 momentum=local.get('momentum', 0.0))
+    algorithms.append(make_algorithm(config.algorithm, trainer, proxy_x=proxy_x,
+                                     num_classes=num_classes, **alg_options))
+    applies.append(apply)
+    params.append(p)
+    states.append(ms)
+  groups.check_heterogeneous(algorithms)
+  chunk = config.get('clients_per_chunk') or None
+  round_fn = groups.make_grouped_round(
+      algorithms, ids, num_clients=config.num_clients,
+      clients_per_round=config.clients_per_round, sampling=config.get('sampling', 'uniform'),
+      dropout=config.get('dropout', 0.0), clients_per_chunk=chunk, seed=config.seed)
+  return {
+      'groups': ids, 'algorithm': algorithms[0], 'algorithms': algorithms, 'apply': applies[0],
+      'params': params[0], 'model_state': states[0], 'round_fn': round_fn,
+      'init_state': lambda: groups.init_grouped_state(algorithms, params, states, ids),
+      'cohort_sizes': groups.group_cohort_sizes(config.clients_per_round,
+                                                [len(g) for g in ids]),
+      'grouped_evaluate': groups.make_grouped_evaluate(
+          algorithms, applies, ids, num_clients=config.num_clients, clients_per_chunk=chunk),
   }
 
 
 def evaluate_state(parts: dict[str, Any], state: sim.SimState) -> dict[str, float]:
   """Global test accuracy and personalized accuracy summary of ``state``."""
+  if 'groups' in parts:
+    return parts['grouped_evaluate'](state, parts['test'], parts['test_x'],
+                                     parts['test_label'])[0]
   if parts['algorithm'].has_global_model:
     c, n = parts['evaluate'](state.server.params, state.server.model_state, parts['test_x'],
                              parts['test_label'])
@@ -203,7 +271,10 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   if config.get('plots', True):
     partition_lib.plot_heatmap(part, labels, os.path.join(workdir, 'partition.png'))
   algorithm = parts['algorithm']
-  state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
+  if 'init_state' in parts:
+    state = parts['init_state']()
+  else:
+    state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
   ckpt_every = int(config.get('checkpoint_every', 0) or 0)
   manager = _manager(workdir) if ckpt_every else None
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -220,11 +291,17 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
     with open(metrics_path, 'w') as f:
       f.writelines(kept)
 
-  update_shape = jax.eval_shape(
-      algorithm.client_update, state.server, jax.tree.map(lambda a: a[0], state.clients),
-      jax.tree.map(lambda a: a[0], parts['train']), jax.random.key(0)).update
-  bytes_update = sim.tree_bytes(update_shape)
-  bytes_down = sim.tree_bytes(algorithm.download(state.server))
+  if 'groups' in parts:   # per architecture group
+    from kdjax.federated import groups
+    group_up, group_down = groups.group_bytes(parts['algorithms'], state, parts['train'],
+                                              parts['groups'])
+    bytes_update = bytes_down = 0
+  else:
+    update_shape = jax.eval_shape(
+        algorithm.client_update, state.server, jax.tree.map(lambda a: a[0], state.clients),
+        jax.tree.map(lambda a: a[0], parts['train']), jax.random.key(0)).update
+    bytes_update = sim.tree_bytes(update_shape)
+    bytes_down = sim.tree_bytes(algorithm.download(state.server))
   eval_every = max(int(config.get('eval_every', 1) or 1), 1)
 
   rounds = range(start, int(config.num_rounds))
@@ -250,6 +327,10 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
              'train_accuracy': float(acc_s) / max(float(acc_n), 1.0), 'num_reported': rep,
              'bytes_up': rep * bytes_update,
              'bytes_down': int(config.clients_per_round) * bytes_down}
+      if 'groups' in parts:
+        greps = np.asarray(info['group_reported']).tolist()
+        row['bytes_up'] = int(sum(n * b for n, b in zip(greps, group_up)))
+        row['bytes_down'] = int(sum(k * b for k, b in zip(parts['cohort_sizes'], group_down)))
       if (r + 1) % eval_every == 0 or r + 1 == int(config.num_rounds):
         last_eval = evaluate_state(parts, state)
         row.update(last_eval)
@@ -264,7 +345,11 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
   if not last_eval:
     last_eval = evaluate_state(parts, state)
-  pc, pn = parts['personal_evaluate'](state, parts['test'])
+  if 'groups' in parts:
+    pc, pn = parts['grouped_evaluate'](state, parts['test'], parts['test_x'],
+                                       parts['test_label'])[1]
+  else:
+    pc, pn = parts['personal_evaluate'](state, parts['test'])
   summary = {
       'round': int(state.round),
       'algorithm': config.algorithm,

@@ -103,7 +103,8 @@ def _take(tree, idx):
 
 def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_round: int,
                sampling: str = 'uniform', dropout: float = 0.0,
-               clients_per_chunk: int | None = None, seed: int = 0) -> Callable:
+               clients_per_chunk: int | None = None, seed: int = 0,
+               mesh: jax.sharding.Mesh | None = None, client_axis: str = 'clients') -> Callable:
   """Builds ``round_fn(state, data) -> (state, info)``, jitted.
 
   Args:
@@ -117,6 +118,12 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
       many clients (``lax.map`` over ``clients_per_round / clients_per_chunk``
       vmapped chunks); it must divide ``clients_per_round``.
     seed: the simulation seed.
+    mesh: with several devices, a mesh with axis ``client_axis``
+      (:func:`kdjax.parallel.make_mesh`): each chunk's stacked client data,
+      states and keys get a ``NamedSharding`` over that axis, so the vmapped
+      clients run on all devices (the chunk size must divide by the axis
+      size); the weighted sums become cross-device reductions.
+    client_axis: the mesh axis the client axis is sharded over.
 
   Returns:
     A jitted ``round_fn(state: SimState, data: ClientData) -> (SimState, info)``
@@ -139,41 +146,23 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
   if chunk < 1 or k % chunk:
     raise UserError(
         f'clients_per_chunk ({clients_per_chunk}) must divide clients_per_round ({k}).')
-  num_chunks = k // chunk
-
-  def run_chunk(server, ids, reported, data, client_states, rkey):
-    cdata = _take(data, ids)
-    cstates = _take(client_states, ids)
-    keys = jax.vmap(lambda i: client_key(rkey, i))(ids)
-    out = jax.vmap(algorithm.client_update, in_axes=(None, 0, 0, 0))(
-        server, cstates, cdata, keys)
-    w = out.weight.astype(jnp.float32) * reported.astype(jnp.float32)
-    wsum = jax.tree.map(lambda u: jnp.tensordot(w, u.astype(jnp.float32), axes=1), out.update)
-    rep = reported.astype(jnp.float32)
-    metrics = jax.tree.map(lambda m: jnp.sum(m * rep), out.metrics)
-    new_states = jax.tree.map(
-        lambda new, old: _where(reported.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
-        out.client_state, cstates)
-    return wsum, jnp.sum(w), metrics, new_states
+  shard = None
+  if mesh is not None:
+    size = mesh.shape[client_axis]
+    if chunk % size:
+      raise UserError(f'the cohort chunk ({chunk} clients) must divide by the {size} devices of '
+                      f'the mesh axis {client_axis!r}; change clients_per_round or '
+                      'clients_per_chunk.')
+    shard = client_sharding(mesh, client_axis)
 
   def round_fn(state: SimState, data: ClientData):
     rkey = round_key(seed, state.round)
     cohort = sample_cohort(rkey, data.count, k, sampling)
     reported = sample_reported(rkey, k, dropout)
     server = state.server
-    if num_chunks == 1:
-      wsum, wtot, metrics, new_states = run_chunk(server, cohort, reported, data,
-                                                  state.clients, rkey)
-    else:
-      def one(args):
-        ids, rep = args
-        return run_chunk(server, ids, rep, data, state.clients, rkey)
-      wsums, wtots, mets, states = jax.lax.map(
-          one, (cohort.reshape(num_chunks, chunk), reported.reshape(num_chunks, chunk)))
-      wsum = jax.tree.map(lambda a: jnp.sum(a, 0), wsums)
-      wtot = jnp.sum(wtots)
-      metrics = jax.tree.map(lambda a: jnp.sum(a, 0), mets)
-      new_states = jax.tree.map(lambda a: a.reshape((k,) + a.shape[2:]), states)
+    wsum, wtot, metrics, new_states = cohort_pass(
+        algorithm, server, cohort, cohort, reported, data, state.clients, rkey, chunk,
+        sharding=shard)
     mean = jax.tree.map(lambda s: s / jnp.maximum(wtot, 1e-12), wsum)
     num_reported = jnp.sum(reported.astype(jnp.int32))
     info_counts = {'num_reported': num_reported, 'num_clients': jnp.asarray(num_clients),
@@ -191,6 +180,66 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
     return SimState(state.round + 1, new_server, clients), info
 
   return jax.jit(round_fn)
+
+
+def client_sharding(mesh: jax.sharding.Mesh, axis: str = 'clients'):
+  """``NamedSharding`` of stacked client arrays: the leading axis over ``axis``."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+
+
+def cohort_pass(algorithm: base.FedAlgorithm, server, ids, state_ids, reported, data,
+                client_states, rkey, chunk: int, sharding=None):
+  """Runs ``algorithm.client_update`` over a cohort, vmapped (``lax.map`` over chunks).
+
+  Args:
+    algorithm: the algorithm.
+    server: its server state (broadcast to every client).
+    ids: ``[k]`` global client ids (rows of ``data``; the client keys).
+    state_ids: ``[k]`` rows of ``client_states`` (``ids`` itself, or the clients'
+      positions within an architecture group).
+    reported: ``[k]`` bool.
+    data: the packed client data.
+    client_states: stacked client states.
+    rkey: the round key.
+    chunk: clients per vmapped chunk (it divides ``k``).
+    sharding: optional :func:`client_sharding` for each chunk's stacked client
+      data, states and keys.
+
+  Returns:
+    ``(weighted update sum, weight total, summed metrics, new client states [k])``.
+  """
+  k = ids.shape[0]
+  num_chunks = k // chunk
+
+  def run_chunk(ids, sids, reported):
+    cdata = _take(data, ids)
+    cstates = _take(client_states, sids)
+    keys = jax.vmap(lambda i: client_key(rkey, i))(ids)
+    if sharding is not None:
+      cdata, cstates, keys, reported = jax.lax.with_sharding_constraint(
+          (cdata, cstates, keys, reported), sharding)
+    out = jax.vmap(algorithm.client_update, in_axes=(None, 0, 0, 0))(
+        server, cstates, cdata, keys)
+    w = out.weight.astype(jnp.float32) * reported.astype(jnp.float32)
+    wsum = jax.tree.map(lambda u: jnp.tensordot(w, u.astype(jnp.float32), axes=1), out.update)
+    rep = reported.astype(jnp.float32)
+    metrics = jax.tree.map(lambda m: jnp.sum(m * rep), out.metrics)
+    new_states = jax.tree.map(
+        lambda new, old: _where(reported.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+        out.client_state, cstates)
+    return wsum, jnp.sum(w), metrics, new_states
+
+  if num_chunks == 1:
+    return run_chunk(ids, state_ids, reported)
+  wsums, wtots, mets, states = jax.lax.map(
+      lambda a: run_chunk(*a), (ids.reshape(num_chunks, chunk),
+                                state_ids.reshape(num_chunks, chunk),
+                                reported.reshape(num_chunks, chunk)))
+  wsum = jax.tree.map(lambda a: jnp.sum(a, 0), wsums)
+  wtot = jnp.sum(wtots)
+  metrics = jax.tree.map(lambda a: jnp.sum(a, 0), mets)
+  new_states = jax.tree.map(lambda a: a.reshape((k,) + a.shape[2:]), states)
+  return wsum, wtot, metrics, new_states
 
 
 def _where(pred, a, b):

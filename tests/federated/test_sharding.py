@@ -1,0 +1,60 @@
+"""Client-axis sharding: a round on 4 fake CPU devices equals the single-device round."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent('''
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from kdjax.federated import packing, partition, simulator as sim
+    from kdjax.federated.algorithms import make_algorithm
+    from kdjax.federated.local import make_local_trainer
+    from kdjax.models import create, functional
+    from kdjax.parallel import make_mesh
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 80).astype(np.int32)
+    x = (np.eye(3, 5)[y] * 2 + rng.normal(size=(80, 5))).astype(np.float32)
+    part = partition.dirichlet(y, 8, 0.5, min_size=4, seed=0, test_fraction=0.0)
+    data = jax.tree.map(jnp.asarray, packing.pack(x, y, part.train, multiple=4))
+    apply, params, state = functional(create('mlp', num_classes=3, input_shape=(5,),
+                                             hidden=(6,), seed=1))
+    trainer = make_local_trainer(apply, batch_size=4, epochs=1, lr=0.2)
+    mesh = make_mesh([('clients', -1)])
+    out = {'devices': len(jax.devices())}
+    for name in ('fedavg', 'fedd2s'):
+      alg = make_algorithm(name, trainer, num_classes=3)
+      results = []
+      for m in (None, mesh):
+        rf = sim.make_round(alg, num_clients=8, clients_per_round=4, seed=1, mesh=m)
+        st = sim.init_state(alg, params, state, 8)
+        if m is None:
+          out[name + '_plain_hlo'] = 'all-reduce' in rf.lower(st, data).compile().as_text()
+        if m is not None:
+          hlo = rf.lower(st, data).compile().as_text()
+          # SPMD-partitioned: one client per device, reductions across devices.
+          out[name + '_sharded_hlo'] = 'all-reduce' in hlo
+        for _ in range(2):
+          st, _ = rf(st, data)
+        results.append(jax.tree.leaves((st.server.params, st.clients)))
+      out[name + '_maxdiff'] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                                   for a, b in zip(*results) if np.asarray(a).dtype.kind == 'f')
+    print(json.dumps(out))
+''')
+
+
+def test_client_axis_sharded_round_equals_single_device():
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='4', JAX_PLATFORMS='cpu')
+  root = os.path.join(os.path.dirname(__file__), '..', '..')
+  env['PYTHONPATH'] = os.path.abspath(root) + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out['devices'] == 4
+  for name in ('fedavg', 'fedd2s'):
+    assert out[name + '_sharded_hlo'] and not out[name + '_plain_hlo'], name
+    assert out[name + '_maxdiff'] < 1e-5, out
