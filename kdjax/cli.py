@@ -8,6 +8,7 @@
     kdjax cache   build --config configs/mnist1d/kd.py --workdir CACHE [--epochs E --k K --dtype D]
     kdjax cache   inspect [--json] CACHE  |  kdjax cache verify CACHE
     kdjax fed     run --config configs/fed/mnist1d_fedavg.py:tiny --workdir DIR [--config.key=value ...]
+    kdjax fed     sweep --config configs/fed/mnist1d_sweep.py:tiny --workdir DIR [--config.key=value ...]
 
 Mistakes a user can make end in one line on stderr and exit code 2.
 """
@@ -107,12 +108,22 @@ def _fed_parser(sub) -> None:
   r.add_argument('--config', required=True, help='path/to/config.py[:variant]')
   r.add_argument('--workdir', required=True)
   r.add_argument('--no-progress', action='store_true', help='no progress bar')
+  w = fsub.add_parser('sweep', help='run a grid of simulations (alpha x algorithm x seed)',
+                      epilog='Any config field can be overridden: --config.grid.seeds=[0,1]')
+  w.add_argument('--config', required=True, help='path/to/sweep_config.py[:variant]')
+  w.add_argument('--workdir', required=True, help='sweep directory (a rerun skips finished cells)')
+  w.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
 def _fed_main(args, overrides) -> int:
   from kdjax.config import load_config
   from kdjax.federated.run import run_simulation
   config = load_config(args.config, overrides)
+  if args.fed_command == 'sweep':
+    from kdjax.federated.sweep import run_sweep
+    rows = _guard_data(lambda: run_sweep(config, args.workdir, progress=not args.no_progress))
+    print(json.dumps({'cells': len(rows), 'workdir': os.path.abspath(args.workdir)}))
+    return 0
   summary = _guard_data(lambda: run_simulation(config, args.workdir,
                                                progress=not args.no_progress))
   print(json.dumps({k: summary[k] for k in ('round', 'global_accuracy',

@@ -1,0 +1,435 @@
+"""``kdjax fed sweep``: a grid of federated runs (α × algorithm × seed) and its report.
+
+A sweep config is a federated config (``configs/fed/mnist1d_fedavg.py``) plus a
+``grid`` group:
+
+* ``grid.alpha``: Dirichlet label-skew concentrations; ``inf`` (write ``1e999``
+  on the command line) means IID (``partition.method='iid'``);
+* ``grid.algorithm``: algorithm names (:data:`kdjax.federated.ALGORITHMS`);
+* ``grid.seeds``: integer seeds (each seeds the partition, the model and the
+  simulation);
+* ``grid.options``: per-algorithm ``algorithm_options`` (``{'fedprox': {'mu':
+  0.01}}``), merged over the base ``algorithm_options``.
+
+Every cell runs in its own directory ``WORKDIR/cells/<alpha>_<algorithm>_s<seed>``
+through :func:`kdjax.federated.run.setup` and the simulator, and writes
+``metrics.jsonl``, ``clients.json`` (per-client personalized accuracy) and, last,
+``summary.json``. A cell whose ``summary.json`` exists is finished: a rerun of a
+killed sweep skips it. Cells run one after another (seeds are not vmapped:
+their partitions give different padded shapes).
+
+The sweep then writes ``results.csv`` / ``results.json`` (one row per cell),
+``summary.csv`` / ``summary.md`` (mean ± std over seeds per α × algorithm,
+also printed), ``accuracy_vs_alpha.png`` (global and personalized accuracy
+against α per algorithm, log x axis, IID at the right) and
+``client_accuracy.png`` (per-client personalized accuracy, one box per
+algorithm at each α).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+
+from kdjax.errors import UserError
+
+ROW_KEYS = ('alpha', 'algorithm', 'seed', 'rounds', 'global_accuracy',
+            'personalized_accuracy_mean', 'personalized_accuracy_std',
+            'personalized_accuracy_worst10', 'bytes_up', 'bytes_down', 'bytes_total',
+            'wall_time_s', 'setup_time_s', 'rounds_per_sec')
+METRICS = ('global_accuracy', 'personalized_accuracy_mean', 'personalized_accuracy_worst10',
+           'bytes_total', 'wall_time_s')
+
+
+# --------------------------------------------------------------------------- the grid
+
+def validate_grid(grid) -> tuple[list[float], list[str], list[int]]:
+  """Checks a sweep grid and returns ``(alphas, algorithms, seeds)``.
+
+  Args:
+    grid: a mapping with ``alpha``, ``algorithm`` and ``seeds`` sequences.
+
+  Returns:
+    The three lists (alphas as floats, ``inf`` for IID).
+
+  Raises:
+    UserError: a missing or empty axis, an α that is not a positive number,
+      an unknown algorithm, a seed that is not an integer, a repeated value.
+
+  >>> validate_grid({'alpha': [0.1, 'inf'], 'algorithm': ['fedavg'], 'seeds': [0, 1]})
+  ([0.1, inf], ['fedavg'], [0, 1])
+  """
+  from kdjax.federated.algorithms import ALGORITHMS
+  out = []
+  for axis in ('alpha', 'algorithm', 'seeds'):
+    values = grid.get(axis) if hasattr(grid, 'get') else None
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) or not list(values):
+      raise UserError(f'sweep grid.{axis} must be a non-empty list (got {values!r}).')
+    values = list(values)
+    if len(set(map(str, values))) != len(values):
+      raise UserError(f'sweep grid.{axis} repeats a value: {values!r}.')
+    out.append(values)
+  alphas = []
+  for a in out[0]:
+    if isinstance(a, str) and a.lower() in ('inf', 'iid'):
+      a = math.inf
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or math.isnan(a) or a <= 0:
+      raise UserError(f'sweep grid.alpha values must be positive numbers or inf (IID), '
+                      f'got {a!r}.')
+    alphas.append(float(a))
+  for name in out[1]:
+    if name not in ALGORITHMS:
+      raise UserError(f'sweep grid.algorithm: unknown algorithm {name!r}; use some of '
+                      f'{", ".join(ALGORITHMS)}.')
+  seeds = []
+  for s in out[2]:
+    if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+      raise UserError(f'sweep grid.seeds must be non-negative integers, got {s!r}.')
+    seeds.append(int(s))
+  return alphas, [str(n) for n in out[1]], seeds
+
+
+def alpha_name(alpha: float) -> str:
+  """The directory / table name of an α: ``'a0.05'``, ``'iid'``.
+
+  >>> alpha_name(0.05), alpha_name(1.0), alpha_name(float('inf'))
+  ('a0.05', 'a1', 'iid')
+  """
+  return 'iid' if math.isinf(alpha) else f'a{alpha:g}'
+
+
+def cell_name(alpha: float, algorithm: str, seed: int) -> str:
+  return f'{alpha_name(alpha)}_{algorithm}_s{seed}'
+
+
+def cell_config(config: ml_collections.ConfigDict, alpha: float, algorithm: str,
+                seed: int) -> ml_collections.ConfigDict:
+  """The federated config of one cell: the base config with α, algorithm and seed set."""
+  c = copy.deepcopy(config)
+  grid = c.grid
+  with c.unlocked():
+    del c['grid']
+    c.seed = int(seed)
+    c.algorithm = algorithm
+    if math.isinf(alpha):
+      c.partition.method = 'iid'
+    else:
+      c.partition.method = 'dirichlet'
+      c.partition.alpha = float(alpha)
+    opts = dict(_plain(c.get('algorithm_options')))
+    opts.update(_plain(_plain(grid.get('options')).get(algorithm)))
+    c.algorithm_options = ml_collections.ConfigDict(opts)
+    c.plots = False
+    c.checkpoint_every = 0
+  return c
+
+
+def _plain(d) -> dict:
+  if d is None:
+    return {}
+  if isinstance(d, ml_collections.ConfigDict):
+    return d.to_dict()
+  return dict(d)
+
+
+# --------------------------------------------------------------------------- one cell
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, default=float)
+  os.replace(tmp, path)
+
+
+def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs one federated config to the end and writes the cell files (module doc).
+
+  Args:
+    config: a federated config (no ``grid``).
+    workdir: the cell directory.
+
+  Returns:
+    The cell's ``summary.json`` contents.
+  """
+  from kdjax.federated import run as run_lib
+  from kdjax.federated import simulator as sim
+
+  os.makedirs(workdir, exist_ok=True)
+  if config.get('client_models'):   # heterogeneous groups: run_simulation's own loop
+    return _run_cell_via_run_simulation(config, workdir)
+  t_setup = time.perf_counter()
+  parts = run_lib.setup(config)
+  algorithm = parts['algorithm']
+  state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
+  one = lambda t: jax.tree.map(lambda a: a[0], t)
+  update_shape = jax.eval_shape(algorithm.client_update, state.server, one(state.clients),
+                                one(parts['train']), jax.random.key(0)).update
+  bytes_update = sim.tree_bytes(update_shape)
+  bytes_down = sim.tree_bytes(algorithm.download(state.server))
+  setup_time = time.perf_counter() - t_setup
+  num_rounds = int(config.num_rounds)
+  eval_every = max(int(config.get('eval_every', 0) or num_rounds), 1)
+  t0 = time.perf_counter()
+  rows, reported = [], []
+  for r in range(num_rounds):
+    state, info = parts['round_fn'](state, parts['train'])
+    reported.append(info['num_reported'])
+    row = {'round': r + 1, 'train_loss': info['loss'], 'train_accuracy': info['accuracy']}
+    if (r + 1) % eval_every == 0 or r + 1 == num_rounds:
+      row.update(run_lib.evaluate_state(parts, state))
+    rows.append(row)
+  pc, pn = parts['personal_evaluate'](state, parts['test'])
+  pc, pn = np.asarray(pc, np.float64), np.asarray(pn, np.float64)
+  wall = time.perf_counter() - t0
+  reported = [int(n) for n in reported]
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for row, n in zip(rows, reported):
+      (ls, ln), (acs, acn) = row.pop('train_loss'), row.pop('train_accuracy')
+      row = {'round': row['round'], 'train_loss': float(ls) / max(float(ln), 1.0),
+             'train_accuracy': float(acs) / max(float(acn), 1.0), 'num_reported': n,
+             'bytes_up': n * bytes_update,
+             'bytes_down': int(config.clients_per_round) * bytes_down,
+             **{k: v for k, v in row.items() if k != 'round'}}
+      f.write(json.dumps(row) + '\n')
+  final = rows[-1]
+  has = pn > 0
+  _write_json(os.path.join(workdir, 'clients.json'),
+              {'correct': pc.tolist(), 'count': pn.tolist(),
+               'accuracy': (pc[has] / pn[has]).tolist()})
+  bytes_up = sum(reported) * bytes_update
+  bytes_dn = num_rounds * int(config.clients_per_round) * bytes_down
+  summary = {
+      'round': num_rounds, 'algorithm': config.algorithm, 'seed': int(config.seed),
+      'partition': _plain(config.partition),
+      'global_accuracy': final['global_accuracy'],
+      'personalized_accuracy_mean': final['personalized_accuracy_mean'],
+      'personalized_accuracy_std': final['personalized_accuracy_std'],
+      'personalized_accuracy_worst10': final['personalized_accuracy_worst10'],
+      'bytes_up': bytes_up, 'bytes_down': bytes_dn, 'bytes_total': bytes_up + bytes_dn,
+      'wall_time_s': wall, 'setup_time_s': setup_time,
+      'rounds_per_sec': num_rounds / wall if wall > 0 else None,
+  }
+  _write_json(os.path.join(workdir, 'summary.json'), summary)   # last: marks the cell done
+  return summary
+
+
+def _run_cell_via_run_simulation(config, workdir: str) -> dict[str, Any]:
+  """A cell through :func:`kdjax.federated.run.run_simulation` (no per-client file)."""
+  from kdjax.federated import run as run_lib
+  t0 = time.perf_counter()
+  out = run_lib.run_simulation(config, workdir, progress=False)
+  wall = time.perf_counter() - t0
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(l) for l in f]
+  bytes_up = int(sum(r['bytes_up'] for r in rows))
+  bytes_dn = int(sum(r['bytes_down'] for r in rows))
+  summary = {
+      'round': int(out['round']), 'algorithm': config.algorithm, 'seed': int(config.seed),
+      'partition': _plain(config.partition),
+      **{k: out[k] for k in ('global_accuracy', 'personalized_accuracy_mean',
+                             'personalized_accuracy_std', 'personalized_accuracy_worst10')},
+      'bytes_up': bytes_up, 'bytes_down': bytes_dn, 'bytes_total': bytes_up + bytes_dn,
+      'wall_time_s': wall, 'setup_time_s': None, 'rounds_per_sec': out.get('rounds_per_sec'),
+  }
+  _write_json(os.path.join(workdir, 'summary.json'), summary)
+  return summary
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
+              progress: bool = True, echo: bool = True) -> list[dict[str, Any]]:
+  """Runs (or resumes) every cell of ``config.grid`` and writes the report (module doc).
+
+  Args:
+    config: a sweep config (a federated config with a ``grid`` group).
+    workdir: the sweep directory.
+    progress: show a progress bar over cells.
+    echo: print the summary table.
+
+  Returns:
+    The result rows, one per cell, in grid order (α, algorithm, seed).
+
+  Raises:
+    UserError: a bad grid (see :func:`validate_grid`).
+  """
+  if 'grid' not in config:
+    raise UserError('a sweep config needs a grid group (grid.alpha, grid.algorithm, '
+                    'grid.seeds); see configs/fed/mnist1d_sweep.py.')
+  alphas, algorithms, seeds = validate_grid(config.grid)
+  cells = [(a, g, s) for a in alphas for g in algorithms for s in seeds]
+  os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
+  bar = None
+  it = cells
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(cells, desc='fed sweep', unit='cell')
+    it = bar
+  rows = []
+  for alpha, algorithm, seed in it:
+    name = cell_name(alpha, algorithm, seed)
+    cdir = os.path.join(workdir, 'cells', name)
+    done = os.path.join(cdir, 'summary.json')
+    if bar is not None:
+      bar.set_postfix_str(name)
+    if os.path.exists(done):
+      with open(done) as f:
+        summary = json.load(f)
+    else:
+      summary = run_cell(cell_config(config, alpha, algorithm, seed), cdir)
+    rows.append(result_row(alpha, algorithm, seed, summary))
+  if bar is not None:
+    bar.close()
+  write_report(rows, workdir, cells_dir=os.path.join(workdir, 'cells'), echo=echo)
+  return rows
+
+
+def result_row(alpha: float, algorithm: str, seed: int, summary: dict) -> dict[str, Any]:
+  row = {'alpha': alpha, 'algorithm': algorithm, 'seed': seed, 'rounds': summary['round']}
+  for key in ROW_KEYS[4:]:
+    row[key] = summary.get(key)
+  return row
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Mean and std (over seeds, population std) of :data:`METRICS` per α × algorithm.
+
+  >>> r = [{'alpha': 1.0, 'algorithm': 'fedavg', 'seed': s, 'global_accuracy': a,
+  ...       'personalized_accuracy_mean': a, 'personalized_accuracy_worst10': a,
+  ...       'bytes_total': 10, 'wall_time_s': 1.0} for s, a in ((0, 0.5), (1, 0.7))]
+  >>> s = summarize(r)[0]
+  >>> round(s['global_accuracy_mean'], 3), round(s['global_accuracy_std'], 3), s['num_seeds']
+  (0.6, 0.1, 2)
+  """
+  groups: dict[tuple[float, str], list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r['alpha'], r['algorithm']), []).append(r)
+  out = []
+  for (alpha, algorithm), rs in groups.items():
+    s = {'alpha': alpha, 'algorithm': algorithm, 'num_seeds': len(rs)}
+    for m in METRICS:
+      v = np.array([float(r[m]) for r in rs], np.float64)
+      s[f'{m}_mean'] = float(v.mean())
+      s[f'{m}_std'] = float(v.std())
+    out.append(s)
+  return out
+
+
+def format_table(summary: list[dict[str, Any]]) -> str:
+  """A Markdown table of :func:`summarize`'s rows (accuracies in %, mean ± std)."""
+  head = ('| α | algorithm | seeds | global acc. % | personalized mean % | '
+          'personalized worst-10% % | MB sent | wall s |')
+  lines = [head, '|' + '---|' * 8]
+  for s in summary:
+    pct = lambda m: f"{100 * s[m + '_mean']:.1f} ± {100 * s[m + '_std']:.1f}"
+    alpha = '∞ (IID)' if math.isinf(s['alpha']) else f"{s['alpha']:g}"
+    lines.append(
+        f"| {alpha} | {s['algorithm']} | "
+        f"{s['num_seeds']} | {pct('global_accuracy')} | {pct('personalized_accuracy_mean')} | "
+        f"{pct('personalized_accuracy_worst10')} | {s['bytes_total_mean'] / 1e6:.1f} | "
+        f"{s['wall_time_s_mean']:.1f} ± {s['wall_time_s_std']:.1f} |")
+  return '\n'.join(lines)
+
+
+def write_report(rows: list[dict[str, Any]], workdir: str, *, cells_dir: str | None = None,
+                 echo: bool = True) -> list[dict[str, Any]]:
+  """Writes results.csv/json, summary.csv/md and the plots; returns the summary rows."""
+  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
+    w.writeheader()
+    w.writerows(rows)
+  _write_json(os.path.join(workdir, 'results.json'), rows)
+  summary = summarize(rows)
+  with open(os.path.join(workdir, 'summary.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(summary[0]))
+    w.writeheader()
+    w.writerows(summary)
+  table = format_table(summary)
+  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
+    f.write(table + '\n')
+  if echo:
+    print(table)
+  plot_accuracy_vs_alpha(summary, os.path.join(workdir, 'accuracy_vs_alpha.png'))
+  if cells_dir is not None:
+    plot_client_accuracy(rows, cells_dir, os.path.join(workdir, 'client_accuracy.png'))
+  return summary
+
+
+# --------------------------------------------------------------------------- plots
+
+def _alpha_positions(alphas: list[float]) -> dict[float, float]:
+  """x positions: finite α as is; IID one decade right of the largest finite α."""
+  finite = [a for a in alphas if not math.isinf(a)]
+  top = max(finite) if finite else 1.0
+  return {a: (top * 10.0 if math.isinf(a) else a) for a in alphas}
+
+
+def plot_accuracy_vs_alpha(summary: list[dict[str, Any]], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  alphas = sorted({s['alpha'] for s in summary})
+  pos = _alpha_positions(alphas)
+  algorithms = list(dict.fromkeys(s['algorithm'] for s in summary))
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for ax, metric, title in ((axes[0], 'global_accuracy', 'global model'),
+                            (axes[1], 'personalized_accuracy_mean', 'personalized (mean)')):
+    for g in algorithms:
+      ss = sorted((s for s in summary if s['algorithm'] == g), key=lambda s: s['alpha'])
+      x = [pos[s['alpha']] for s in ss]
+      y = [s[metric + '_mean'] for s in ss]
+      e = [s[metric + '_std'] for s in ss]
+      ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=g)
+    ax.set_xscale('log')
+    ax.set_xticks([pos[a] for a in alphas])
+    ax.set_xticklabels(['IID' if math.isinf(a) else f'{a:g}' for a in alphas])
+    ax.minorticks_off()
+    ax.set_xlabel('Dirichlet α (label skew; IID at the right)')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel('test accuracy')
+  axes[1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_client_accuracy(rows: list[dict[str, Any]], cells_dir: str, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  alphas = sorted({r['alpha'] for r in rows})
+  algorithms = list(dict.fromkeys(r['algorithm'] for r in rows))
+  fig, axes = plt.subplots(1, len(alphas), figsize=(3.2 * len(alphas), 3.8), sharey=True,
+                           squeeze=False)
+  for ax, alpha in zip(axes[0], alphas):
+    data = []
+    for g in algorithms:
+      acc = []
+      for r in rows:
+        if r['alpha'] == alpha and r['algorithm'] == g:
+          f = os.path.join(cells_dir, cell_name(alpha, g, r['seed']), 'clients.json')
+          if os.path.exists(f):
+            with open(f) as fh:
+              acc.extend(json.load(fh)['accuracy'])
+      data.append(acc or [float('nan')])
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(algorithms) + 1))
+    ax.set_xticklabels(algorithms, rotation=60, fontsize=8)
+    ax.set_title('IID' if math.isinf(alpha) else f'α = {alpha:g}')
+    ax.grid(axis='y', alpha=0.3)
+  axes[0][0].set_ylabel('client accuracy (local test split)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
