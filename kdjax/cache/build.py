@@ -49,6 +49,37 @@ def dataset_fingerprint(name: str, split: str, arrays: dict[str, np.ndarray]) ->
           'sha256': h.hexdigest()}
 
 
+def stream_dataset_fingerprint(name: str, split: str, *, data_dir=None,
+                               read_chunk: int = 4096) -> dict:
+  """``dataset_fingerprint`` of a split read in pieces (never the whole ``x`` in memory).
+
+  The same bytes go into the same hash in the same order as when the split is loaded
+  whole, so the two agree exactly; only ``label`` and ``id`` (one integer per example)
+  are kept whole. Costs one pass over the split (the stream feed checks a cache with it).
+  """
+  from kdjax.data import preprocess
+  from kdjax.data import sources
+  source = sources.load_source(name, split, data_dir=data_dir)
+  n = len(source)
+  keys = sources.record_keys(name, source[0])
+  h = hashlib.sha256()
+  small: dict[str, list[np.ndarray]] = {'label': [], 'id': []}
+  for start in range(0, n, read_chunk):
+    ids = np.arange(start, min(n, start + read_chunk))
+    part = preprocess(name, sources.stack_records(sources.read_records(source, ids), keys), ids)
+    x = np.ascontiguousarray(part['x'])
+    if start == 0:
+      h.update(f"x:{x.dtype.str}:{(n, *x.shape[1:])}\n".encode())
+    h.update(x.tobytes())
+    for key in small:
+      small[key].append(np.asarray(part[key]))
+  for key in ('label', 'id'):
+    a = np.ascontiguousarray(np.concatenate(small[key]))
+    h.update(f'{key}:{a.dtype.str}:{a.shape}\n'.encode())
+    h.update(a.tobytes())
+  return {'name': name, 'split': split, 'num_examples': int(n), 'sha256': h.hexdigest()}
+
+
 def parse_feature(spec: str | dict) -> dict:
   """``'NAME[:POOL[:DTYPE]]'`` or a dict -> ``{'name', 'pool', 'dtype'}``.
 
@@ -71,16 +102,16 @@ def parse_feature(spec: str | dict) -> dict:
 
 
 def quantize(values: jax.Array, dtype: str) -> dict[str, jax.Array]:
-  """Top-k logits ``[n, k]`` float32 in the stored dtype.
+  """Top-k logits ``[..., k]`` float32 in the stored dtype.
 
-  ``int8``: per row, ``logit ≈ offset + scale · q`` with ``q`` in ``[-127, 127]``,
+  ``int8``: per row (last axis), ``logit ≈ offset + scale · q`` with ``q`` in ``[-127, 127]``,
   ``offset`` the mid-range and ``scale = (max - min) / 254`` (error at most scale / 2).
   """
   if dtype == 'int8':
     hi, lo = jnp.max(values, -1), jnp.min(values, -1)
     offset = (hi + lo) / 2
     scale = jnp.where(hi > lo, (hi - lo) / 254.0, 1.0)
-    q = jnp.clip(jnp.round((values - offset[:, None]) / scale[:, None]), -127, 127)
+    q = jnp.clip(jnp.round((values - offset[..., None]) / scale[..., None]), -127, 127)
     return {'teacher_topk_logits': q.astype(jnp.int8), 'teacher_topk_scale': scale,
             'teacher_topk_offset': offset}
   return {'teacher_topk_logits': values.astype(jnp.dtype(dtype))}

@@ -7,6 +7,14 @@ device-fed loop keeps on device next to the data; ``gather_rows`` joins a batch 
 example indices with cached epoch ``epoch mod E`` (jittable); ``host_rows`` does the
 same in numpy for the streaming feed.
 
+The streaming feed joins each grain batch by ``(example id, epoch mod E)``, from the
+columns in host memory when the cache is small, or with ``ChunkReader`` (rows read per
+batch from the chunk files) when it is larger than ``config.teacher.cache_memory_max_bytes``
+(default 1 GiB; ``choose_reader``, overridden by ``config.teacher.cache_reader``). Both
+give the same bits. Before training it hashes the split in pieces
+(``check_stream_dataset``) and refuses a cache built from other data, as the device feed
+does with the split in memory.
+
 Batch keys produced (see ``kdjax.losses.registry``): ``teacher_topk_logits`` (float,
 dequantized), ``teacher_topk_indices`` (int32), ``teacher_logsumexp``, and, when the
 loss needs them, dense ``teacher_logits`` (only from a cache with ``k`` = all classes)
@@ -17,6 +25,7 @@ This module imports ``kdjax.distill`` only inside functions (the step imports it
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, NamedTuple
 
@@ -64,7 +73,8 @@ def check_run(manifest: dict, config, *, num_classes: int, needs, cache_dir: str
   if augment != manifest['augment']:
     raise UserError(f"{where} was built with augmentation {manifest['augment']}, the run uses "
                     f'{augment}; rebuild the cache with the run config')
-  if int(config.seed) != manifest['seed']:
+  # The seed keys the augmentation only: without augmentation any seed reads the same rows.
+  if augment['kind'] != 'none' and int(config.seed) != manifest['seed']:
     raise UserError(f"{where} was built with seed {manifest['seed']} (augmentation keys), the "
                     f'run uses seed {config.seed}; rebuild it or use the same seed')
   if 'teacher_logits' in needs and manifest['k'] < num_classes:
@@ -83,6 +93,16 @@ def check_dataset(manifest: dict, arrays: dict[str, np.ndarray], cache_dir: str)
   ds = manifest['dataset']
   got = dataset_fingerprint(ds['name'], ds['split'], arrays)
   if got != ds:
+    raise UserError(f'the teacher cache {cache_dir} was built from other data (the '
+                    f"{ds['name']}:{ds['split']} arrays hash differently); rebuild it")
+
+
+def check_stream_dataset(manifest: dict, name: str, split: str, *, data_dir=None,
+                         cache_dir: str) -> None:
+  """``check_dataset`` for the stream feed: the split is hashed in pieces, not loaded whole."""
+  from kdjax.cache.build import stream_dataset_fingerprint
+  ds = manifest['dataset']
+  if stream_dataset_fingerprint(name, split, data_dir=data_dir) != ds:
     raise UserError(f'the teacher cache {cache_dir} was built from other data (the '
                     f"{ds['name']}:{ds['split']} arrays hash differently); rebuild it")
 
@@ -159,6 +179,171 @@ def host_rows(columns: dict, epochs: np.ndarray, ids: np.ndarray) -> dict:
   return _finish(rows, np)
 
 
+class ChunkReader:
+  """Cache rows read per batch from the chunk files, for caches larger than memory.
+
+  Every row of a batch is read with one positioned read (``os.preadv``) per stored array,
+  straight into the batch buffer (the reads spread over ``threads`` threads): nothing but
+  the batch is held in the process, whatever the size of the cache (the OS page cache
+  keeps hot chunk files, outside the process's memory). At most ``max_open_files`` chunk
+  files stay open (least recently used first out; default a quarter of the process's
+  file-descriptor limit, at most 4096); the ``.npy`` header of a file is parsed once when
+  it is opened.
+
+  ``rows(epochs, ids)`` returns what ``host_rows`` returns on the whole columns, bit for
+  bit (same stored bytes, same dequantization and dense scatter).
+
+  >>> import tempfile
+  >>> from kdjax.cache import store
+  >>> d = tempfile.mkdtemp()
+  >>> z = np.arange(12, dtype=np.float32).reshape(6, 2)
+  >>> for i, (s, t) in enumerate(store.chunk_ranges(6, 4)):
+  ...   store.write_chunk(d, store.chunk_name(0, i), {
+  ...       'teacher_topk_logits': z[s:t], 'teacher_logsumexp': z[s:t, 0],
+  ...       'teacher_topk_indices': np.tile(np.int16([1, 0]), (t - s, 1))})
+  >>> manifest = {'epochs': 1, 'chunk_size': 4, 'dataset': {'num_examples': 6},
+  ...             'arrays': {'teacher_topk_logits': {'dtype': 'float32', 'shape': [2]},
+  ...                        'teacher_logsumexp': {'dtype': 'float32', 'shape': []},
+  ...                        'teacher_topk_indices': {'dtype': 'int16', 'shape': [2]}}}
+  >>> reader = ChunkReader(d, manifest, needs=())
+  >>> rows = reader.rows(np.array([3, 3]), np.array([5, 1]))   # epoch 3 mod 1 = 0
+  >>> rows['teacher_topk_logits'].tolist(), rows['teacher_topk_indices'].dtype.name
+  ([[10.0, 11.0], [2.0, 3.0]], 'int32')
+  >>> reader.close()
+  """
+
+  def __init__(self, cache_dir: str, manifest: dict, needs, *, max_open_files: int | None = None,
+               threads: int = 4):
+    self._dir = cache_dir
+    self._needs = frozenset(needs)
+    self._epochs = int(manifest['epochs'])
+    self._n = int(manifest['dataset']['num_examples'])
+    self._chunk = int(manifest['chunk_size'])
+    self._arrays = {name: (a['dtype'], tuple(a['shape'])) for name, a in manifest['arrays'].items()
+                    if not name.startswith('feature.') or 'teacher_features' in self._needs}
+    if max_open_files is None:
+      import resource
+      soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+      max_open_files = 4096 if soft == resource.RLIM_INFINITY else min(4096, soft // 4)
+    self._max_open = max(1, int(max_open_files))
+    self._files: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+    self._evicted: list[int] = []     # closed once the batch that evicted them is read
+    self._threads = max(1, int(threads))
+    self._pool = None
+    self.files_opened = 0             # LRU misses (a file opened and its header parsed)
+
+  def _file(self, epoch: int, index: int, key: str) -> tuple[int, int, int]:
+    """``(fd, data offset, bytes per row)`` of one array file of one chunk."""
+    name = (epoch, index, key)
+    entry = self._files.get(name)
+    if entry is not None:
+      self._files.move_to_end(name)
+      return entry
+    path = os.path.join(store.chunk_path(self._dir, store.chunk_name(epoch, index)), key + '.npy')
+    with open(path, 'rb') as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(f)
+      offset = f.tell()
+    if fortran:
+      raise ValueError(f'{path} is stored in Fortran order; the cache writes C order')
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    entry = (os.open(path, os.O_RDONLY), offset, row_bytes)
+    self._files[name] = entry
+    self.files_opened += 1
+    while len(self._files) > self._max_open:
+      self._evicted.append(self._files.popitem(last=False)[1][0])
+    return entry
+
+  def raw_rows(self, epochs: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored arrays of rows ``(epochs mod E, ids)`` (ids -1 read row 0), as stored.
+
+    The files are resolved in this thread; the reads (which release the GIL and mostly
+    wait on the disk when the page cache is cold) are spread over ``threads`` threads.
+    """
+    e = (np.asarray(epochs, np.int64) % self._epochs).tolist()
+    i = np.maximum(np.asarray(ids, np.int64), 0)
+    if i.size and i.max() >= self._n:
+      raise IndexError(f'example id {int(i.max())} is outside the cache ({self._n} examples)')
+    chunk, local = (i // self._chunk).tolist(), (i % self._chunk).tolist()
+    out, jobs = {}, []
+    for key, (dtype, shape) in self._arrays.items():
+      buf = np.empty((len(chunk), *shape), _disk_dtype(dtype))
+      view = memoryview(buf.reshape(-1).view(np.uint8)) if buf.size else memoryview(b'')
+      for j, (ep, ci, row) in enumerate(zip(e, chunk, local)):
+        fd, offset, nbytes = self._file(ep, ci, key)
+        jobs.append((fd, view[j * nbytes:(j + 1) * nbytes], offset + row * nbytes, ep, ci, key))
+      out[key] = (buf, dtype)
+    try:
+      if self._threads > 1 and len(jobs) >= 8 * self._threads:
+        if self._pool is None:
+          from concurrent.futures import ThreadPoolExecutor
+          self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix='kdjax-cache-read')
+        step = -(-len(jobs) // self._threads)
+        list(self._pool.map(self._read, [jobs[s:s + step] for s in range(0, len(jobs), step)]))
+      else:
+        self._read(jobs)
+    finally:
+      while self._evicted:
+        os.close(self._evicted.pop())
+    return {key: store._from_disk(buf, dtype)  # pylint: disable=protected-access
+            for key, (buf, dtype) in out.items()}
+
+  def _read(self, jobs) -> None:
+    for fd, target, position, ep, ci, key in jobs:
+      if os.preadv(fd, [target], position) != len(target):
+        raise OSError(f'short read in {store.chunk_name(ep, ci)}/{key}.npy; run '
+                      f'`kdjax cache verify {self._dir}`')
+
+  def rows(self, epochs: np.ndarray, ids: np.ndarray) -> dict:
+    """``host_rows`` of the whole columns, read from the chunk files."""
+    return _finish(batch_columns(self.raw_rows(epochs, ids), self._needs), np)
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown()
+      self._pool = None
+    while self._files:
+      os.close(self._files.popitem()[1][0])
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def _disk_dtype(name: str) -> np.dtype:
+  return np.dtype(np.uint16) if name == 'bfloat16' else np.dtype(name)
+
+
+def cache_bytes(manifest: dict) -> int:
+  """Bytes of every stored chunk (what loading the cache whole takes in memory)."""
+  return int(sum(c['bytes'] for c in manifest['chunks'].values()))
+
+
+READERS = ('auto', 'memory', 'chunks')
+
+
+def choose_reader(manifest: dict, *, reader: str = 'auto', max_bytes: int = 1 << 30) -> str:
+  """``'memory'`` (all rows loaded) or ``'chunks'`` (``ChunkReader``) for the stream feed.
+
+  ``auto`` loads the cache whole when its chunks take at most ``max_bytes``
+  (``config.teacher.cache_memory_max_bytes``, default 1 GiB) and reads rows per batch
+  from the chunk files above that.
+
+  >>> choose_reader({'chunks': {'a': {'bytes': 10}}}, max_bytes=9)
+  'chunks'
+  """
+  if reader not in READERS:
+    raise UserError(f"config.teacher.cache_reader must be one of {', '.join(READERS)} "
+                    f'(got {reader!r})')
+  if reader != 'auto':
+    return reader
+  return 'memory' if cache_bytes(manifest) <= int(max_bytes) else 'chunks'
+
+
 class RunCache(NamedTuple):
   cache_dir: str
   manifest: dict
@@ -167,8 +352,15 @@ class RunCache(NamedTuple):
   def epochs(self) -> int:
     return int(self.manifest['epochs'])
 
+  @property
+  def nbytes(self) -> int:
+    return cache_bytes(self.manifest)
+
   def columns(self, needs) -> dict[str, Any]:
     return batch_columns(load_columns(self.cache_dir, self.manifest), needs)
+
+  def chunk_reader(self, needs, **kwargs) -> ChunkReader:
+    return ChunkReader(self.cache_dir, self.manifest, needs, **kwargs)
 
 
 def sample_rows(columns: dict, n: int = 2) -> dict:

@@ -36,8 +36,10 @@ The plain files are about 2x faster both ways even though they fsync and zarr do
 need no dependency, give atomic whole-chunk commits for free (zarr writes each array's
 chunk separately, so a kill can leave one array of a chunk written and another not), and
 a file's bytes are easy to checksum. ArrayRecord is a record format (one serialized
-record per entry): the reader wants whole ``[E, N, k]`` columns to put on device, which
-``np.load`` of a column chunk gives directly. Object storage is **not** supported by this
+record per entry): the device feed wants whole ``[E, N, k]`` columns to put on device,
+which ``np.load`` of a column chunk gives directly, and the stream feed's per-batch reader
+(``kdjax.cache.read.ChunkReader``) finds row ``r`` of a ``.npy`` file at ``header + r *
+row_bytes``, so one positioned read per row and array fetches it with no index. Object storage is **not** supported by this
 store (``os.replace`` needs a POSIX file system; multi-host builds need a shared one); a
 tensorstore driver would be the way to add it.
 """

@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.workdir = ''           # a finished `kdjax train` workdir
   c.teacher.partition_rules = [('.*', None)]
   c.teacher.cache = ''             # a `kdjax cache build` directory (teacher-cache issue)
+  # Stream feed: load the cache whole up to this size, else read rows per batch from its
+  # chunk files ('auto'); 'memory' or 'chunks' force one (kdjax.cache.read.choose_reader).
+  c.teacher.cache_reader = 'auto'
+  c.teacher.cache_memory_max_bytes = 1 << 30
   return c
 
 

@@ -111,11 +111,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   objective = _build_objective(config)
   needs_teacher = bool(objective.needs & {'teacher_logits', 'teacher_features', 'teacher_attentions'})
   # ---- teacher cache (issue 5): the cache replaces the live teacher (never run then)
-  cache = cache_cols = None
+  cache = cache_cols = cache_reader = None
   if config.teacher.cache:
     from kdjax.cache.read import open_for_run
     cache = open_for_run(config, num_classes=spec.num_classes, needs=objective.needs, mesh=mesh)
-    cache_cols = cache.columns(objective.needs)
     needs_teacher = False
   elif objective.needs & {'teacher_topk_logits', 'teacher_topk_indices'}:
     raise UserError('sparse (top-k) losses read the teacher cache: build one with `kdjax cache '
@@ -146,12 +145,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if feed == 'auto':
     n = _split_size(spec, config.data.train_split)
     nbytes = None if n is None else n * 4 * math.prod(spec.input_shape)
+    if cache is not None and nbytes is not None:  # teacher cache (issue 5): on device too
+      nbytes += cache.nbytes
     feed = 'device' if nbytes is not None and nbytes <= config.data.device_max_bytes else 'stream'
   if feed == 'device':
     train_arrays = kdata.load_arrays(config.data.name, config.data.train_split, data_dir=data_dir)
     num_train = len(train_arrays['label'])
   else:
     num_train = _split_size(spec, config.data.train_split)
+  if cache is not None:  # teacher cache (issue 5): same data, then rows in memory or per batch
+    cache_cols, cache_reader = _open_cache_rows(cache, config, feed, objective.needs,
+                                                train_arrays, data_dir)
 
   # ---- state
   init_rng = jax.random.key(config.seed)
@@ -159,7 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sample = _sample_inputs(apply, params, model_state, sample_x, teacher)
   if cache is not None:  # teacher cache (issue 5)
     from kdjax.cache.read import sample_rows
-    sample.update(sample_rows(cache_cols))
+    sample.update(sample_rows(cache_cols) if cache_reader is None
+                  else cache_reader.rows(np.zeros(2, np.int64), np.arange(2)))
   loss_params, loss_state = objective.init(jax.random.fold_in(init_rng, 1), sample)
   trainable = {'student': params, 'loss': loss_params}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, model_state=model_state,
@@ -189,8 +194,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   if feed == 'device':
     if cache is not None:  # teacher cache (issue 5): columns [E, N, ...] on device with the data
-      from kdjax.cache.read import check_dataset
-      check_dataset(cache.manifest, train_arrays, cache.cache_dir)
       train_arrays = dict(train_arrays, teacher_cache=cache_cols)
     data_sh = jax.tree.map(lambda _: repl, train_arrays)
     device_data = _put_global(train_arrays, repl)
@@ -223,8 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         batch = next(iterator)
         if cache is not None:  # teacher cache (issue 5): join rows of cached epoch e mod E
           from kdjax.cache.read import host_rows
-          batch = dict(batch, epoch=np.asarray(batch['epoch']) % cache.epochs,
-                       **host_rows(cache_cols, batch['epoch'], batch['id']))
+          rows = (host_rows(cache_cols, batch['epoch'], batch['id']) if cache_reader is None
+                  else cache_reader.rows(batch['epoch'], batch['id']))
+          batch = dict(batch, epoch=np.asarray(batch['epoch']) % cache.epochs, **rows)
         batch = {k: jax.tree.map(lambda a: jax.make_array_from_process_local_data(
                      local_sh, np.asarray(a)), v)
                  for k, v in batch.items() if k in ('x', 'label', 'id', 'epoch', 'mask')
@@ -240,6 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- loop
   writer = kmetrics.MetricsWriter(workdir, resume_step=start)
   window = kmetrics.Accumulator()
+  # A preemption between log steps saved the open log window with its checkpoint: carry
+  # it on, so the resumed run logs what an uninterrupted one would have.
+  window.totals = {k: list(v) for k, v in data_position.get('log_window', {}).items()}
   last_train: dict[str, float] = {}
   last_eval: dict[str, float] = {}
   num_steps = int(config.num_steps)
@@ -276,7 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}",
                                acc=f"{last_eval.get('accuracy', float('nan')):.4f}")
         if at_ckpt or preempt.requested or _reached_preemption(manager, step):
-          ckpt.save(manager, step, state, data_state(), force=True)
+          ckpt.save(manager, step, state, dict(data_state(), log_window=window.totals),
+                    force=True)
         if preempt.requested:
           manager.wait_until_finished()
           _log(f'preempted: saved step {step}; run the same command again to resume')
@@ -307,6 +315,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       json.dump(summary, f, indent=2)
     kmetrics.plot_learning_curves(workdir)
   return summary
+
+
+def _open_cache_rows(cache, config, feed: str, needs, train_arrays, data_dir):
+  """Teacher cache (issue 5): checks the data, then ``(columns, None)`` or ``(None, reader)``.
+
+  The device feed keeps the columns ``[E, N, ...]`` on device with the data. The stream
+  feed loads them in host memory when the cache takes at most
+  ``config.teacher.cache_memory_max_bytes`` and reads rows per batch from the chunk files
+  (``kdjax.cache.read.ChunkReader``) above that; ``config.teacher.cache_reader``
+  (``auto`` | ``memory`` | ``chunks``) overrides the choice.
+  """
+  from kdjax.cache import read as cache_read
+  reader = str(config.teacher.get('cache_reader', 'auto'))
+  max_bytes = int(config.teacher.get('cache_memory_max_bytes', 1 << 30))
+  mode = cache_read.choose_reader(cache.manifest, reader=reader, max_bytes=max_bytes)
+  if feed == 'device':
+    if reader == 'chunks':
+      raise UserError("config.teacher.cache_reader='chunks' needs the stream feed (the device "
+                      "feed keeps the cache on device); add --config.data.feed=stream")
+    cache_read.check_dataset(cache.manifest, train_arrays, cache.cache_dir)
+    mode = 'memory'
+  else:
+    cache_read.check_stream_dataset(cache.manifest, config.data.name, config.data.train_split,
+                                    data_dir=data_dir, cache_dir=cache.cache_dir)
+  _log(f'teacher cache {cache.cache_dir}: {cache.nbytes / 2**20:.1f} MiB, '
+       f"{'loaded whole' if mode == 'memory' else 'rows read per batch from its chunk files'}")
+  if mode == 'memory':
+    return cache.columns(needs), None
+  return None, cache.chunk_reader(needs)
 
 
 def _split_size(spec, split: str) -> int | None:
