@@ -6,9 +6,13 @@
         --config.algorithm=scaffold --config.partition.alpha=0.1
 
 ``algorithm`` is one of fedavg, fedprox, scaffold, fednova, fedavgm, fedadam,
-fedyogi, fedbn, ditto, feddf (set ``proxy_size``); its options go in ``algorithm_options`` (``mu`` for
-fedprox, ``lam`` for ditto, ``server_lr`` for the FedOpt family). For IID use
-``--config.partition.method=iid``.
+fedyogi, fedbn, ditto, and the federated distillation methods fd, fedmd, dsfl,
+feddf, fedd2s, knfu, edgefd (those that distill on public data need ``proxy_size``);
+its options go in ``algorithm_options`` (``mu`` for fedprox, ``lam`` for ditto,
+``server_lr`` for the FedOpt family). For IID use ``--config.partition.method=iid``.
+``client_models`` (see ``configs/fed/mnist1d_hetero.py``) gives the clients
+different architectures; ``mesh`` shards the cohort's client axis over devices
+(``--config.mesh="[('clients', -1)]"``: all of them).
 """
 
 import ml_collections
@@ -26,6 +30,8 @@ def get_config(arg=None):
   c.sampling = 'uniform'        # or 'size' (probability proportional to example count)
   c.dropout = 0.0               # fraction of the cohort that fails to report
   c.clients_per_chunk = 0       # 0: the whole cohort in one vmap
+  c.mesh = ()                   # e.g. [('clients', -1)]: shard the client axis over devices
+  c.client_models = ()          # heterogeneous architectures (configs/fed/mnist1d_hetero.py)
   c.partition = ml_collections.ConfigDict({
       'method': 'dirichlet', 'alpha': 0.5, 'min_size': 10, 'test_fraction': 0.2})
   c.feature_skew = ml_collections.ConfigDict()   # e.g. {'kind': 'noise', 'strength': 0.1}

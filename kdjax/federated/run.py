@@ -116,12 +116,14 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   algorithm = make_algorithm(config.algorithm, trainer, proxy_x=proxy_x,
                              num_classes=num_classes, **alg_options)
   chunk = config.get('clients_per_chunk') or None
+  mesh = _client_mesh(config)
   round_fn = sim.make_round(algorithm, num_clients=config.num_clients,
                             clients_per_round=config.clients_per_round,
                             sampling=config.get('sampling', 'uniform'),
                             dropout=config.get('dropout', 0.0), clients_per_chunk=chunk,
-                            seed=config.seed)
+                            seed=config.seed, **mesh)
   return {
+      'client_mesh': dict(mesh['mesh'].shape) if mesh else None,
       'apply': apply, 'params': params, 'model_state': model_state, 'algorithm': algorithm,
       'round_fn': round_fn, 'evaluate': sim.make_evaluate(apply),
       'clients_global_evaluate': sim.make_clients_global_evaluate(algorithm, apply),
@@ -131,6 +133,25 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   }
 
 
+def _client_mesh(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``make_round``'s ``mesh`` / ``client_axis`` from ``config.mesh`` (none when empty).
+
+  ``config.mesh`` is a one-axis mesh such as ``[('clients', -1)]`` (all devices):
+  each vmapped chunk of the cohort is sharded over that axis.
+  """
+  axes = [tuple(a) for a in (config.get('mesh') or ())]
+  if not axes:
+    return {}
+  if len(axes) != 1 or len(axes[0]) != 2:
+    raise UserError(f"config.mesh must be one axis such as [('clients', -1)], got {axes}.")
+  from kdjax.parallel import make_mesh
+  try:
+    mesh = make_mesh(axes)
+  except ValueError as e:
+    raise UserError(f'config.mesh: {e}.') from None
+  return {'mesh': mesh, 'client_axis': str(axes[0][0])}
+
+
 def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_shape,
                   proxy_x) -> dict[str, Any]:
   """The model/algorithm/round parts of :func:`setup` for ``config.client_models``."""
@@ -138,6 +159,9 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
   from kdjax.models import create
   from kdjax.models import functional
 
+  if config.get('mesh'):
+    raise UserError('config.mesh (client-axis sharding) is not supported with client_models '
+                    '(heterogeneous architectures) yet; remove --config.mesh.')
   specs = [_plain(m) for m in config.client_models]
   for spec in specs:
     unknown = set(spec) - {'model', 'model_options', 'fraction'}
@@ -357,6 +381,7 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
       'clients_per_round': int(config.clients_per_round),
       'partition': partition_lib.partition_stats(part, labels),
       'rounds_per_sec': timed_rounds / elapsed if elapsed > 0 else None,
+      'client_mesh': parts.get('client_mesh'),   # {axis: devices} when the cohort is sharded
       **last_eval,
   }
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:

@@ -66,6 +66,8 @@ def test_fed_run_cli_writes_metrics_and_resumes_identically(tmp_path, capsys):
     ('--config.partition.alpha=0', 'alpha must be > 0'),
     ('--config.num_clients=5000', '5000 clients but only'),
     ('--config.algorithm=fedsgd', 'unknown federated algorithm'),
+    ("--config.mesh=[('clients', 3)]", 'config.mesh'),
+    ("--config.mesh=[('a', 1), ('b', 1)]", 'config.mesh must be one axis'),
 ])
 def test_fed_run_user_errors_exit_2(tmp_path, capsys, override, match):
   code = cli.main(['fed', 'run', '--config', CONFIG + ':tiny', '--workdir',

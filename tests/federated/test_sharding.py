@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 SCRIPT = textwrap.dedent('''
     import json
     import jax, jax.numpy as jnp, numpy as np
@@ -58,3 +60,39 @@ def test_client_axis_sharded_round_equals_single_device():
   for name in ('fedavg', 'fedd2s'):
     assert out[name + '_sharded_hlo'] and not out[name + '_plain_hlo'], name
     assert out[name + '_maxdiff'] < 1e-5, out
+
+
+CLI_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from kdjax import cli
+    config, workdir, *extra = sys.argv[1:]
+    code = cli.main(['fed', 'run', '--config', config, '--workdir', workdir, '--no-progress',
+                     '--config.clients_per_round=4', '--config.checkpoint_every=0',
+                     '--config.plots=False', *extra])
+    assert code == 0, code
+''')
+
+
+def test_fed_run_with_config_mesh_matches_the_single_device_run(tmp_path):
+  """`kdjax fed run --config.mesh=[('clients', -1)]` on 2 fake devices ends where one device does."""
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+  config = os.path.join(root, 'configs', 'fed', 'mnist1d_fedavg.py') + ':tiny'
+  summaries = []
+  for devices, extra in (('1', []), ('2', ["--config.mesh=[('clients', -1)]"])):
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=devices, JAX_PLATFORMS='cpu',
+               PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    workdir = str(tmp_path / f'd{devices}')
+    proc = subprocess.run([sys.executable, '-c', CLI_SCRIPT, config, workdir, *extra], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      summary = json.load(f)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      summary['train_loss'] = [json.loads(l)['train_loss'] for l in f]
+    summaries.append(summary)
+  a, b = summaries
+  assert a['round'] == b['round'] == 6
+  assert a['client_mesh'] is None and b['client_mesh'] == {'clients': 2}
+  assert abs(a['global_accuracy'] - b['global_accuracy']) < 1e-6
+  assert abs(a['personalized_accuracy_mean'] - b['personalized_accuracy_mean']) < 1e-6
+  np.testing.assert_allclose(a['train_loss'], b['train_loss'], rtol=1e-5)
