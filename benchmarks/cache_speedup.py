@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,8 @@ from typing import Any, Callable
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from bench_common import machine_info  # noqa: E402  (benchmarks/bench_common.py)
 
 
 def parse_args(argv=None):
@@ -246,21 +247,6 @@ def time_runner(runner: Runner, *, repeats: int, min_seconds: float, batch_size:
   return {'seconds_per_step': med, 'examples_per_sec': batch_size / med,
           'seconds_per_step_samples': seconds_per_step, 'calls_per_repeat': n,
           'first_call_seconds': compile_s}
-
-
-def machine_info() -> dict:
-  model = platform.processor() or ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          model = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return {'cpu_model': model, 'logical_cpus': os.cpu_count(),
-          'cpus_available': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
-          'platform': platform.platform(), 'python': platform.python_version()}
 
 
 def main(argv=None) -> dict:

@@ -64,7 +64,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -74,6 +73,8 @@ from typing import Any, Callable
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from bench_common import machine_info  # noqa: E402  (benchmarks/bench_common.py)
 
 
 # ------------------------------------------------------------------------- settings
@@ -983,21 +984,6 @@ def sweep(args, log) -> dict:
 
 
 # ------------------------------------------------------------------------- report
-
-
-def machine_info() -> dict:
-  model = platform.processor() or ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          model = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return {'cpu_model': model, 'logical_cpus': os.cpu_count(),
-          'cpus_available': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
-          'platform': platform.platform(), 'python': platform.python_version()}
 
 
 def versions() -> dict:
