@@ -36,6 +36,7 @@ def get_config(arg=None):
       'algorithm': ['fedavg', 'fedprox', 'scaffold', 'feddf', 'fedd2s', 'knfu', 'edgefd'],
       'seeds': [0, 1, 2],
       'options': {'fedprox': {'mu': 0.01}},
+      'vmap_seeds': True,   # run a cell's seeds as one vmapped simulation where possible
   })
   if arg == 'tiny':
     c.num_clients = 20

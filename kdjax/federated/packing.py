@@ -87,6 +87,28 @@ def pack(x, labels, index_lists, *, multiple: int = 1, length: int | None = None
   return ClientData(xs, ys, mask, counts)
 
 
+def pad_to(data: ClientData, length: int) -> ClientData:
+  """``data`` with its example axis padded to ``length`` (zeros, label -1, mask False).
+
+  Local training does not see the difference: the shuffle puts real examples first
+  in the same order (per-position random numbers), and all-padding batches are
+  skipped, so a client trains the same on ``pad_to(data, L)`` as on ``data``.
+
+  >>> d = pad_to(pack(np.ones((2, 1)), np.array([0, 1]), [np.array([0, 1])]), 4)
+  >>> d.x.shape, d.label.tolist(), d.mask.tolist(), d.count.tolist()
+  ((1, 4, 1), [[0, 1, -1, -1]], [[True, True, False, False]], [2])
+  """
+  e = data.mask.shape[1]
+  if length < e:
+    raise ValueError(f'cannot pad {e} examples per client down to {length}')
+  pad = int(length) - e
+  widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (np.ndim(a) - 2)
+  return ClientData(np.pad(np.asarray(data.x), widths(data.x)),
+                    np.pad(np.asarray(data.label), widths(data.label), constant_values=-1),
+                    np.pad(np.asarray(data.mask), widths(data.mask)),
+                    np.asarray(data.count))
+
+
 def pack_partition(x, labels, partition: Partition, *, batch_size: int = 1,
                    skew: FeatureSkew | None = None) -> tuple[ClientData, ClientData]:
   """Packs a partition's train and local test splits.

@@ -155,7 +155,31 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
                       'clients_per_chunk.')
     shard = client_sharding(mesh, client_axis)
 
-  def round_fn(state: SimState, data: ClientData):
+  seeded = _seeded_round(algorithm, num_clients=num_clients, k=k, sampling=sampling,
+                         dropout=dropout, chunk=chunk, shard=shard)
+  return jax.jit(lambda state, data: seeded(state, data, seed))
+
+
+def make_seeded_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_round: int,
+                      sampling: str = 'uniform', dropout: float = 0.0,
+                      clients_per_chunk: int | None = None) -> Callable:
+  """``round_fn(state, data, seed)``, not jitted: :func:`make_round` with the seed an argument.
+
+  The seed may be traced, so ``jax.jit(jax.vmap(round_fn))(states, datas, seeds)``
+  runs one round of several independent simulations (a sweep's seeds) at once;
+  each equals ``make_round(..., seed=s)`` on its own state and data. Arguments as
+  in :func:`make_round` (no mesh).
+  """
+  k = int(clients_per_round)
+  chunk = k if clients_per_chunk is None else int(clients_per_chunk)
+  make_round(algorithm, num_clients=num_clients, clients_per_round=k, sampling=sampling,
+             dropout=dropout, clients_per_chunk=clients_per_chunk)   # validates
+  return _seeded_round(algorithm, num_clients=num_clients, k=k, sampling=sampling,
+                       dropout=dropout, chunk=chunk, shard=None)
+
+
+def _seeded_round(algorithm, *, num_clients, k, sampling, dropout, chunk, shard) -> Callable:
+  def round_fn(state: SimState, data: ClientData, seed):
     rkey = round_key(seed, state.round)
     cohort = sample_cohort(rkey, data.count, k, sampling)
     reported = sample_reported(rkey, k, dropout)
@@ -179,7 +203,7 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
             'loss': metrics['loss'], 'accuracy': metrics['accuracy']}
     return SimState(state.round + 1, new_server, clients), info
 
-  return jax.jit(round_fn)
+  return round_fn
 
 
 def client_sharding(mesh: jax.sharding.Mesh, axis: str = 'clients'):

@@ -15,8 +15,12 @@ Every cell runs in its own directory ``WORKDIR/cells/<alpha>_<algorithm>_s<seed>
 through :func:`kdjax.federated.run.setup` and the simulator, and writes
 ``metrics.jsonl``, ``clients.json`` (per-client personalized accuracy) and, last,
 ``summary.json``. A cell whose ``summary.json`` exists is finished: a rerun of a
-killed sweep skips it. Cells run one after another (seeds are not vmapped:
-their partitions give different padded shapes).
+killed sweep skips it. The seeds of an (α, algorithm) pair run together as one
+simulation vmapped over seeds (:func:`run_seed_group`: each seed's clients padded
+to the longest seed's, which leaves every result unchanged) unless the algorithm
+holds seed-dependent constants (a proxy set drawn with the seed: FedDF, FedMD,
+DS-FL, KnFu, EdgeFD), the clients have several architectures, or
+``grid.vmap_seeds`` is False; those cells run one after another.
 
 The sweep then writes ``results.csv`` / ``results.json`` (one row per cell),
 ``summary.csv`` / ``summary.md`` (mean ± std over seeds per α × algorithm,
@@ -37,6 +41,7 @@ import time
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -150,6 +155,21 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _prepare(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], Any, int, int, float]:
+  """``(parts, initial state, bytes per update, bytes per download, set-up seconds)``."""
+  from kdjax.federated import run as run_lib
+  from kdjax.federated import simulator as sim
+  t_setup = time.perf_counter()
+  parts = run_lib.setup(config)
+  algorithm = parts['algorithm']
+  state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
+  one = lambda t: jax.tree.map(lambda a: a[0], t)
+  update_shape = jax.eval_shape(algorithm.client_update, state.server, one(state.clients),
+                                one(parts['train']), jax.random.key(0)).update
+  return (parts, state, sim.tree_bytes(update_shape),
+          sim.tree_bytes(algorithm.download(state.server)), time.perf_counter() - t_setup)
+
+
 def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs one federated config to the end and writes the cell files (module doc).
 
@@ -161,21 +181,11 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The cell's ``summary.json`` contents.
   """
   from kdjax.federated import run as run_lib
-  from kdjax.federated import simulator as sim
 
   os.makedirs(workdir, exist_ok=True)
   if config.get('client_models'):   # heterogeneous groups: run_simulation's own loop
     return _run_cell_via_run_simulation(config, workdir)
-  t_setup = time.perf_counter()
-  parts = run_lib.setup(config)
-  algorithm = parts['algorithm']
-  state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
-  one = lambda t: jax.tree.map(lambda a: a[0], t)
-  update_shape = jax.eval_shape(algorithm.client_update, state.server, one(state.clients),
-                                one(parts['train']), jax.random.key(0)).update
-  bytes_update = sim.tree_bytes(update_shape)
-  bytes_down = sim.tree_bytes(algorithm.download(state.server))
-  setup_time = time.perf_counter() - t_setup
+  parts, state, bytes_update, bytes_down, setup_time = _prepare(config)
   num_rounds = int(config.num_rounds)
   eval_every = max(int(config.get('eval_every', 0) or num_rounds), 1)
   t0 = time.perf_counter()
@@ -188,17 +198,110 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       row.update(run_lib.evaluate_state(parts, state))
     rows.append(row)
   pc, pn = parts['personal_evaluate'](state, parts['test'])
-  pc, pn = np.asarray(pc, np.float64), np.asarray(pn, np.float64)
   wall = time.perf_counter() - t0
+  return _write_cell(config, workdir, rows, reported, pc, pn, bytes_update=bytes_update,
+                     bytes_down=bytes_down, wall=wall, setup_time=setup_time)
+
+
+def seeds_vmappable(config: ml_collections.ConfigDict) -> bool:
+  """Whether a cell's seeds can run as one ``jax.vmap`` (:func:`run_seed_group`).
+
+  They can unless the algorithm holds seed-dependent constants (the proxy set of
+  FedDF, FedMD, DS-FL, KnFu, EdgeFD is drawn with the seed), the clients have
+  several architectures (``client_models``) or the cohort is sharded (``mesh``).
+  """
+  from kdjax.federated.algorithms import NEEDS_PROXY
+  return (config.algorithm not in NEEDS_PROXY and config.algorithm != 'feddf'
+          and not config.get('client_models') and not config.get('mesh'))
+
+
+def run_seed_group(configs: list[ml_collections.ConfigDict],
+                   workdirs: list[str]) -> list[dict[str, Any]]:
+  """Runs cells that differ only in their seed as one simulation vmapped over seeds.
+
+  Each seed gets its own partition, model initialization and round keys; the
+  clients' padded example axes are padded to the longest seed's (which does not
+  change local training, see :func:`kdjax.federated.packing.pad_to`), the states
+  are stacked, and every round is one ``jax.jit(jax.vmap(round_fn))`` call over
+  the seeds. Each cell's files are those :func:`run_cell` writes, with the same
+  numbers (tested); ``wall_time_s`` is the group's time split evenly.
+
+  Args:
+    configs: the cells' configs (:func:`seeds_vmappable`, equal but for ``seed``).
+    workdirs: their directories.
+
+  Returns:
+    The cells' ``summary.json`` contents.
+  """
+  from kdjax.federated import packing
+  from kdjax.federated import run as run_lib
+  from kdjax.federated import simulator as sim
+
+  preps = [_prepare(c) for c in configs]
+  setup_time = sum(p[4] for p in preps) / len(preps)
+  parts = [p[0] for p in preps]
+  config = configs[0]
+  pad = lambda key: [packing.pad_to(jax.tree.map(np.asarray, p[key]),
+                                    max(q[key].mask.shape[1] for q in parts)) for p in parts]
+  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *trees)
+  trains, tests = pad('train'), pad('test')
+  train, states = stack(trains), stack([p[1] for p in preps])
+  seeds = jnp.asarray([int(c.seed) for c in configs], jnp.int32)
+  round_fn = jax.jit(jax.vmap(sim.make_seeded_round(
+      parts[0]['algorithm'], num_clients=config.num_clients,
+      clients_per_round=config.clients_per_round, sampling=config.get('sampling', 'uniform'),
+      dropout=config.get('dropout', 0.0),
+      clients_per_chunk=config.get('clients_per_chunk') or None)))
+  # Every seed's evaluation uses seed 0's jitted evaluators (the algorithm and model are
+  # the same functions) on that seed's own data, so they compile once.
+  evals = [dict(p, test=jax.tree.map(jnp.asarray, t), evaluate=parts[0]['evaluate'],
+                personal_evaluate=parts[0]['personal_evaluate'],
+                clients_global_evaluate=parts[0]['clients_global_evaluate'])
+           for p, t in zip(parts, tests)]
+  num_rounds = int(config.num_rounds)
+  eval_every = max(int(config.get('eval_every', 0) or num_rounds), 1)
+  seed_state = lambda i: jax.tree.map(lambda a: a[i], states)
+  t0 = time.perf_counter()
+  rows = [[] for _ in configs]
+  reported = [[] for _ in configs]
+  for r in range(num_rounds):
+    states, info = round_fn(states, train, seeds)
+    evaluate = (r + 1) % eval_every == 0 or r + 1 == num_rounds
+    for i in range(len(configs)):
+      one = jax.tree.map(lambda a: a[i], info)
+      reported[i].append(one['num_reported'])
+      row = {'round': r + 1, 'train_loss': one['loss'], 'train_accuracy': one['accuracy']}
+      if evaluate:
+        row.update(run_lib.evaluate_state(evals[i], seed_state(i)))
+      rows[i].append(row)
+  finals = [evals[i]['personal_evaluate'](seed_state(i), evals[i]['test'])
+            for i in range(len(configs))]
+  wall = (time.perf_counter() - t0) / len(configs)
+  out = []
+  for i, (c, w) in enumerate(zip(configs, workdirs)):
+    os.makedirs(w, exist_ok=True)
+    out.append(_write_cell(c, w, rows[i], reported[i], *finals[i], bytes_update=preps[i][2],
+                           bytes_down=preps[i][3], wall=wall, setup_time=setup_time,
+                           extra={'seeds_vmapped': len(configs)}))
+  return out
+
+
+def _write_cell(config, workdir: str, rows, reported, pc, pn, *, bytes_update: int,
+                bytes_down: int, wall: float, setup_time: float,
+                extra: dict | None = None) -> dict[str, Any]:
+  """Writes a finished cell's ``metrics.jsonl``, ``clients.json`` and, last, ``summary.json``."""
+  num_rounds = int(config.num_rounds)
+  pc, pn = np.asarray(pc, np.float64), np.asarray(pn, np.float64)
   reported = [int(n) for n in reported]
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     for row, n in zip(rows, reported):
-      (ls, ln), (acs, acn) = row.pop('train_loss'), row.pop('train_accuracy')
+      (ls, ln), (acs, acn) = row['train_loss'], row['train_accuracy']
       row = {'round': row['round'], 'train_loss': float(ls) / max(float(ln), 1.0),
              'train_accuracy': float(acs) / max(float(acn), 1.0), 'num_reported': n,
              'bytes_up': n * bytes_update,
              'bytes_down': int(config.clients_per_round) * bytes_down,
-             **{k: v for k, v in row.items() if k != 'round'}}
+             **{k: v for k, v in row.items()
+                if k not in ('round', 'train_loss', 'train_accuracy')}}
       f.write(json.dumps(row) + '\n')
   final = rows[-1]
   has = pn > 0
@@ -217,6 +320,7 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'bytes_up': bytes_up, 'bytes_down': bytes_dn, 'bytes_total': bytes_up + bytes_dn,
       'wall_time_s': wall, 'setup_time_s': setup_time,
       'rounds_per_sec': num_rounds / wall if wall > 0 else None,
+      **(extra or {}),
   }
   _write_json(os.path.join(workdir, 'summary.json'), summary)   # last: marks the cell done
   return summary
@@ -269,26 +373,39 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
   cells = [(a, g, s) for a in alphas for g in algorithms for s in seeds]
   os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
   bar = None
-  it = cells
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(cells, desc='fed sweep', unit='cell')
-    it = bar
-  rows = []
-  for alpha, algorithm, seed in it:
-    name = cell_name(alpha, algorithm, seed)
-    cdir = os.path.join(workdir, 'cells', name)
-    done = os.path.join(cdir, 'summary.json')
-    if bar is not None:
-      bar.set_postfix_str(name)
-    if os.path.exists(done):
-      with open(done) as f:
-        summary = json.load(f)
-    else:
-      summary = run_cell(cell_config(config, alpha, algorithm, seed), cdir)
-    rows.append(result_row(alpha, algorithm, seed, summary))
+    bar = tqdm(total=len(cells), desc='fed sweep', unit='cell')
+  vmap_seeds = bool(config.grid.get('vmap_seeds', True))
+  summaries: dict[tuple, dict] = {}
+  for alpha in alphas:
+    for algorithm in algorithms:
+      todo = []
+      for seed in seeds:
+        cdir = os.path.join(workdir, 'cells', cell_name(alpha, algorithm, seed))
+        done = os.path.join(cdir, 'summary.json')
+        if os.path.exists(done):
+          with open(done) as f:
+            summaries[alpha, algorithm, seed] = json.load(f)
+          if bar is not None:
+            bar.update(1)
+        else:
+          todo.append((seed, cell_config(config, alpha, algorithm, seed), cdir))
+      if bar is not None and todo:
+        bar.set_postfix_str(f'{alpha_name(alpha)}_{algorithm}')
+      if vmap_seeds and len(todo) > 1 and seeds_vmappable(todo[0][1]):
+        outs = run_seed_group([c for _, c, _ in todo], [d for _, _, d in todo])
+        summaries.update({(alpha, algorithm, s): o for (s, _, _), o in zip(todo, outs)})
+        if bar is not None:
+          bar.update(len(todo))
+        continue
+      for seed, c, cdir in todo:
+        summaries[alpha, algorithm, seed] = run_cell(c, cdir)
+        if bar is not None:
+          bar.update(1)
   if bar is not None:
     bar.close()
+  rows = [result_row(a, g, s, summaries[a, g, s]) for a, g, s in cells]
   write_report(rows, workdir, cells_dir=os.path.join(workdir, 'cells'), echo=echo)
   return rows
 

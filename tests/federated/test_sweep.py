@@ -146,3 +146,36 @@ def test_a_config_without_grid_is_refused(tmp_path, capsys):
   assert code == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and 'grid' in err
+
+
+def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path):
+  """One vmapped simulation over 3 seeds (different padded shapes) = 3 sequential runs."""
+  from kdjax.config import load_config
+  from kdjax.federated import run as run_lib
+  grid = ["--config.grid.alpha=[0.3]", "--config.grid.algorithm=['scaffold', 'fedd2s', 'fedavg']",
+          '--config.grid.seeds=[0, 1, 2]', '--config.num_rounds=4', '--config.eval_every=2']
+  base = load_config(TINY, [tuple(o[len('--config.'):].split('=', 1)) for o in grid])
+  lengths = {run_lib.setup(sweep.cell_config(base, 0.3, 'fedavg', s))['train'].mask.shape[1]
+             for s in (0, 1, 2)}
+  assert len(lengths) > 1, lengths      # the seeds' packed shapes differ: padding is exercised
+  dirs = {}
+  for vmap in (True, False):
+    dirs[vmap] = str(tmp_path / f'v{vmap}')
+    assert cli.main(['fed', 'sweep', '--config', TINY, '--workdir', dirs[vmap], '--no-progress',
+                     *grid, f'--config.grid.vmap_seeds={vmap}']) == 0
+  for g in ('scaffold', 'fedd2s', 'fedavg'):
+    for s in (0, 1, 2):
+      name = f'a0.3_{g}_s{s}'
+      a, b = _summary(dirs[True], name), _summary(dirs[False], name)
+      assert a.get('seeds_vmapped') == 3 and 'seeds_vmapped' not in b
+      for key in ('global_accuracy', 'personalized_accuracy_mean', 'personalized_accuracy_worst10',
+                  'bytes_total'):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), (name, key)
+      rows = [[json.loads(l) for l in open(os.path.join(d, 'cells', name, 'metrics.jsonl'))]
+              for d in (dirs[True], dirs[False])]
+      np.testing.assert_allclose([r['train_loss'] for r in rows[0]],
+                                 [r['train_loss'] for r in rows[1]], rtol=1e-5)
+      ca, cb = (json.load(open(os.path.join(d, 'cells', name, 'clients.json')))
+                for d in (dirs[True], dirs[False]))
+      assert ca['count'] == cb['count']
+      np.testing.assert_allclose(ca['correct'], cb['correct'])
