@@ -1,4 +1,5 @@
-"""Heterogeneous client models: grouped rounds vs per-client sequential references; refusals."""
+"""Heterogeneous client models: grouped rounds vs per-client sequential references; refusals;
+one group is the homogeneous round; FedDF per-group deltas."""
 
 import jax
 import jax.numpy as jnp
@@ -128,3 +129,46 @@ def test_parameter_averaging_algorithms_refuse_mixed_architectures():
   for name in ('fedprox', 'scaffold', 'fednova', 'fedbn', 'ditto'):
     with pytest.raises(UserError, match='cannot mix'):
       groups.check_heterogeneous(_groups(name, None)[0])
+
+
+def test_one_group_is_the_homogeneous_round():
+  _, data = _data()
+  jdata = jax.tree.map(jnp.asarray, data)
+  algs, params, states = _groups('fedd2s', None)
+  ids = [np.arange(N, dtype=np.int32)]
+  a = groups.make_grouped_round(algs[:1], ids, num_clients=N, clients_per_round=K, seed=2,
+                                dropout=0.3)
+  b = sim.make_round(algs[0], num_clients=N, clients_per_round=K, seed=2, dropout=0.3)
+  sa = groups.init_grouped_state(algs[:1], params[:1], states[:1], ids)
+  sb = sim.init_state(algs[0], params[0], states[0], N)
+  for _ in range(2):
+    sa, ia = a(sa, jdata)
+    sb, ib = b(sb, jdata)
+  np.testing.assert_array_equal(ia['cohort'], ib['cohort'])
+  np.testing.assert_array_equal(ia['reported'], ib['reported'])
+  for u, v in zip(jax.tree.leaves(sa.clients[0]), jax.tree.leaves(sb.clients)):
+    np.testing.assert_allclose(u, v, atol=1e-6)
+
+
+def test_feddf_averages_parameter_deltas_within_each_architecture_group():
+  x, data = _data()
+  jdata = jax.tree.map(jnp.asarray, data)
+  algs, params, states = _groups('feddf', x[:8], server_steps=0)
+  ids = groups.assign_clients(N, [0.5, 0.5], seed=0)
+  sizes = groups.group_cohort_sizes(K, [len(g) for g in ids])
+  offsets = np.cumsum([0] + sizes)
+  round_fn = groups.make_grouped_round(algs, ids, num_clients=N, clients_per_round=K, seed=1)
+  st = groups.init_grouped_state(algs, params, states, ids)
+  new, info = round_fn(st, jdata)
+  cohort, rkey = np.asarray(info['cohort']), sim.round_key(1, 0)
+  for g in range(2):
+    deltas, weights = [], []
+    for cid in cohort[offsets[g]:offsets[g + 1]].tolist():
+      out = jax.jit(algs[g].client_update)(st.server[g], {}, jax.tree.map(lambda a: a[cid], jdata),
+                                           sim.client_key(rkey, cid))
+      deltas.append(out.update['delta'])
+      weights.append(float(out.weight))
+    want = jax.tree.map(lambda p, *d: p + sum(w * a for w, a in zip(weights, d)) / sum(weights),
+                        params[g], *deltas)
+    for a, b in zip(jax.tree.leaves(new.server[g].params), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, atol=1e-5)

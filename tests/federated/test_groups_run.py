@@ -1,4 +1,4 @@
-"""`kdjax fed run` with two client architectures: FD and FedD2S; FedAvg refused (FedMD, DS-FL: test_groups_run_public.py)."""
+"""`kdjax fed run` with two client architectures: FD, FedD2S, FedMD, DS-FL; FedAvg refused."""
 
 import json
 import os
@@ -22,6 +22,8 @@ P = 40   # proxy examples
 @pytest.mark.parametrize('name,up,down', [
     ('fd', 4 * (C * C + C), 4 * C * C),
     ('fedd2s', 4 * (C * C + C), 4 * C * C),
+    ('fedmd', 4 * P * C, 4 * P * C),     # public-data knowledge: logits on the proxy set
+    ('dsfl', 4 * P * C, 4 * P * C),
 ])
 def test_two_architectures_in_one_run(tmp_path, name, up, down):
   args = TINY + [f'--config.algorithm={name}']
