@@ -38,7 +38,8 @@ from kdjax.federated.algorithms import make_algorithm
 from kdjax.federated.local import make_local_trainer
 
 
-def _plain(d) -> dict:
+def as_dict(d) -> dict:
+  """A config group (``ConfigDict``, mapping or None) as a plain ``dict``."""
   if d is None:
     return {}
   if isinstance(d, ml_collections.ConfigDict):
@@ -74,7 +75,7 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
     proxy_x = train['x'][np.sort(perm[:proxy_size])]
     keep = np.sort(perm[proxy_size:])
     train = {k: v[keep] for k, v in train.items()}
-  part_opts = _plain(config.partition)
+  part_opts = as_dict(config.partition)
   method = part_opts.pop('method', 'dirichlet')
   part_opts.setdefault('seed', config.seed)
   if method == 'natural':
@@ -91,9 +92,9 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                       num_classes=num_classes, **part_opts)
   skew = None
   if config.get('feature_skew'):
-    fs = _plain(config.feature_skew)
+    fs = as_dict(config.feature_skew)
     skew = partition_lib.feature_skew(config.num_clients, seed=config.seed, **fs)
-  local = _plain(config.local)
+  local = as_dict(config.local)
   tr, te = packing.pack_partition(train['x'], train['label'], part,
                                   batch_size=local['batch_size'], skew=skew)
   data_parts = {
@@ -105,12 +106,12 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {**_setup_groups(config, num_classes=num_classes, input_shape=train['x'].shape[1:],
                             proxy_x=proxy_x), **data_parts}
   model = create(config.model, num_classes=num_classes, input_shape=train['x'].shape[1:],
-                 seed=config.seed, **_plain(config.get('model_options')))
+                 seed=config.seed, **as_dict(config.get('model_options')))
   apply, params, model_state = functional(model)
   trainer = make_local_trainer(apply, batch_size=local['batch_size'],
                                epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),
                                momentum=local.get('momentum', 0.0))
-  alg_options = _plain(config.get('algorithm_options'))
+  alg_options = as_dict(config.get('algorithm_options'))
   if config.algorithm == 'feddf':
     alg_options.setdefault('seed', config.seed)
   algorithm = make_algorithm(config.algorithm, trainer, proxy_x=proxy_x,
@@ -162,7 +163,7 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
   if config.get('mesh'):
     raise UserError('config.mesh (client-axis sharding) is not supported with client_models '
                     '(heterogeneous architectures) yet; remove --config.mesh.')
-  specs = [_plain(m) for m in config.client_models]
+  specs = [as_dict(m) for m in config.client_models]
   for spec in specs:
     unknown = set(spec) - {'model', 'model_options', 'fraction'}
     if unknown or 'model' not in spec:
@@ -170,14 +171,14 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
                       f'and fraction); got keys {sorted(spec)}.')
   ids = groups.assign_clients(config.num_clients, [float(s.get('fraction', 1.0)) for s in specs],
                               seed=config.seed)
-  local = _plain(config.local)
-  alg_options = _plain(config.get('algorithm_options'))
+  local = as_dict(config.local)
+  alg_options = as_dict(config.get('algorithm_options'))
   if config.algorithm == 'feddf':
     alg_options.setdefault('seed', config.seed)
   applies, params, states, algorithms = [], [], [], []
   for spec in specs:
     model = create(spec['model'], num_classes=num_classes, input_shape=input_shape,
-                   seed=config.seed, **_plain(spec.get('model_options')))
+                   seed=config.seed, **as_dict(spec.get('model_options')))
     apply, p, ms = functional(model)
     trainer = make_local_trainer(apply, batch_size=local['batch_size'],
                                  epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),

@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from kdjax.errors import UserError
+from kdjax.federated.run import as_dict
 
 ROW_KEYS = ('alpha', 'algorithm', 'seed', 'rounds', 'global_accuracy',
             'personalized_accuracy_mean', 'personalized_accuracy_std',
@@ -130,20 +131,12 @@ def cell_config(config: ml_collections.ConfigDict, alpha: float, algorithm: str,
     else:
       c.partition.method = 'dirichlet'
       c.partition.alpha = float(alpha)
-    opts = dict(_plain(c.get('algorithm_options')))
-    opts.update(_plain(_plain(grid.get('options')).get(algorithm)))
+    opts = dict(as_dict(c.get('algorithm_options')))
+    opts.update(as_dict(as_dict(grid.get('options')).get(algorithm)))
     c.algorithm_options = ml_collections.ConfigDict(opts)
     c.plots = False
     c.checkpoint_every = 0
   return c
-
-
-def _plain(d) -> dict:
-  if d is None:
-    return {}
-  if isinstance(d, ml_collections.ConfigDict):
-    return d.to_dict()
-  return dict(d)
 
 
 # --------------------------------------------------------------------------- one cell
@@ -312,7 +305,7 @@ def _write_cell(config, workdir: str, rows, reported, pc, pn, *, bytes_update: i
   bytes_dn = num_rounds * int(config.clients_per_round) * bytes_down
   summary = {
       'round': num_rounds, 'algorithm': config.algorithm, 'seed': int(config.seed),
-      'partition': _plain(config.partition),
+      'partition': as_dict(config.partition),
       'global_accuracy': final['global_accuracy'],
       'personalized_accuracy_mean': final['personalized_accuracy_mean'],
       'personalized_accuracy_std': final['personalized_accuracy_std'],
@@ -338,7 +331,7 @@ def _run_cell_via_run_simulation(config, workdir: str) -> dict[str, Any]:
   bytes_dn = int(sum(r['bytes_down'] for r in rows))
   summary = {
       'round': int(out['round']), 'algorithm': config.algorithm, 'seed': int(config.seed),
-      'partition': _plain(config.partition),
+      'partition': as_dict(config.partition),
       **{k: out[k] for k in ('global_accuracy', 'personalized_accuracy_mean',
                              'personalized_accuracy_std', 'personalized_accuracy_worst10')},
       'bytes_up': bytes_up, 'bytes_down': bytes_dn, 'bytes_total': bytes_up + bytes_dn,
