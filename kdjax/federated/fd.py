@@ -26,6 +26,24 @@ from kdjax.federated import public
 from kdjax.federated.local import LocalTrainer
 
 
+def class_table_kd(table, known, *, beta: float, temperature: float):
+  """``batch_loss(logits, labels, mask)``: β · mean KD towards the per-class logits of the label.
+
+  ``table`` ``[C, C]`` holds one target logit vector per class, ``known`` ``[C]`` marks the
+  classes that have one; examples of other classes, masked or unlabeled ones add nothing.
+  """
+  from kdjax.losses import kd
+
+  def batch_loss(logits, labels, mask):
+    y = jnp.maximum(labels, 0)
+    where = jnp.logical_and(jnp.logical_and(mask, labels >= 0), known[y])
+    per = kd(logits, table[y], temperature=temperature, where=where)
+    w = where.astype(jnp.float32)
+    return beta * jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  return batch_loss
+
+
 def fd(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
        temperature: float = 1.0) -> base.FedAlgorithm:
   """Federated distillation with per-class average logits.
@@ -54,8 +72,6 @@ def fd(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
   >>> server.extra['logits'].shape, clients['params']['head']['bias'].shape
   ((3, 3), (5, 3))
   """
-  from kdjax.losses import kd
-
   c = int(num_classes)
   apply = trainer.apply
 
@@ -69,13 +85,7 @@ def fd(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
   def client_update(server, client_state, data, rng):
     table, seen = server.extra['logits'], server.extra['seen']
 
-    def batch_loss(logits, labels, mask):
-      y = jnp.maximum(labels, 0)
-      where = jnp.logical_and(jnp.logical_and(mask, labels >= 0), seen[y])
-      per = kd(logits, table[y], temperature=temperature, where=where)
-      w = where.astype(jnp.float32)
-      return beta * jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
-
+    batch_loss = class_table_kd(table, seen, beta=beta, temperature=temperature)
     res = trainer.train(client_state['params'], client_state['model_state'], data, rng,
                         batch_loss=batch_loss)
     x, label, mask = data[0], data[1], data[2]

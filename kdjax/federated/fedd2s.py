@@ -61,6 +61,7 @@ import optax
 
 from kdjax.federated import base
 from kdjax.federated import public
+from kdjax.federated.fd import class_table_kd
 from kdjax.federated.local import LocalTrainer
 
 # Layer lists whose ``i``-th entry is the ``(i + 1)``-th layer of a kdjax model.
@@ -187,8 +188,6 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
   >>> clients['teacher'].shape, alg.heterogeneous
   ((5, 3, 3), True)
   """
-  from kdjax.losses import kd
-
   c = int(num_classes)
   if int(min_depth) < 1:
     raise ValueError(f'min_depth must be >= 1, got {min_depth}')
@@ -216,13 +215,7 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
                  drop_every=drop_every, min_depth=min_depth)
     grad_mask = jax.tree.map(lambda dep: (dep <= d).astype(jnp.float32), depths)
 
-    def batch_loss(logits, labels, mask):
-      y = jnp.maximum(labels, 0)
-      where = jnp.logical_and(jnp.logical_and(mask, labels >= 0), known[y])
-      per = kd(logits, table[y], temperature=temperature, where=where)
-      w = where.astype(jnp.float32)
-      return beta * jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
-
+    batch_loss = class_table_kd(table, known, beta=beta, temperature=temperature)
     res = trainer.train(p, client_state['model_state'], data, rng, batch_loss=batch_loss,
                         batch_loss_mask=grad_mask)
     x, label, mask = data[0], data[1], data[2]
