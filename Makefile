@@ -21,10 +21,18 @@ $(BIN)/kdjax: pyproject.toml requirements.lock
 
 install: $(BIN)/kdjax
 
+# Flower (benchmarks/fed_throughput.py's contender (c)) pins protobuf<7, packaging<26 and
+# rich<15, below requirements.lock: it goes into its own --target folder, which only the
+# benchmark's Flower child process puts on its path (KDJAX_FLOWER_PATH).
+FLOWER := $(VENV)/flwr
+$(FLOWER)/.installed: $(BIN)/kdjax
+	$(BIN)/pip install -q --target $(FLOWER) 'flwr[simulation]==1.42.0'
+	touch $@
+
 demo: install
 	$(BIN)/kdjax demo --workdir $(WORKDIR)
 
-test: install
-	$(BIN)/python -m pytest -n 2 kdjax tests; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
+test: install $(FLOWER)/.installed
+	KDJAX_FLOWER_PATH=$(FLOWER) $(BIN)/python -m pytest -n 2 kdjax tests; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
 
 .PHONY: install demo test
