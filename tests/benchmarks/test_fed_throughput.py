@@ -27,7 +27,8 @@ def _run(tmp_path, *extra, timeout=300):
 
 
 def test_quick_run_writes_every_figure(tmp_path):
-  figures, stdout = _run(tmp_path, '--no-flower', '--many-clients', '30', '--many-chunk', '10')
+  figures, stdout = _run(tmp_path, '--no-flower', '--many-clients', '30', '--many-chunk', '10',
+                         '--cpu-devices', '2')
   for sfx in ('', '_cnn'):
     for key in (f'kdjax{sfx}_rounds_per_sec', f'sequential{sfx}_rounds_per_sec',
                 f'scan_loop{sfx}_rounds_per_sec', f'ratio_vs_sequential{sfx}',
@@ -41,6 +42,11 @@ def test_quick_run_writes_every_figure(tmp_path):
     assert set(res['round1_max_abs_diff_vs_kdjax']) >= {'kdjax', 'sequential', 'scan_loop'}
     assert max(res['round1_max_abs_diff_vs_kdjax'].values()) < 1e-5
     assert res['round1_max_abs_diff_vs_kdjax']['kdjax'] == 0.0
+    # --cpu-devices 2: the client axis sharded over 2 CPU devices, checked like the others.
+    assert res['devices'] == 2 and 'kdjax_sharded' in res['round1_max_abs_diff_vs_kdjax']
+    assert res['kdjax_variant'] in ('kdjax', 'kdjax_sharded')
+    assert figures[f"kdjax{'' if model == 'mlp' else '_cnn'}_rounds_per_sec"] == max(
+        res['rounds_per_sec']['kdjax'], res['rounds_per_sec']['kdjax_sharded'])
     for name, samples in res['samples'].items():
       assert len(samples) == 2 and min(samples) > 0, name
   many = figures['many_clients']['mlp']
