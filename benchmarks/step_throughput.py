@@ -269,7 +269,15 @@ def kdjax_setup(pair: Pair, arrays: dict, *, steps_per_call: int, conv_impl: str
              'mask': jnp.ones((b,), bool)}
     step_flops = _xla_flops(jax.jit(step_fn).lower(state, batch, teacher_vars).compile())
 
-  run = KdjaxRun(compiled, state, device_data, teacher_vars, steps_per_call, pair.batch_size,
+  call = compiled
+  if mesh.size > 1:
+    # With several CPU devices, calling the AOT-compiled executable deadlocks in the
+    # gradient all-reduce here (jax 0.10.2: one device never joins the rendezvous);
+    # ``jax.jit``'s own dispatch, which the engine's loop uses, does not. Time that,
+    # compiled by one untimed call (its state is kept: the state was donated).
+    call = jitted
+    state, _ = jax.block_until_ready(call(state, device_data, teacher_vars))
+  run = KdjaxRun(call, state, device_data, teacher_vars, steps_per_call, pair.batch_size,
                  _xla_flops(compiled), compile_seconds)
   objects = dict(teacher=(t_apply, t_params, t_state), student=(s_apply, s_params, s_state),
                  objective=objective, loss_vars=(loss_params, loss_state))
