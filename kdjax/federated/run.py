@@ -125,6 +125,7 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
                             seed=config.seed, **mesh)
   return {
       'client_mesh': dict(mesh['mesh'].shape) if mesh else None,
+      'mesh': mesh['mesh'] if mesh else None,
       'apply': apply, 'params': params, 'model_state': model_state, 'algorithm': algorithm,
       'round_fn': round_fn, 'evaluate': sim.make_evaluate(apply),
       'clients_global_evaluate': sim.make_clients_global_evaluate(algorithm, apply),
@@ -307,6 +308,9 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
     restored = restore_checkpoint(manager, state)
     if restored is not None:
       state = restored
+  client_mesh = parts.get('mesh')
+  state = sim.replicate(state, client_mesh)
+  train_data = sim.replicate(parts['train'], client_mesh)
   start = int(state.round)
   if start == 0 and os.path.exists(metrics_path):
     os.remove(metrics_path)
@@ -339,7 +343,7 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   t0, timed_rounds = None, 0
   with open(metrics_path, 'a') as out:
     for r in rounds:
-      state, info = parts['round_fn'](state, parts['train'])
+      state, info = parts['round_fn'](state, train_data)
       if t0 is None:
         jax.block_until_ready(state)
         t0 = time.perf_counter()   # the first round compiles: not timed

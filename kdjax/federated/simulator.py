@@ -122,7 +122,8 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
       (:func:`kdjax.parallel.make_mesh`): each chunk's stacked client data,
       states and keys get a ``NamedSharding`` over that axis, so the vmapped
       clients run on all devices (the chunk size must divide by the axis
-      size); the weighted sums become cross-device reductions.
+      size); the weighted sums become cross-device reductions. Pass the state
+      and data through :func:`replicate` (the returned state is replicated).
     client_axis: the mesh axis the client axis is sharded over.
 
   Returns:
@@ -157,7 +158,12 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
 
   seeded = _seeded_round(algorithm, num_clients=num_clients, k=k, sampling=sampling,
                          dropout=dropout, chunk=chunk, shard=shard)
-  return jax.jit(lambda state, data: seeded(state, data, seed))
+  fn = lambda state, data: seeded(state, data, seed)
+  if mesh is None:
+    return jax.jit(fn)
+  # The state comes back replicated over the mesh, the layout of :func:`replicate`d
+  # inputs, so round after round neither recompiles nor reshards.
+  return jax.jit(fn, out_shardings=replicated(mesh))
 
 
 def make_seeded_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_round: int,
@@ -204,6 +210,22 @@ def _seeded_round(algorithm, *, num_clients, k, sampling, dropout, chunk, shard)
     return SimState(state.round + 1, new_server, clients), info
 
   return round_fn
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """The ``NamedSharding`` of a full copy on every device of ``mesh``."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def replicate(tree, mesh: jax.sharding.Mesh | None):
+  """``tree`` copied once onto every device of ``mesh`` (unchanged without a mesh).
+
+  Give a sharded :func:`make_round` its state and client data this way: arrays on
+  one device would be copied to every device again at each round.
+  """
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, replicated(mesh))
 
 
 def client_sharding(mesh: jax.sharding.Mesh, axis: str = 'clients'):
