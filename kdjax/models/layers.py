@@ -6,14 +6,23 @@ with a choice of lowering:
 * ``conv_impl='xla'``: ``jax.lax.conv_general_dilated`` (the default);
 * ``conv_impl='patches'``: im2col by strided slices of the padded input,
   concatenated along channels, then one matrix product with the kernel reshaped
-  to ``[prod(window) * in, out]``. Same parameters, same outputs (up to float
-  rounding). On a 2-core AMD EPYC (jax 0.10.2) it was within 5% of 'xla' for
-  a resnet8x4 training step and ~20% slower for the MNIST-1D CNN, so 'xla'
-  stays the default; the option is there to measure on other CPUs.
+  to ``[prod(window) * in, out]``; its kernel gradient is a product with patches
+  built channels-first (a custom VJP, the layout XLA:CPU's matmul is fast in).
+  Same parameters, same outputs (up to float rounding). On a 2-core AMD EPYC
+  (jax 0.10.2) it was within 5% of 'xla' for a resnet8x4 training step and ~20%
+  slower for the MNIST-1D CNN, so 'xla' stays the default; under ``vmap`` over
+  per-client kernels (federated clients) it is the fast one: XLA turns a vmapped
+  convolution into a grouped convolution, the patches into a batched matmul.
+
+Linear layers (``layers.linear``, the MLP's hidden layers) take ``dense_impl``:
+``'auto'`` (default) computes the kernel gradient of a Linear applied to at most
+:data:`SMALL_ROWS` rows as a sum of outer products (see
+:func:`small_rows_dot_general`); ``'xla'`` is the plain ``nnx.Linear``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +32,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 CONV_IMPLS = ('xla', 'patches')
+DENSE_IMPLS = ('auto', 'xla')
+# Up to this many input rows, a Linear's kernel gradient is a sum of outer products
+# (dense_impl='auto'); see small_rows_dot_general.
+SMALL_ROWS = 16
 NORMS = (None, 'batch', 'layer')
 
 # He-normal with fan-out, as the CIFAR ResNet/WRN zoos initialise convolutions.
@@ -76,31 +89,142 @@ def patches_conv_general_dilated(
     )
   else:
     pads = list(padding)
+  geometry = (tuple(window), tuple(strides), tuple(rhs_dil),
+              tuple(tuple(int(v) for v in p) for p in pads))
+  return _patches_conv(lhs, rhs, geometry, precision, preferred_element_type)
+
+
+def _im2col(lhs, geometry, *, channels_first: bool = False):
+  """Patches of ``lhs [N, *spatial, C]``: ``[N, *out, window*C]`` (offset-major
+  channels), or with ``channels_first`` the same entries as ``[window*C, N * prod(out)]``."""
+  window, strides, rhs_dil, pads = geometry
   if any(p != (0, 0) for p in pads):
     lhs = jnp.pad(lhs, [(0, 0), *pads, (0, 0)])
-  spatial = lhs.shape[1:-1]
-  out_sizes = [
-      (n - ((k - 1) * d + 1)) // s + 1
-      for n, k, d, s in zip(spatial, window, rhs_dil, strides)
-  ]
+  if channels_first:
+    lhs = jnp.moveaxis(lhs, -1, 0)   # [C, N, *spatial]
+  spatial = lhs.shape[2:] if channels_first else lhs.shape[1:-1]
+  out_sizes = [(n - ((k - 1) * d + 1)) // s + 1
+               for n, k, d, s in zip(spatial, window, rhs_dil, strides)]
   slices = []
   for offset in _offsets(window):
-    start = (0, *(o * d for o, d in zip(offset, rhs_dil)), 0)
-    limit = (
-        lhs.shape[0],
-        *(st + (m - 1) * s + 1 for st, m, s in zip(start[1:-1], out_sizes, strides)),
-        lhs.shape[-1],
-    )
-    slices.append(jax.lax.slice(lhs, start, limit, (1, *strides, 1)))
-  cols = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+    first = tuple(o * d for o, d in zip(offset, rhs_dil))
+    last = tuple(st + (m - 1) * s + 1 for st, m, s in zip(first, out_sizes, strides))
+    lead = (0, 0) if channels_first else (0,)
+    limit_lead = lhs.shape[:2] if channels_first else lhs.shape[:1]
+    tail = () if channels_first else (0,)
+    limit_tail = () if channels_first else lhs.shape[-1:]
+    slices.append(jax.lax.slice(lhs, (*lead, *first, *tail), (*limit_lead, *last, *limit_tail),
+                                (*(1,) * len(lead), *strides, *(1,) * len(tail))))
+  axis = 0 if channels_first else -1
+  cols = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=axis)
+  return cols.reshape(cols.shape[0], -1) if channels_first else cols
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _patches_conv(lhs, rhs, geometry, precision, preferred_element_type):
+  cols = _im2col(lhs, geometry)
   kmat = rhs.reshape(-1, rhs.shape[-1])  # [*window, C, O] -> [window*C, O]
-  return jax.lax.dot_general(
-      cols,
-      kmat,
-      (((cols.ndim - 1,), (0,)), ((), ())),
-      precision=precision,
-      preferred_element_type=preferred_element_type,
-  )
+  return jax.lax.dot_general(cols, kmat, (((cols.ndim - 1,), (0,)), ((), ())),
+                             precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+def _patches_conv_fwd(lhs, rhs, geometry, precision, preferred_element_type):
+  return _patches_conv(lhs, rhs, geometry, precision, preferred_element_type), (lhs, rhs)
+
+
+def _patches_conv_bwd(geometry, precision, preferred_element_type, res, g):
+  # The kernel gradient contracts the patch rows. As cols^T @ g with cols^T built
+  # directly (im2col of the channels-first input) the dot is in the layout XLA:CPU's
+  # matmul wants; transposing cols instead folds into a dot over cols' major axis,
+  # measured 1.5-2x slower for the MNIST-1D CNN's layers (25 vmapped clients).
+  del preferred_element_type
+  lhs, rhs = res
+  kmat = rhs.reshape(-1, rhs.shape[-1])
+  g2 = g.reshape(-1, g.shape[-1])
+  cols_t = _im2col(lhs, geometry, channels_first=True)
+  dk = jax.lax.dot_general(cols_t, g2.astype(cols_t.dtype), (((1,), (0,)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+  dcols = jax.lax.dot_general(g, kmat.astype(g.dtype), (((g.ndim - 1,), (1,)), ((), ())),
+                              precision=precision)
+  _, col_vjp = jax.vjp(lambda l: _im2col(l, geometry), lhs)
+  (dlhs,) = col_vjp(dcols.astype(lhs.dtype))
+  return dlhs, dk.reshape(rhs.shape).astype(rhs.dtype)
+
+
+_patches_conv.defvjp(_patches_conv_fwd, _patches_conv_bwd)
+
+
+def small_rows_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+) -> jax.Array:
+  """``lax.dot_general`` for ``nnx.Linear`` whose kernel gradient suits few rows.
+
+  For ``x [..., in] @ kernel [in, out]`` with at most :data:`SMALL_ROWS` rows
+  (the product of ``x``'s leading axes, as seen inside ``vmap``: one federated
+  client's minibatch), the kernel gradient ``x^T g`` is computed as a sum of
+  ``rows`` outer products, one elementwise loop, instead of a ``dot`` whose
+  contraction is only ``rows`` deep: XLA:CPU (jax 0.10.2, 2-core AMD EPYC) runs
+  that dot 3x (10 rows) to 8x (4 rows) slower than the loop, and 25 vmapped
+  clients turn it into a batched dot no faster per client. The forward value and
+  the input gradient are the plain dots. Other shapes and options take
+  ``lax.dot_general`` unchanged. A ``custom_vjp``: reverse mode only (no
+  ``jax.jvp`` through it); ``dense_impl='xla'`` turns it off.
+
+  >>> x, w = jnp.arange(6.0).reshape(3, 2), jnp.ones((2, 4))
+  >>> dims = (((1,), (0,)), ((), ()))
+  >>> g = jax.grad(lambda w: small_rows_dot_general(x, w, dims).sum())(w)
+  >>> bool(jnp.allclose(g, x.T @ jnp.ones((3, 4))))
+  True
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  rows = math.prod(lhs.shape[:-1])
+  if (lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or rhs.ndim != 2
+      or rows > SMALL_ROWS or preferred_element_type is not None or out_sharding is not None):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type,
+                               out_sharding=out_sharding)
+  return _small_rows_linear(lhs, rhs, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _small_rows_linear(x, w, precision):
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _small_rows_linear_fwd(x, w, precision):
+  return _small_rows_linear(x, w, precision), (x, w)
+
+
+def _small_rows_linear_bwd(precision, res, g):
+  x, w = res
+  dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  g2 = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+  # Materialized first: fused into the loop, their producers (activations, the
+  # loss gradient) would be recomputed for every kernel entry.
+  x2, g2 = jax.lax.optimization_barrier((x2, g2))
+  dw = x2[0, :, None] * g2[0, None, :]
+  for r in range(1, x2.shape[0]):
+    dw = dw + x2[r, :, None] * g2[r, None, :]
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_small_rows_linear.defvjp(_small_rows_linear_fwd, _small_rows_linear_bwd)
+
+
+def linear(in_features: int, out_features: int, *, dense_impl: str = 'auto',
+           **kwargs) -> nnx.Linear:
+  """``nnx.Linear``; ``dense_impl='auto'`` uses :func:`small_rows_dot_general`."""
+  if dense_impl not in DENSE_IMPLS:
+    raise ValueError(f'dense_impl must be one of {DENSE_IMPLS}, got {dense_impl!r}.')
+  dot = small_rows_dot_general if dense_impl == 'auto' else jax.lax.dot_general
+  return nnx.Linear(in_features, out_features, dot_general=dot, **kwargs)
 
 
 def _offsets(window: Sequence[int]) -> list[tuple[int, ...]]:

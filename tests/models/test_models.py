@@ -612,6 +612,24 @@ def test_patches_conv_equals_lax_conv(shape, window, strides, padding, dilation)
       )
   )(x, w)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  # Both gradients (the kernel's from the channels-first patches, a custom VJP)
+  # equal lax.conv's, alone and vmapped over a client axis with per-client kernels.
+  ct = _x(ref.shape, 5)
+  conv_ref = lambda x, w: jnp.sum(ct * jax.lax.conv_general_dilated(
+      x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=dn,
+      precision='highest'))
+  conv_got = lambda x, w: jnp.sum(ct * layers.patches_conv_general_dilated(
+      x, w, strides, padding, rhs_dilation=dilation, precision='highest'))
+  gx_ref, gw_ref = jax.grad(conv_ref, argnums=(0, 1))(x, w)
+  gx, gw = jax.jit(jax.grad(conv_got, argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, gw_ref, rtol=1e-5, atol=1e-5)
+  xs, ws = jnp.stack([x, 2 * x]), jnp.stack([w, -w])
+  gxs, gws = jax.jit(jax.vmap(jax.grad(conv_got, argnums=(0, 1))))(xs, ws)
+  for c in range(2):
+    rx, rw = jax.grad(conv_ref, argnums=(0, 1))(xs[c], ws[c])
+    np.testing.assert_allclose(gxs[c], rx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gws[c], rw, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -698,3 +716,63 @@ def test_param_dtype_bfloat16():
   )  # fmt: skip
   _, params, _ = models.functional(m)
   assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+# ---------------------------------------------------------------- small-row Linear gradient
+
+
+@pytest.mark.parametrize('lead', [(1,), (3,), (10,), (2, 8), (16,), (17,), (40,)])
+def test_small_rows_dot_general_equals_the_dot_and_numpy(lead):
+  """Value and both gradients equal the plain dot's and the numpy formula
+  (dW = x^T g, dx = g W^T), on both sides of SMALL_ROWS."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((*lead, 7)).astype(np.float32)
+  w = rng.standard_normal((7, 5)).astype(np.float32)
+  ct = rng.standard_normal((*lead, 5)).astype(np.float32)
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  f = lambda x, w: jnp.sum(layers.small_rows_dot_general(x, w, dims) * ct)
+  ref = lambda x, w: jnp.sum(jax.lax.dot_general(x, w, dims) * ct)
+  gx, gw = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+  rx, rw = jax.grad(ref, argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(gw, x.reshape(-1, 7).T @ ct.reshape(-1, 5), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, ct @ w.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layers.small_rows_dot_general(x, w, dims), x @ w, rtol=1e-5,
+                             atol=1e-5)
+  check_grads(lambda x, w: layers.small_rows_dot_general(x, w, dims), (x, w), order=1,
+              modes=['rev'], atol=2e-2, rtol=2e-2)
+
+
+def test_small_rows_dot_general_under_vmap_per_client_and_bfloat16():
+  """vmapped over clients (each its own kernel): each client's gradient is its own
+  x_c^T g_c; bfloat16 inputs give bfloat16 gradients close to the float32 ones."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((6, 10, 12)).astype(np.float32)
+  w = rng.standard_normal((6, 12, 9)).astype(np.float32)
+  dims = (((1,), (0,)), ((), ()))
+  loss = lambda w, x: jnp.sum(jnp.tanh(layers.small_rows_dot_general(x, w, dims)))
+  g = jax.jit(jax.vmap(jax.grad(loss)))(w, x)
+  for c in range(6):
+    gc = jax.grad(lambda w: jnp.sum(jnp.tanh(x[c] @ w)))(w[c])
+    np.testing.assert_allclose(g[c], gc, rtol=1e-5, atol=1e-5)
+  gb = jax.grad(loss)(w[0].astype(jnp.bfloat16), x[0].astype(jnp.bfloat16))
+  assert gb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gb, np.float32), g[0], rtol=0.05, atol=0.05)
+
+
+def test_mlp_dense_impl_auto_and_xla_train_alike():
+  """The MLP's default (small-row kernel gradients) and dense_impl='xla' give the same
+  gradients at a federated client's batch of 10 and at 64; unknown impls are refused."""
+  for batch in (10, 64):
+    x = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, 40, 1)), jnp.float32)
+    grads = []
+    for impl in ('auto', 'xla'):
+      apply, params, state = models.functional(
+          models.create('mlp', num_classes=10, input_shape=(40, 1), dense_impl=impl))
+      loss = lambda p: jnp.sum(jax.nn.log_softmax(apply(p, state, x)[0].logits)[:, 3])
+      grads.append(jax.jit(jax.grad(loss))(params))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='dense_impl'):
+    models.create('mlp', num_classes=10, input_shape=(40, 1), dense_impl='fast')
