@@ -31,15 +31,21 @@ shuffling orders and keys for every contender:
   directory to that child's path).
 
 Models: the MNIST-1D MLP (``mlp``, 100-100) and CNN (``cnn1d``, 3 stride-2
-convs of 32 channels). A convolution whose kernel is vmapped over clients is
-lowered by XLA to a grouped convolution (clients x channels groups), which is
-slow on CPU; kdjax's ``conv_impl='patches'`` lowering (im2col by strided slices,
-then one ``dot_general``) becomes, under vmap, slices with an extra batch axis
-and a *batched* matrix product, which is fast. The CNN is timed with
-``patches`` for every contender (it is also the faster lowering for the
-unvmapped small-batch steps of (a) and (b)); kdjax and (b) are also timed with
-``xla`` and the faster variant of (b) is the reference. Every figure is in the
-JSON.
+convs of 32 channels), each in two lowerings of the same arithmetic
+(``LOWERINGS``), and every contender is credited with its faster one:
+
+* CNN, ``conv_impl``: a convolution whose kernel is vmapped over clients is
+  lowered by XLA (``'xla'``) to a grouped convolution (clients x channels
+  groups), slow on CPU; kdjax's ``'patches'`` (im2col by strided slices, one
+  ``dot_general``, the kernel gradient from the channels-first patches) becomes,
+  under vmap, a *batched* matrix product, which is fast. It is also the faster
+  lowering for the unvmapped small-batch steps of (a) and (b).
+* MLP, ``dense_impl``: kdjax's default ``'auto'`` computes a Linear's kernel
+  gradient for at most 16 rows (a client's batch of 10) as a sum of outer
+  products, 3x faster than XLA:CPU's shallow batched ``dot`` under vmap; unvmapped,
+  (a) and (b) are faster with the plain ``'xla'`` dot, so they (and Flower) use it.
+
+Flower runs the lowering in which (b) was faster. Every figure is in the JSON.
 
 Checks: after one round from the same initial model, the global parameters of
 kdjax, (a) and (b) agree (max abs difference recorded, asserted < 1e-4); (c)'s
@@ -96,6 +102,8 @@ EPOCHS = 2
 LR = 0.05
 SEED = 0
 MODELS = {'mlp': {'hidden': (100, 100)}, 'cnn1d': {}}
+# Per model: the model option and its values, kdjax's default first (see the docstring).
+LOWERINGS = {'mlp': ('dense_impl', ('auto', 'xla')), 'cnn1d': ('conv_impl', ('patches', 'xla'))}
 SINGLE_THREAD_FLAGS = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 
 
@@ -115,8 +123,9 @@ def client_indices(num_clients: int, num_examples: int, seed: int = SEED):
           for _ in range(num_clients)]
 
 
-def build_problem(model: str, num_clients: int, conv_impl: str = 'patches'):
-  """``(apply, params, model_state, data)``: the model and the packed clients (numpy)."""
+def build_problem(model: str, num_clients: int, lowering: str | None = None):
+  """``(apply, params, model_state, data)``: the model (in ``lowering``, default
+  kdjax's, see ``LOWERINGS``) and the packed clients (numpy)."""
   from kdjax import data as kdata
   from kdjax.federated import packing
   from kdjax.models import create
@@ -125,8 +134,8 @@ def build_problem(model: str, num_clients: int, conv_impl: str = 'patches'):
   idx = client_indices(num_clients, len(arrays['label']))
   packed = packing.pack(arrays['x'], arrays['label'], idx, multiple=BATCH_SIZE)
   opts = dict(MODELS[model])
-  if model != 'mlp':
-    opts['conv_impl'] = conv_impl
+  option, values = LOWERINGS[model]
+  opts[option] = lowering or values[0]
   apply, params, state = functional(create(model, num_classes=10,
                                            input_shape=arrays['x'].shape[1:], seed=SEED,
                                            **opts))
@@ -176,8 +185,9 @@ class KdjaxRunner(Runner):
     mesh = make_mesh([('clients', -1)]) if sharded else None
     self.round_fn = sim.make_round(alg, num_clients=num_clients, clients_per_round=num_clients,
                                    clients_per_chunk=clients_per_chunk, seed=SEED, mesh=mesh)
-    self.state = sim.init_state(alg, params, state, num_clients)
-    self.data = jax.tree.map(jnp.asarray, data)
+    # As `kdjax fed run` does: with a mesh, state and data are copied to every device once.
+    self.state = sim.replicate(sim.init_state(alg, params, state, num_clients), mesh)
+    self.data = sim.replicate(jax.tree.map(jnp.asarray, data), mesh)
 
   def run(self, n):
     import jax
@@ -329,17 +339,17 @@ def _divisor_chunk(clients: int, chunk: int, multiple: int = 1) -> int | None:
 def bench_model(model: str, args) -> dict[str, Any]:
   """Every in-process contender for one model; the equivalence check; rates."""
   import jax
-  impls = ['patches', 'xla'] if model != 'mlp' and not args.quick else ['patches']
+  option, impls = LOWERINGS[model]
+  impls = list(impls[:1] if args.quick else impls)
   runners: dict[str, Runner] = {}
   t_compile = {}
   for impl in impls:
     apply, params, state, data = build_problem(model, args.clients, impl)
-    suffix = '' if impl == 'patches' else '_xla'
+    suffix = '' if impl == impls[0] else '_xla'
     chunk = _divisor_chunk(args.clients, args.clients_per_chunk)
     kinds = [('kdjax', lambda *a: KdjaxRunner(*a, clients_per_chunk=chunk)),
-             ('scan_loop', ScanLoopRunner)]
-    if impl == 'patches':
-      kinds.append(('sequential', SequentialRunner))
+             ('scan_loop', ScanLoopRunner), ('sequential', SequentialRunner)]
+    if impl == impls[0]:
       if chunk:   # the same round as one vmap of the whole cohort, for the record
         kinds.append(('kdjax_one_vmap', KdjaxRunner))
       ndev = len(jax.devices())
@@ -366,7 +376,8 @@ def bench_model(model: str, args) -> dict[str, Any]:
   return {'rounds_per_sec': rates, 'samples': samples,
           'cpu_seconds_per_round': {k: statistics.median(v) for k, v in cpu.items()},
           'cpu_seconds_per_round_samples': cpu, 'first_round_seconds': t_compile,
-          'round1_max_abs_diff_vs_kdjax': diffs, 'conv_impls': impls,
+          'round1_max_abs_diff_vs_kdjax': diffs, 'lowering_option': option,
+          'lowerings': impls,
           'kdjax_clients_per_chunk': chunk or args.clients, 'devices': len(jax.devices())}
 
 
@@ -375,13 +386,13 @@ def bench_model(model: str, args) -> dict[str, Any]:
 _ACTOR_CACHE: dict[str, Any] = {}
 
 
-def _flower_problem(model: str, num_clients: int):
+def _flower_problem(model: str, num_clients: int, lowering: str | None):
   """Built once per Ray actor process (Flower clients are ephemeral)."""
-  key = (model, num_clients)
+  key = (model, num_clients, lowering)
   if key not in _ACTOR_CACHE:
     import jax
     import jax.numpy as jnp
-    apply, params, state, data = build_problem(model, num_clients)
+    apply, params, state, data = build_problem(model, num_clients, lowering)
     trainer = make_trainer(apply)
     leaves, treedef = jax.tree.flatten(params)
     train = jax.jit(lambda p, s, d, k: trainer.train(p, s, d, k).params)
@@ -389,7 +400,7 @@ def _flower_problem(model: str, num_clients: int):
   return _ACTOR_CACHE[key]
 
 
-def flower_client_fn(context, model: str, num_clients: int):
+def flower_client_fn(context, model: str, num_clients: int, lowering: str | None = None):
   """A Flower ``NumPyClient`` for the node's partition (client) id."""
   import flwr
   import jax
@@ -399,7 +410,7 @@ def flower_client_fn(context, model: str, num_clients: int):
   class Client(flwr.client.NumPyClient):
 
     def fit(self, parameters, config):
-      treedef, state, data, train, jnp = _flower_problem(model, num_clients)
+      treedef, state, data, train, jnp = _flower_problem(model, num_clients, lowering)
       params = jax.tree.unflatten(treedef, [jnp.asarray(p) for p in parameters])
       row = jax.tree.map(lambda a: jnp.asarray(a[cid]), data)
       key = client_keys(int(config['round']) - 1, num_clients)[cid]
@@ -409,7 +420,8 @@ def flower_client_fn(context, model: str, num_clients: int):
   return Client().to_client()
 
 
-def flower_child(model: str, num_clients: int, rounds: int) -> dict[str, Any]:
+def flower_child(model: str, num_clients: int, rounds: int,
+                 lowering: str | None = None) -> dict[str, Any]:
   """Runs Flower's simulation; returns rounds/s and the first round's model."""
   import flwr
   import jax
@@ -418,7 +430,7 @@ def flower_child(model: str, num_clients: int, rounds: int) -> dict[str, Any]:
   from flwr.server.strategy import FedAvg
   import fed_throughput as me        # importable by the Ray workers (PYTHONPATH)
 
-  _, params, _, _ = build_problem(model, num_clients)
+  _, params, _, _ = build_problem(model, num_clients, lowering)
   times, first = [], {}
 
   class Timed(FedAvg):
@@ -439,7 +451,7 @@ def flower_child(model: str, num_clients: int, rounds: int) -> dict[str, Any]:
                    on_fit_config_fn=lambda r: {'round': r})
 
   def client_fn(context):
-    return me.flower_client_fn(context, model, num_clients)
+    return me.flower_client_fn(context, model, num_clients, lowering)
 
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   t0 = time.perf_counter()
@@ -456,10 +468,10 @@ def flower_child(model: str, num_clients: int, rounds: int) -> dict[str, Any]:
           'first_round_seconds': times[0] - t0 if times else None,
           'failures': first.get('failures', 0),
           'round1_params': [p.tolist() for p in first.get('params', [])],
-          'actors': cpus, 'flwr': flwr.__version__}
+          'actors': cpus, 'flwr': flwr.__version__, 'lowering': lowering}
 
 
-def run_flower(model: str, args) -> dict[str, Any] | None:
+def run_flower(model: str, args, lowering: str | None = None) -> dict[str, Any] | None:
   env = dict(os.environ, FLWR_TELEMETRY_ENABLED='0', RAY_DEDUP_LOGS='0',
              JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
   env.pop('JAX_NUM_CPU_DEVICES', None)   # one device per Flower actor, as for (b)
@@ -469,6 +481,8 @@ def run_flower(model: str, args) -> dict[str, Any] | None:
   env['PYTHONPATH'] = os.pathsep.join(path + [env.get('PYTHONPATH', '')])
   cmd = [sys.executable, os.path.abspath(__file__), '--_flower-child', model,
          '--clients', str(args.clients), '--flower-rounds', str(args.flower_rounds)]
+  if lowering:
+    cmd += ['--_flower-lowering', lowering]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
                         timeout=args.flower_timeout)
   last = [l for l in proc.stdout.splitlines() if l.startswith('{')]
@@ -594,6 +608,8 @@ def parse_args(argv=None):
                       'on a machine shared with other processes a multi-threaded step waits '
                       'for its slowest thread')
   p.add_argument('--_flower-child', dest='flower_child', default=None, help=argparse.SUPPRESS)
+  p.add_argument('--_flower-lowering', dest='flower_lowering', default=None,
+                 help=argparse.SUPPRESS)
   p.add_argument('--_many-child', dest='many_child', default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   q = args.quick
@@ -614,7 +630,8 @@ def main(argv=None) -> dict | None:
     flags = os.environ.get('XLA_FLAGS', '')
     os.environ['XLA_FLAGS'] = (flags + ' ' + SINGLE_THREAD_FLAGS).strip()
   if args.flower_child:
-    print(json.dumps(flower_child(args.flower_child, args.clients, args.flower_rounds)))
+    print(json.dumps(flower_child(args.flower_child, args.clients, args.flower_rounds,
+                                  args.flower_lowering)))
     return None
   if args.many_child:
     print(json.dumps(many_clients_child(args.many_child, args.many_clients, args.rounds,
@@ -644,11 +661,16 @@ def main(argv=None) -> dict | None:
     worst = max(res['round1_max_abs_diff_vs_kdjax'].values())
     if worst > 1e-4:
       raise AssertionError(f'{model}: contenders disagree after one round ({worst:g})')
-    scan_ref = max(v for k, v in rates.items() if k.startswith('scan_loop'))
+    # Every contender is credited with its faster lowering (kdjax: and its faster layout).
+    best_of = lambda names: max((k for k in names if k in rates), key=rates.get)
+    seq_best = best_of(('sequential', 'sequential_xla'))
+    scan_best = best_of(('scan_loop', 'scan_loop_xla'))
+    scan_ref = rates[scan_best]
+    lowering_of = lambda name: res['lowerings'][1 if name.endswith('_xla') else 0]
     fl = None
     if not args.no_flower:
       print(f'[{model}] Flower simulation (child process) ...', flush=True)
-      fl = run_flower(model, args)
+      fl = run_flower(model, args, lowering_of(scan_best))
     if fl is not None:
       flower_version = fl.pop('flwr')
       p1 = fl.pop('round1_params')
@@ -659,22 +681,25 @@ def main(argv=None) -> dict | None:
       res['flower'] = fl
     out[model] = res
     # kdjax's figure: the faster of one device and the client axis sharded over devices.
-    best = max(('kdjax', 'kdjax_sharded'), key=lambda k: rates.get(k, 0.0))
+    best = best_of(('kdjax', 'kdjax_sharded', 'kdjax_xla'))
+    single = best_of(('kdjax', 'kdjax_xla'))
     res['kdjax_variant'] = best
+    res['contender_variants'] = {'kdjax': best, 'sequential': seq_best, 'scan_loop': scan_best}
     out[f'kdjax{sfx}_variant'] = best
     out[f'kdjax{sfx}_rounds_per_sec'] = rates[best]
-    out[f'kdjax{sfx}_single_device_rounds_per_sec'] = rates['kdjax']
-    out[f'sequential{sfx}_rounds_per_sec'] = rates['sequential']
+    out[f'kdjax{sfx}_single_device_rounds_per_sec'] = rates[single]
+    out[f'sequential{sfx}_rounds_per_sec'] = rates[seq_best]
+    out[f'sequential{sfx}_lowering'] = lowering_of(seq_best)
     out[f'scan_loop{sfx}_rounds_per_sec'] = scan_ref
-    out[f'ratio_vs_sequential{sfx}'] = rates[best] / rates['sequential']
+    out[f'scan_loop{sfx}_lowering'] = lowering_of(scan_best)
+    out[f'kdjax{sfx}_lowering'] = lowering_of(best)
+    out[f'ratio_vs_sequential{sfx}'] = rates[best] / rates[seq_best]
     out[f'ratio_vs_scan_loop{sfx}'] = rates[best] / scan_ref
-    out[f'ratio_vs_scan_loop{sfx}_single_device'] = rates['kdjax'] / scan_ref
-    if 'kdjax_xla' in rates:
-      out[f'kdjax{sfx}_xla_conv_rounds_per_sec'] = rates['kdjax_xla']
+    out[f'ratio_vs_scan_loop{sfx}_single_device'] = rates[single] / scan_ref
     if fl is not None and fl.get('rounds_per_sec'):
       out[f'flower{sfx}_rounds_per_sec'] = fl['rounds_per_sec']
       out[f'ratio_vs_flower{sfx}'] = rates[best] / fl['rounds_per_sec']
-      out[f'ratio_vs_flower{sfx}_single_device'] = rates['kdjax'] / fl['rounds_per_sec']
+      out[f'ratio_vs_flower{sfx}_single_device'] = rates[single] / fl['rounds_per_sec']
     else:
       out[f'flower{sfx}_rounds_per_sec'] = None
       out[f'ratio_vs_flower{sfx}'] = None
@@ -715,8 +740,13 @@ def _print(out: dict) -> None:
           + (f"(c) flower {fl:7.3f} x{out[f'ratio_vs_flower{sfx}']:.1f}" if fl
              else '(c) flower n/a'))
     c = out[model]['cpu_seconds_per_round']
-    print(f"         CPU s/round: kdjax {c['kdjax']:.3f} | (a) {c['sequential']:.3f} | "
-          f"(b) {c['scan_loop']:.3f}")
+    v = out[model]['contender_variants']
+    print(f"         CPU s/round: kdjax {c[v['kdjax']]:.3f} | (a) {c[v['sequential']]:.3f} | "
+          f"(b) {c[v['scan_loop']]:.3f}")
+    opt, lows = out[model]['lowering_option'], out[model]['lowerings']
+    print(f"         {opt}: kdjax {out[f'kdjax{sfx}_lowering']}, (a) "
+          f"{out[f'sequential{sfx}_lowering']}, (b) and Flower {out[f'scan_loop{sfx}_lowering']}"
+          f" (the faster of {', '.join(lows)} for each)")
     r = out[model]['rounds_per_sec']
     if 'kdjax_sharded' in r:
       print(f"         kdjax on one device {r['kdjax']:.2f} rounds/s; client axis sharded over "
@@ -725,10 +755,13 @@ def _print(out: dict) -> None:
     if 'kdjax_one_vmap' in r:
       print(f"         kdjax with {out[model]['kdjax_clients_per_chunk']} clients per vmapped "
             f"chunk; as one vmap of the cohort: {r['kdjax_one_vmap']:.2f} rounds/s")
-    if f'kdjax{sfx}_xla_conv_rounds_per_sec' in out:
-      r = out[model]['rounds_per_sec']
-      print(f"         with conv_impl='xla': kdjax {r['kdjax_xla']:.2f}, "
-            f"scan loop {r['scan_loop_xla']:.2f}")
+    r = out[model]['rounds_per_sec']
+    if 'kdjax_xla' in r:
+      alt = out[model]['lowerings'][1]
+      print(f"         with {out[model]['lowering_option']}={alt!r}: kdjax {r['kdjax_xla']:.2f} "
+            f"(one device), (a) {r['sequential_xla']:.2f}, (b) {r['scan_loop_xla']:.2f}; "
+            f"with {out[model]['lowerings'][0]!r}: (a) {r['sequential']:.2f}, "
+            f"(b) {r['scan_loop']:.2f}")
   for model, m in out.get('many_clients', {}).items():
     for name in ('chunked', 'one_vmap'):
       if name not in m:
