@@ -112,10 +112,16 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),
                                momentum=local.get('momentum', 0.0))
   alg_options = as_dict(config.get('algorithm_options'))
-  if config.algorithm == 'feddf':
-    alg_options.setdefault('seed', config.seed)
-  algorithm = make_algorithm(config.algorithm, trainer, proxy_x=proxy_x,
-                             num_classes=num_classes, **alg_options)
+  seeded_option = config.algorithm == 'feddf' and 'seed' not in alg_options
+
+  def build_algorithm(proxy, seed):
+    # The algorithm for a proxy set and seed, which may be traced: a sweep vmaps
+    # the seeds of proxy-set algorithms through this (kdjax.federated.sweep).
+    opts = dict(alg_options, seed=seed) if seeded_option else alg_options
+    return make_algorithm(config.algorithm, trainer, proxy_x=proxy, num_classes=num_classes,
+                          **opts)
+
+  algorithm = build_algorithm(proxy_x, config.seed)
   chunk = config.get('clients_per_chunk') or None
   mesh = _client_mesh(config)
   round_fn = sim.make_round(algorithm, num_clients=config.num_clients,
@@ -126,6 +132,7 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {
       'client_mesh': dict(mesh['mesh'].shape) if mesh else None,
       'mesh': mesh['mesh'] if mesh else None,
+      'proxy_x': proxy_x, 'build_algorithm': build_algorithm,
       'apply': apply, 'params': params, 'model_state': model_state, 'algorithm': algorithm,
       'round_fn': round_fn, 'evaluate': sim.make_evaluate(apply),
       'clients_global_evaluate': sim.make_clients_global_evaluate(algorithm, apply),

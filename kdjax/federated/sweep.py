@@ -199,13 +199,12 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def seeds_vmappable(config: ml_collections.ConfigDict) -> bool:
   """Whether a cell's seeds can run as one ``jax.vmap`` (:func:`run_seed_group`).
 
-  They can unless the algorithm holds seed-dependent constants (the proxy set of
-  FedDF, FedMD, DS-FL, KnFu, EdgeFD is drawn with the seed), the clients have
-  several architectures (``client_models``) or the cohort is sharded (``mesh``).
+  They can unless the clients have several architectures (``client_models``) or
+  the cohort is sharded (``mesh``). Proxy-set algorithms (FedDF, FedMD, DS-FL,
+  KnFu, EdgeFD; their proxy set is drawn with the seed) get each seed's proxy set
+  as a vmapped argument.
   """
-  from kdjax.federated.algorithms import NEEDS_PROXY
-  return (config.algorithm not in NEEDS_PROXY and config.algorithm != 'feddf'
-          and not config.get('client_models') and not config.get('mesh'))
+  return not config.get('client_models') and not config.get('mesh')
 
 
 def run_seed_group(configs: list[ml_collections.ConfigDict],
@@ -240,11 +239,24 @@ def run_seed_group(configs: list[ml_collections.ConfigDict],
   trains, tests = pad('train'), pad('test')
   train, states = stack(trains), stack([p[1] for p in preps])
   seeds = jnp.asarray([int(c.seed) for c in configs], jnp.int32)
-  round_fn = jax.jit(jax.vmap(sim.make_seeded_round(
-      parts[0]['algorithm'], num_clients=config.num_clients,
-      clients_per_round=config.clients_per_round, sampling=config.get('sampling', 'uniform'),
-      dropout=config.get('dropout', 0.0),
-      clients_per_chunk=config.get('clients_per_chunk') or None)))
+  round_opts = dict(num_clients=config.num_clients, clients_per_round=config.clients_per_round,
+                    sampling=config.get('sampling', 'uniform'),
+                    dropout=config.get('dropout', 0.0),
+                    clients_per_chunk=config.get('clients_per_chunk') or None)
+  if parts[0].get('proxy_x') is None:
+    vmapped = jax.vmap(sim.make_seeded_round(parts[0]['algorithm'], **round_opts))
+  else:
+    # Each seed's algorithm holds its own proxy set (same shape): built inside the
+    # vmap from that seed's proxy set and seed.
+    build = parts[0]['build_algorithm']
+    proxies = jnp.stack([jnp.asarray(p['proxy_x']) for p in parts])
+
+    def one_seed(state, data, seed, proxy):
+      return sim.make_seeded_round(build(proxy, seed), **round_opts)(state, data, seed)
+
+    seeds_round = jax.jit(jax.vmap(one_seed))
+    vmapped = lambda st, tr, sd: seeds_round(st, tr, sd, proxies)
+  round_fn = jax.jit(vmapped) if parts[0].get('proxy_x') is None else vmapped
   # Every seed's evaluation uses seed 0's jitted evaluators (the algorithm and model are
   # the same functions) on that seed's own data, so they compile once.
   evals = [dict(p, test=jax.tree.map(jnp.asarray, t), evaluate=parts[0]['evaluate'],

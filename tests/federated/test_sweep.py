@@ -148,11 +148,14 @@ def test_a_config_without_grid_is_refused(tmp_path, capsys):
   assert len(err.splitlines()) == 1 and 'grid' in err
 
 
-def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path):
-  """One vmapped simulation over 3 seeds (different padded shapes) = 3 sequential runs."""
+@pytest.mark.parametrize('algorithms', [('scaffold', 'fedd2s', 'fedavg'),
+                                        ('feddf', 'edgefd', 'knfu', 'dsfl', 'fedmd')])
+def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path, algorithms):
+  """One vmapped simulation over 3 seeds (different padded shapes) = 3 sequential runs;
+  the second set holds a proxy set drawn per seed (a vmapped argument)."""
   from kdjax.config import load_config
   from kdjax.federated import run as run_lib
-  grid = ["--config.grid.alpha=[0.3]", "--config.grid.algorithm=['scaffold', 'fedd2s', 'fedavg']",
+  grid = ["--config.grid.alpha=[0.3]", f'--config.grid.algorithm={list(algorithms)}',
           '--config.grid.seeds=[0, 1, 2]', '--config.num_rounds=4', '--config.eval_every=2']
   base = load_config(TINY, [tuple(o[len('--config.'):].split('=', 1)) for o in grid])
   lengths = {run_lib.setup(sweep.cell_config(base, 0.3, 'fedavg', s))['train'].mask.shape[1]
@@ -163,7 +166,7 @@ def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path):
     dirs[vmap] = str(tmp_path / f'v{vmap}')
     assert cli.main(['fed', 'sweep', '--config', TINY, '--workdir', dirs[vmap], '--no-progress',
                      *grid, f'--config.grid.vmap_seeds={vmap}']) == 0
-  for g in ('scaffold', 'fedd2s', 'fedavg'):
+  for g in algorithms:
     for s in (0, 1, 2):
       name = f'a0.3_{g}_s{s}'
       a, b = _summary(dirs[True], name), _summary(dirs[False], name)
