@@ -162,7 +162,8 @@ def merge_memory(clients: Sequence[Any], ids: Sequence[np.ndarray], num_clients:
 def make_grouped_round(algorithms: Sequence[base.FedAlgorithm], ids: Sequence[np.ndarray], *,
                        num_clients: int, clients_per_round: int, sampling: str = 'uniform',
                        dropout: float = 0.0, clients_per_chunk: int | None = None,
-                       seed: int = 0) -> Callable:
+                       seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                       client_axis: str = 'clients') -> Callable:
   """Builds ``round_fn(state, data) -> (state, info)``, jitted (module docstring).
 
   Args:
@@ -176,6 +177,10 @@ def make_grouped_round(algorithms: Sequence[base.FedAlgorithm], ids: Sequence[np
     clients_per_chunk: chunk size of each group's vmap (the largest divisor
       of ``k_g`` not above it).
     seed: the simulation seed.
+    mesh: as in :func:`kdjax.federated.simulator.make_round`: each group's
+      chunks are sharded over ``client_axis`` (each group's chunk must divide by
+      the axis size); pass state and data through ``simulator.replicate``.
+    client_axis: the mesh axis of the client axis.
 
   Returns:
     The jitted round: ``info`` holds ``cohort`` ``[K]`` (group after group),
@@ -200,6 +205,12 @@ def make_grouped_round(algorithms: Sequence[base.FedAlgorithm], ids: Sequence[np
   group_keys = set(algorithms[0].group_keys)
   offsets = np.cumsum([0] + sizes)
   personalize = algorithms[0].personalize
+  chunks = [_chunk_for(kg, clients_per_chunk) for kg in sizes]
+  shard = None
+  if mesh is not None:
+    for g, c in enumerate(chunks):
+      sim.check_chunk_on_mesh(c, mesh, client_axis, what=f'group {g}\'s cohort chunk')
+    shard = sim.client_sharding(mesh, client_axis)
 
   def round_fn(state: sim.SimState, data):
     rkey = sim.round_key(seed, state.round)
@@ -212,8 +223,7 @@ def make_grouped_round(algorithms: Sequence[base.FedAlgorithm], ids: Sequence[np
       cohort = gid[local]
       rep = reported[offsets[g]:offsets[g + 1]]
       outs.append(sim.cohort_pass(alg, state.server[g], cohort, local, rep, data,
-                                  state.clients[g], rkey, _chunk_for(sizes[g],
-                                                                     clients_per_chunk)))
+                                  state.clients[g], rkey, chunks[g], sharding=shard))
       cohorts.append(cohort)
       locals_.append(local)
       reps.append(rep)
@@ -243,7 +253,7 @@ def make_grouped_round(algorithms: Sequence[base.FedAlgorithm], ids: Sequence[np
             'loss': metrics['loss'], 'accuracy': metrics['accuracy']}
     return sim.SimState(state.round + 1, tuple(servers), tuple(clients)), info
 
-  return jax.jit(round_fn)
+  return sim.jit_round(round_fn, mesh)
 
 
 def group_bytes(algorithms: Sequence[base.FedAlgorithm], state: sim.SimState, data,

@@ -168,9 +168,6 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
   from kdjax.models import create
   from kdjax.models import functional
 
-  if config.get('mesh'):
-    raise UserError('config.mesh (client-axis sharding) is not supported with client_models '
-                    '(heterogeneous architectures) yet; remove --config.mesh.')
   specs = [as_dict(m) for m in config.client_models]
   for spec in specs:
     unknown = set(spec) - {'model', 'model_options', 'fraction'}
@@ -198,11 +195,14 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
     states.append(ms)
   groups.check_heterogeneous(algorithms)
   chunk = config.get('clients_per_chunk') or None
+  mesh = _client_mesh(config)
   round_fn = groups.make_grouped_round(
       algorithms, ids, num_clients=config.num_clients,
       clients_per_round=config.clients_per_round, sampling=config.get('sampling', 'uniform'),
-      dropout=config.get('dropout', 0.0), clients_per_chunk=chunk, seed=config.seed)
+      dropout=config.get('dropout', 0.0), clients_per_chunk=chunk, seed=config.seed, **mesh)
   return {
+      'client_mesh': dict(mesh['mesh'].shape) if mesh else None,
+      'mesh': mesh['mesh'] if mesh else None,
       'groups': ids, 'algorithm': algorithms[0], 'algorithms': algorithms, 'apply': applies[0],
       'params': params[0], 'model_state': states[0], 'round_fn': round_fn,
       'init_state': lambda: groups.init_grouped_state(algorithms, params, states, ids),

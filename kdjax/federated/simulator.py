@@ -149,29 +149,32 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
         f'clients_per_chunk ({clients_per_chunk}) must divide clients_per_round ({k}).')
   shard = None
   if mesh is not None:
-    size = mesh.shape[client_axis]
-    if chunk % size:
-      raise UserError(f'the cohort chunk ({chunk} clients) must divide by the {size} devices of '
-                      f'the mesh axis {client_axis!r}; change clients_per_round or '
-                      'clients_per_chunk.')
+    check_chunk_on_mesh(chunk, mesh, client_axis)
     shard = client_sharding(mesh, client_axis)
 
   seeded = _seeded_round(algorithm, num_clients=num_clients, k=k, sampling=sampling,
                          dropout=dropout, chunk=chunk, shard=shard)
-  fn = lambda state, data: seeded(state, data, seed)
+  return jit_round(lambda state, data: seeded(state, data, seed), mesh)
+
+
+def jit_round(fn: Callable, mesh: jax.sharding.Mesh | None) -> Callable:
+  """``jax.jit(fn)`` for ``fn(state, data) -> (state, info)``; with a mesh the outputs
+  come back replicated over it (the layout of :func:`replicate`d inputs, so round
+  after round neither recompiles nor reshards), and on CPU each call first waits
+  for the previous state.
+
+  The wait: XLA:CPU's in-process all-reduce blocks a worker of the thread pool that
+  every CPU device shares, and a round dispatched while another device still
+  finished the previous one deadlocked there (jax 0.10.2, 2 devices on 2 cores: 2
+  hangs in 3 runs of 100 back-to-back rounds, none with the wait).
+  """
   if mesh is None:
     return jax.jit(fn)
-  # The state comes back replicated over the mesh, the layout of :func:`replicate`d
-  # inputs, so round after round neither recompiles nor reshards.
   jitted = jax.jit(fn, out_shardings=replicated(mesh))
   if mesh.devices.size == 1 or mesh.devices.flat[0].platform != 'cpu':
     return jitted
 
   def cpu_round(state, data):
-    # XLA:CPU's in-process all-reduce blocks a worker of the thread pool that every
-    # CPU device shares: a round dispatched while another device still finishes the
-    # previous one deadlocked there (jax 0.10.2, 2 devices on 2 cores: 2 hangs in
-    # 3 runs of 50 back-to-back rounds, none in 5 with this wait).
     jax.block_until_ready(state)
     return jitted(state, data)
 
@@ -223,6 +226,16 @@ def _seeded_round(algorithm, *, num_clients, k, sampling, dropout, chunk, shard)
     return SimState(state.round + 1, new_server, clients), info
 
   return round_fn
+
+
+def check_chunk_on_mesh(chunk: int, mesh: jax.sharding.Mesh, client_axis: str,
+                        what: str = 'the cohort chunk') -> None:
+  """A :class:`UserError` unless ``chunk`` clients split evenly over the mesh axis."""
+  size = mesh.shape[client_axis]
+  if chunk % size:
+    raise UserError(f'{what} ({chunk} clients) must divide by the {size} devices of '
+                    f'the mesh axis {client_axis!r}; change clients_per_round or '
+                    'clients_per_chunk.')
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

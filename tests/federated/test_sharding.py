@@ -144,3 +144,46 @@ def test_back_to_back_sharded_rounds_on_cpu_do_not_deadlock():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out['devices'] == 2
   assert out['maxdiff'] == 0.0
+
+
+HETERO_TINY = ['--config.num_clients=8', '--config.num_rounds=2', '--config.eval_every=2',
+               '--config.proxy_size=40', '--config.local.epochs=1', '--config.algorithm=fedd2s']
+
+
+def test_grouped_round_with_config_mesh_matches_the_single_device_run(tmp_path):
+  """Two client architectures (FedD2S), each group's clients sharded over 2 fake devices:
+  the same losses and accuracies as on one device."""
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+  config = os.path.join(root, 'configs', 'fed', 'mnist1d_hetero.py') + ':tiny'
+  summaries = []
+  for devices, extra in (('1', []), ('2', ["--config.mesh=[('clients', -1)]"])):
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=devices, JAX_PLATFORMS='cpu',
+               PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    workdir = str(tmp_path / f'd{devices}')
+    proc = subprocess.run([sys.executable, '-c', CLI_SCRIPT, config, workdir, *HETERO_TINY,
+                           *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      summary = json.load(f)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      summary['train_loss'] = [json.loads(l)['train_loss'] for l in f]
+    summaries.append(summary)
+  a, b = summaries
+  assert a['client_mesh'] is None and b['client_mesh'] == {'clients': 2}
+  for key in ('global_accuracy', 'personalized_accuracy_mean'):
+    assert abs(a[key] - b[key]) < 1e-6, key
+  np.testing.assert_allclose(a['train_loss'], b['train_loss'], rtol=1e-5)
+
+
+def test_grouped_round_chunk_not_dividing_the_mesh_exits_2(tmp_path):
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+  config = os.path.join(root, 'configs', 'fed', 'mnist1d_hetero.py') + ':tiny'
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_PLATFORMS='cpu',
+             PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run([sys.executable, '-m', 'kdjax.cli', 'fed', 'run', '--config', config,
+                         '--workdir', str(tmp_path / 'w'), '--no-progress', *HETERO_TINY,
+                         '--config.clients_per_round=3', "--config.mesh=[('clients', -1)]"],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'must divide by the 2 devices' in lines[0], lines
