@@ -73,24 +73,32 @@ CLI_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_fed_run_with_config_mesh_matches_the_single_device_run(tmp_path):
-  """`kdjax fed run --config.mesh=[('clients', -1)]` on 2 fake devices ends where one device does."""
-  root = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
-  config = os.path.join(root, 'configs', 'fed', 'mnist1d_fedavg.py') + ':tiny'
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+
+
+def _one_and_two_devices(tmp_path, config_name, *args):
+  """The summaries (with per-round train losses) of `kdjax fed run` on 1 device and
+  on 2 fake devices with the client axis sharded."""
+  config = os.path.join(ROOT, 'configs', 'fed', config_name) + ':tiny'
   summaries = []
   for devices, extra in (('1', []), ('2', ["--config.mesh=[('clients', -1)]"])):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=devices, JAX_PLATFORMS='cpu',
-               PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
     workdir = str(tmp_path / f'd{devices}')
-    proc = subprocess.run([sys.executable, '-c', CLI_SCRIPT, config, workdir, *extra], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, '-c', CLI_SCRIPT, config, workdir, *args, *extra],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, 'summary.json')) as f:
       summary = json.load(f)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       summary['train_loss'] = [json.loads(l)['train_loss'] for l in f]
     summaries.append(summary)
-  a, b = summaries
+  return summaries
+
+
+def test_fed_run_with_config_mesh_matches_the_single_device_run(tmp_path):
+  """`kdjax fed run --config.mesh=[('clients', -1)]` on 2 fake devices ends where one device does."""
+  a, b = _one_and_two_devices(tmp_path, 'mnist1d_fedavg.py')
   assert a['round'] == b['round'] == 6
   assert a['client_mesh'] is None and b['client_mesh'] == {'clients': 2}
   assert abs(a['global_accuracy'] - b['global_accuracy']) < 1e-6
@@ -153,22 +161,7 @@ HETERO_TINY = ['--config.num_clients=8', '--config.num_rounds=2', '--config.eval
 def test_grouped_round_with_config_mesh_matches_the_single_device_run(tmp_path):
   """Two client architectures (FedD2S), each group's clients sharded over 2 fake devices:
   the same losses and accuracies as on one device."""
-  root = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
-  config = os.path.join(root, 'configs', 'fed', 'mnist1d_hetero.py') + ':tiny'
-  summaries = []
-  for devices, extra in (('1', []), ('2', ["--config.mesh=[('clients', -1)]"])):
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES=devices, JAX_PLATFORMS='cpu',
-               PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    workdir = str(tmp_path / f'd{devices}')
-    proc = subprocess.run([sys.executable, '-c', CLI_SCRIPT, config, workdir, *HETERO_TINY,
-                           *extra], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(workdir, 'summary.json')) as f:
-      summary = json.load(f)
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      summary['train_loss'] = [json.loads(l)['train_loss'] for l in f]
-    summaries.append(summary)
-  a, b = summaries
+  a, b = _one_and_two_devices(tmp_path, 'mnist1d_hetero.py', *HETERO_TINY)
   assert a['client_mesh'] is None and b['client_mesh'] == {'clients': 2}
   for key in ('global_accuracy', 'personalized_accuracy_mean'):
     assert abs(a[key] - b[key]) < 1e-6, key
@@ -176,10 +169,9 @@ def test_grouped_round_with_config_mesh_matches_the_single_device_run(tmp_path):
 
 
 def test_grouped_round_chunk_not_dividing_the_mesh_exits_2(tmp_path):
-  root = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
-  config = os.path.join(root, 'configs', 'fed', 'mnist1d_hetero.py') + ':tiny'
+  config = os.path.join(ROOT, 'configs', 'fed', 'mnist1d_hetero.py') + ':tiny'
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_PLATFORMS='cpu',
-             PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   proc = subprocess.run([sys.executable, '-m', 'kdjax.cli', 'fed', 'run', '--config', config,
                          '--workdir', str(tmp_path / 'w'), '--no-progress', *HETERO_TINY,
                          '--config.clients_per_round=3', "--config.mesh=[('clients', -1)]"],
