@@ -137,7 +137,8 @@ def _patches_conv_bwd(geometry, precision, preferred_element_type, res, g):
   # The kernel gradient contracts the patch rows. As cols^T @ g with cols^T built
   # directly (im2col of the channels-first input) the dot is in the layout XLA:CPU's
   # matmul wants; transposing cols instead folds into a dot over cols' major axis,
-  # measured 1.5-2x slower for the MNIST-1D CNN's layers (25 vmapped clients).
+  # 1.3-1.4x (32-channel layers) to 4.5-5x (first layer) slower for the MNIST-1D CNN under vmap
+  # of 25 clients (benchmarks/kernel_grad.py, one core).
   del preferred_element_type
   lhs, rhs = res
   kmat = rhs.reshape(-1, rhs.shape[-1])
@@ -170,7 +171,8 @@ def small_rows_dot_general(
   client's minibatch), the kernel gradient ``x^T g`` is computed as a sum of
   ``rows`` outer products, one elementwise loop, instead of a ``dot`` whose
   contraction is only ``rows`` deep: XLA:CPU (jax 0.10.2, 2-core AMD EPYC) runs
-  that dot 3x (10 rows) to 8x (4 rows) slower than the loop, and 25 vmapped
+  that dot 3x (10 rows) to 5-9x (4 rows) slower than the loop
+  (``benchmarks/kernel_grad.py``), and 25 vmapped
   clients turn it into a batched dot no faster per client. The forward value and
   the input gradient are the plain dots. Other shapes and options take
   ``lax.dot_general`` unchanged. A ``custom_vjp``: reverse mode only (no

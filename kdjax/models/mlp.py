@@ -67,7 +67,8 @@ class MLP(nnx.Module):
     self.norms = nnx.List([layers.norm(norm, b, **kw) for b in hidden])
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
     # The head keeps the plain dot: its input gradient is the loss's elementwise
-    # chain, which XLA would recompute inside the outer-product loop (measured 9x slower).
+    # chain, which XLA recomputes inside the outer-product loop (slower in a profile of the
+    # federated round; not a kept benchmark).
     self.head = nnx.Linear(sizes[-1], num_classes, **kw)
     self.dtype = dtype
 
