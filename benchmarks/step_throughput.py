@@ -14,7 +14,11 @@ kdjax side: the engine path of ``kdjax distill`` with device-fed data
 (``make_train_step`` -> ``make_fused_steps`` -> ``jax.jit`` with shardings on a
 ``('data', -1)`` mesh and the state donated, as in ``kdjax/distill/loop.py``), once per
 convolution lowering asked for (the models' ``conv_impl`` option: ``xla``, ``patches``,
-or ``T/S`` for teacher and student apart); the fastest is reported, each is recorded.
+or ``T/S`` for teacher and student apart), each on one device and also with the
+teacher on a second device one fused call ahead (``config.teacher.devices=1``: the
+engine's ``TeacherAhead`` driving ``make_teacher_steps``; on a CPU the process gets
+``JAX_NUM_CPU_DEVICES=2``, one device per core, unless ``--no-teacher-apart``); the
+fastest is reported, each is recorded.
 
 PyTorch side: modules written to match kdjax's models layer by layer (parameter counts
 checked equal; kdjax's initial weights are copied in and the logits and the loss of one
@@ -156,14 +160,24 @@ class KdjaxRun:
   batch_size: int
   fused_call_flops: float | None
   compile_seconds: float
+  ahead: Any = None          # kdjax.distill.loop.TeacherAhead: the teacher on its own device
 
   def calls(self, n: int) -> None:
     import jax
     state = self.state
     for _ in range(n):
-      state, _ = self.compiled(state, self.data, self.teacher_vars)
+      if self.ahead is None:
+        state, _ = self.compiled(state, self.data, self.teacher_vars)
+      else:   # as `kdjax distill` with config.teacher.devices=1 runs each fused call
+        first = int(jax.device_get(state.step))
+        outputs = jax.device_put(self.ahead.outputs(first, self.steps_per_call),
+                                 self.outputs_sharding)
+        state, _ = self.compiled(state, self.data, None, outputs)
+        jax.block_until_ready(state.step)
     jax.block_until_ready(state)
     self.state = state
+
+  outputs_sharding: Any = None
 
 
 def _xla_flops(compiled) -> float | None:
@@ -201,11 +215,14 @@ def kdjax_models(pair: Pair, conv_impl: str):
 
 
 def kdjax_setup(pair: Pair, arrays: dict, *, steps_per_call: int, conv_impl: str = 'xla',
-                batch_sharding: bool = True, donate: bool = True, want_step_flops: bool = False):
+                batch_sharding: bool = True, donate: bool = True, want_step_flops: bool = False,
+                devices=None, teacher_apart: bool = False):
   """Builds the state and compiles the fused call exactly as ``kdjax distill`` does.
 
-  Returns ``(KdjaxRun, xla_flops_per_step or None, objects)``; ``objects`` holds the
-  models and objective for the equivalence check.
+  ``devices``: the student's mesh (default: all devices). ``teacher_apart``: the
+  teacher runs on the last device, one fused call ahead, the student on ``devices``
+  (as ``config.teacher.devices=1``). Returns ``(KdjaxRun, xla_flops_per_step or None,
+  objects)``; ``objects`` holds the models and objective for the equivalence check.
   """
   import jax
   import jax.numpy as jnp
@@ -223,7 +240,10 @@ def kdjax_setup(pair: Pair, arrays: dict, *, steps_per_call: int, conv_impl: str
   (t_apply, t_params, t_state), (s_apply, s_params, s_state) = kdjax_models(pair, conv_impl)
   objective = build_objective(pair.loss_terms)
   tx = make_optimizer(ml_collections.ConfigDict(pair.optimizer), 10_000)
-  mesh = make_mesh([('data', -1)])
+  mesh = make_mesh([('data', -1)], devices=devices)
+  teacher_mesh = make_mesh([('data', -1)], devices=jax.devices()[-1:]) if teacher_apart else None
+  if teacher_apart and set(mesh.devices.flat) & set(teacher_mesh.devices.flat):
+    raise ValueError('teacher_apart: the student devices must leave the last one free')
   repl = NamedSharding(mesh, P())
   batch_sh = NamedSharding(mesh, P('data'))
 
@@ -242,7 +262,8 @@ def kdjax_setup(pair: Pair, arrays: dict, *, steps_per_call: int, conv_impl: str
                      rng=jax.random.key_data(jax.random.fold_in(init_rng, 2)))
   state_sh = shardings_from_rules(state, [('.*', None)], mesh)
   state = jax.device_put(state, state_sh)
-  teacher_vars = jax.device_put((t_params, t_state), repl)
+  teacher_vars = jax.device_put((t_params, t_state),
+                                NamedSharding(teacher_mesh, P()) if teacher_apart else repl)
   teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_vars)
   data_sh = jax.tree.map(lambda _: repl, arrays)
   device_data = jax.tree.map(lambda a: jax.make_array_from_process_local_data(repl, a), arrays)
@@ -253,10 +274,25 @@ def kdjax_setup(pair: Pair, arrays: dict, *, steps_per_call: int, conv_impl: str
   fused = make_fused_steps(step_fn, num_examples=len(arrays['label']),
                            batch_size=pair.batch_size, shuffle_seed=0, num_steps=steps_per_call,
                            batch_sharding=batch_sh if batch_sharding else None)
-  jitted = jax.jit(fused, in_shardings=(state_sh, data_sh, teacher_sh),
-                   out_shardings=(state_sh, repl), donate_argnums=0 if donate else ())
+  ahead = outputs_sh = None
+  if teacher_apart:
+    from kdjax.distill.loop import TeacherAhead
+    fused_kw = dict(num_examples=len(arrays['label']), batch_size=pair.batch_size,
+                    shuffle_seed=0)
+    ahead = TeacherAhead(step_fn, fused_kw, arrays, teacher_vars, teacher_mesh,
+                         lambda s: s + steps_per_call)
+    outputs_sh = NamedSharding(mesh, P(None, 'data'))
+    outputs = jax.device_put(ahead.outputs(0, steps_per_call), outputs_sh)
+    ahead.pending.clear()
+    jitted = jax.jit(fused, in_shardings=(state_sh, data_sh, None, outputs_sh),
+                     out_shardings=(state_sh, repl), donate_argnums=0 if donate else ())
+    call_args = (state, device_data, None, outputs)
+  else:
+    jitted = jax.jit(fused, in_shardings=(state_sh, data_sh, teacher_sh),
+                     out_shardings=(state_sh, repl), donate_argnums=0 if donate else ())
+    call_args = (state, device_data, teacher_vars)
   t0 = time.perf_counter()
-  compiled = jitted.lower(state, device_data, teacher_vars).compile()
+  compiled = jitted.lower(*call_args).compile()
   compile_seconds = time.perf_counter() - t0
 
   step_flops = None
@@ -278,7 +314,7 @@ def kdjax_setup(pair: Pair, arrays: dict, *, steps_per_call: int, conv_impl: str
     call = jitted
     state, _ = jax.block_until_ready(call(state, device_data, teacher_vars))
   run = KdjaxRun(call, state, device_data, teacher_vars, steps_per_call, pair.batch_size,
-                 _xla_flops(compiled), compile_seconds)
+                 _xla_flops(compiled), compile_seconds, ahead, outputs_sh)
   objects = dict(teacher=(t_apply, t_params, t_state), student=(s_apply, s_params, s_state),
                  objective=objective, loss_vars=(loss_params, loss_state))
   return run, step_flops, objects
@@ -627,11 +663,14 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
   # arithmetic as the other lowerings); it is used for every runner, torch included.
   flops_impl = 'xla' if 'xla' in impls else impls[0]
   res['compile_seconds'] = {}
+  import jax
+  one = jax.devices()[:1]   # the live step on one device (the engine's default on a CPU)
   for impl in impls:
     log(f'[{pair.key}] kdjax: compiling the fused call (conv_impl={impl}, '
         f'steps_per_call={args_spc(pair, args)}) ...')
     run, flops, objs = kdjax_setup(pair, arrays, steps_per_call=args_spc(pair, args),
-                                   conv_impl=impl, want_step_flops=impl == flops_impl)
+                                   conv_impl=impl, want_step_flops=impl == flops_impl,
+                                   devices=one)
     objects = objects or objs
     objects_by_impl[impl] = objs
     if impl == flops_impl:
@@ -640,6 +679,13 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
       res['xla_flops_conv_impl'] = impl
     res['compile_seconds'][impl] = run.compile_seconds
     runs[impl] = run
+    if args.teacher_apart and jax.device_count() >= 2:
+      # config.teacher.devices=1: the teacher on the second device, one call ahead.
+      log(f'[{pair.key}] kdjax: compiling the fused call, teacher on its own device '
+          f'(conv_impl={impl}) ...')
+      runs[f'{impl},teacher apart'] = kdjax_setup(
+          pair, arrays, steps_per_call=args_spc(pair, args), conv_impl=impl, devices=one,
+          teacher_apart=True)[0]
 
   teacher = torch_model(pair.teacher, pair, pair.teacher_kwargs)
   student = torch_model(pair.student, pair, pair.student_kwargs)
@@ -683,7 +729,7 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
     log(f'[{pair.key}] kdjax: compiling the fused call with the teacher logits precomputed ...')
     cached_runs['kdjax[cached teacher]'], _, _ = kdjax_setup(
         pair, {**arrays, 'teacher_logits': logits}, steps_per_call=args_spc(pair, args),
-        conv_impl='xla')
+        conv_impl='xla', devices=one)
     t0 = time.perf_counter()
     cached_trun = TorchRun(pair, arrays, teacher, student, cache_teacher=True)
     res['torch_teacher_logits_seconds'] = time.perf_counter() - t0
@@ -765,7 +811,9 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
   res['examples_per_sec_samples'] = samples
   res['examples_per_sec_median'] = med
   res['cpu_seconds_per_step_median'] = {k: statistics.median(v) for k, v in cpu.items()}
-  res['kdjax_conv_impl'] = best_kd[len('kdjax['):-1]
+  res['kdjax_variant'] = best_kd[len('kdjax['):-1]
+  res['kdjax_conv_impl'] = res['kdjax_variant'].split(',')[0]
+  res['kdjax_teacher_apart'] = res['kdjax_variant'].endswith('teacher apart')
   res['kdjax_examples_per_sec'] = med[best_kd]
   res['kdjax_examples_per_sec_default_conv_impl'] = med[default_kd]
   res['torch_threads'] = int(best_th[len('torch['):-2])
@@ -793,7 +841,7 @@ def serial_parts(med: dict, best_kd: str, best_th: str) -> dict:
   """A live step against its two parts timed alone: the teacher's forward, and the
   student step fed precomputed teacher logits. ``serial_bound`` = 1 / (1/teacher + 1/student)
   is what a step doing the two one after the other, with no other cost, would reach."""
-  impl = best_kd[len('kdjax['):-1]
+  impl = best_kd[len('kdjax['):-1].split(',')[0]
   kd_t = med.get(f'kdjax[teacher forward,{impl}]') or max(
       v for k, v in med.items() if k.startswith('kdjax[teacher forward'))
   kd_s = med['kdjax[cached teacher]']
@@ -933,6 +981,8 @@ def _child(args, option_sets, *, flags='', cpus=None):
   if cpus is not None:
     cmd = ['taskset', '-c', ','.join(str(c) for c in sorted(os.sched_getaffinity(0))[:cpus])] + cmd
   env = dict(os.environ)
+  if env.pop('KDJAX_BENCH_SET_DEVICES', None):   # main's own setting (teacher apart) only
+    env.pop('JAX_NUM_CPU_DEVICES', None)
   env['XLA_FLAGS'] = ' '.join(filter(None, [os.environ.get('XLA_FLAGS', ''), flags]))
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
   if out.returncode != 0:
@@ -1045,6 +1095,10 @@ def parse_args(argv=None):
   p.add_argument('--sweep', action='store_true', help='also time pair 1 under engine options')
   p.add_argument('--sweep-rounds', type=int, default=3)
   p.add_argument('--sweep-min-seconds', type=float, default=1.5)
+  p.add_argument('--no-teacher-apart', dest='teacher_apart', action='store_false',
+                 help="skip the runs with the teacher on its own device (the engine's "
+                      'config.teacher.devices=1; on a CPU the main process then gets '
+                      'JAX_NUM_CPU_DEVICES=2 unless it is set)')
   p.add_argument('--child', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.quick:
@@ -1087,6 +1141,10 @@ def main(argv=None) -> dict | None:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   import torch
   torch.set_num_threads(args.threads or cores)
+  if (args.teacher_apart and cores >= 2 and os.environ['JAX_PLATFORMS'] == 'cpu'
+      and 'JAX_NUM_CPU_DEVICES' not in os.environ):
+    os.environ['JAX_NUM_CPU_DEVICES'] = '2'     # student on one, teacher on the other
+    os.environ['KDJAX_BENCH_SET_DEVICES'] = '1'
   import jax
 
   t_start = time.perf_counter()
@@ -1139,7 +1197,7 @@ def main(argv=None) -> dict | None:
         f'XLA per fused call {fused / 1e6 if fused else float("nan"):,.1f} M '
         f'(the scan body counted once)')
     log(f'[{key}] kdjax {res["kdjax_examples_per_sec"]:,.0f} ex/s '
-        f'(conv_impl={res["kdjax_conv_impl"]}), torch {res["torch_examples_per_sec"]:,.0f} ex/s '
+        f'({res["kdjax_variant"]}), torch {res["torch_examples_per_sec"]:,.0f} ex/s '
         f'({res["torch_threads"]} thread(s)), '
         f'ratio {res["ratio_vs_torch"]:.2f} (kdjax conv_impl=xla vs torch on all cores: '
         f'{res["ratio_default_vs_torch_all_cores"]:.2f}); of matmul peak: kdjax '

@@ -6,5 +6,6 @@ from kdjax.distill.state import TrainState
 from kdjax.distill.step import TeacherFns
 from kdjax.distill.step import make_eval_step
 from kdjax.distill.step import make_fused_steps
+from kdjax.distill.step import make_teacher_steps
 from kdjax.distill.step import make_train_step
 from kdjax.distill.teacher import load_teacher

@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   # chunk files ('auto'); 'memory' or 'chunks' force one (kdjax.cache.read.choose_reader).
   c.teacher.cache_reader = 'auto'
   c.teacher.cache_memory_max_bytes = 1 << 30
+  # Devices set apart for a live teacher (the last ones; the student's mesh takes the
+  # rest). 0: the teacher runs inside the student's step. >0 (device feed, one process):
+  # the teacher's forward for the next fused call runs on its own devices while the
+  # student's call runs (kdjax.distill.step.make_teacher_steps); same result either way.
+  c.teacher.devices = 0
   return c
 
 

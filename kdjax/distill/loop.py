@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ from kdjax.distill import checkpoint as ckpt
 from kdjax.distill import metrics as kmetrics
 from kdjax.distill.optim import make_optimizer
 from kdjax.distill.state import TrainState
-from kdjax.distill.step import make_eval_step, make_fused_steps, make_train_step
+from kdjax.distill.step import (make_eval_step, make_fused_steps, make_teacher_steps,
+                                 make_train_step)
 from kdjax.distill.teacher import build_model, load_teacher
 from kdjax.errors import UserError
 from kdjax.losses import build_objective
@@ -69,6 +70,57 @@ def _put_global(tree, sharding):
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
 
+def _split_devices(config):
+  """``(student devices, teacher mesh or None)`` from ``config.teacher.devices``."""
+  k = int(config.teacher.get('devices', 0))
+  if k == 0:
+    return None, None
+  devices = jax.devices()
+  if k < 0 or k >= len(devices):
+    raise UserError(f'config.teacher.devices={k}: must be in 0..{len(devices) - 1} (there are '
+                    f'{len(devices)} devices and the student needs at least one)')
+  if jax.process_count() > 1:
+    raise UserError('config.teacher.devices > 0 runs in one process only; set it to 0 for '
+                    'multi-process runs')
+  return devices[:-k], make_mesh([('data', -1)], devices=devices[-k:])
+
+
+class TeacherAhead:
+  """A live teacher on its own devices, one fused call ahead of the student.
+
+  ``outputs(first, n)`` returns the teacher's outputs for steps ``first .. first+n-1``
+  (computed ahead when the previous call asked for them) and dispatches the teacher's
+  call for the next chunk, ``first + n .. next_stop(first + n) - 1``, which then runs
+  on the teacher's devices while the student's call runs on its own.
+  ``next_stop(step)`` is where the chunk starting at ``step`` ends (None: no more).
+  """
+
+  def __init__(self, step_fn, fused_kw: dict, train_arrays, teacher_vars, teacher_mesh,
+               next_stop: Callable[[int], int | None]):
+    self.step_fn, self.fused_kw, self.next_stop = step_fn, fused_kw, next_stop
+    self.teacher_vars = teacher_vars
+    self.data = _put_global(train_arrays, NamedSharding(teacher_mesh, P()))
+    self.batch_sh = NamedSharding(teacher_mesh, P(teacher_mesh.axis_names[0]))
+    self.calls: dict[int, Any] = {}
+    self.pending: dict[tuple[int, int], Any] = {}
+
+  def _call(self, first: int, n: int):
+    if n not in self.calls:
+      self.calls[n] = jax.jit(make_teacher_steps(self.step_fn, num_steps=n,
+                                                 batch_sharding=self.batch_sh, **self.fused_kw))
+    return self.calls[n](np.int32(first), self.data, self.teacher_vars)
+
+  def outputs(self, first: int, n: int):
+    out = self.pending.pop((first, n), None)
+    self.pending.clear()
+    if out is None:
+      out = self._call(first, n)
+    stop = self.next_stop(first + n)
+    if stop is not None:
+      self.pending[(first + n, stop - first - n)] = self._call(first + n, stop - first - n)
+    return out
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks between calls (checkpoint, then exit)."""
 
@@ -97,8 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _validate(config)
   initialize_from_env()
   workdir = os.path.abspath(workdir)
+  student_devices, teacher_mesh = _split_devices(config)
   try:
-    mesh = make_mesh([tuple(axis) for axis in config.mesh])
+    mesh = make_mesh([tuple(axis) for axis in config.mesh], devices=student_devices)
   except ValueError as e:
     raise UserError(f'config.mesh: {e}') from None
   data_axis = mesh.axis_names[0]
@@ -128,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   teacher = None
   if (needs_teacher or config.teacher.workdir) and cache is None:  # cache: issue 5
-    teacher = load_teacher(config.teacher.workdir, mesh, config.teacher.partition_rules)
+    teacher = load_teacher(config.teacher.workdir, teacher_mesh or mesh,
+                           config.teacher.partition_rules)
     if teacher.fns.num_classes != spec.num_classes:
       raise UserError(f'the teacher predicts {teacher.fns.num_classes} classes but {config.data.name} '
                       f'has {spec.num_classes}; use a teacher trained on the same label space')
@@ -148,6 +202,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if cache is not None and nbytes is not None:  # teacher cache (issue 5): on device too
       nbytes += cache.nbytes
     feed = 'device' if nbytes is not None and nbytes <= config.data.device_max_bytes else 'stream'
+  if teacher_mesh is not None and (feed != 'device' or teacher is None or not needs_teacher):
+    raise UserError('config.teacher.devices > 0 needs a live teacher (no teacher cache) and '
+                    "the device feed (config.data.feed='device'); set it to 0")
   if feed == 'device':
     train_arrays = kdata.load_arrays(config.data.name, config.data.train_split, data_dir=data_dir)
     num_train = len(train_arrays['label'])
@@ -199,13 +256,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     device_data = _put_global(train_arrays, repl)
     fused_cache: dict[int, Any] = {}
 
-    def run_chunk(state, n):
+    fused_kw = dict(num_examples=num_train, batch_size=int(config.batch_size),
+                    shuffle_seed=int(config.seed))
+
+    def fused(n):
       if n not in fused_cache:
-        fn = make_fused_steps(step_fn, num_examples=num_train, batch_size=int(config.batch_size),
-                              shuffle_seed=int(config.seed), num_steps=n, batch_sharding=batch_sh)
-        fused_cache[n] = jax.jit(fn, in_shardings=(state_sh, data_sh, teacher_sh),
-                                 out_shardings=(state_sh, repl), donate_argnums=0)
-      return fused_cache[n](state, device_data, teacher_vars)
+        fn = make_fused_steps(step_fn, num_steps=n, batch_sharding=batch_sh, **fused_kw)
+        shardings = (state_sh, data_sh, teacher_sh)
+        if teacher_mesh is not None:   # the teacher's outputs come in, sharded like batches
+          shardings = (state_sh, data_sh, None, NamedSharding(mesh, P(None, data_axis)))
+        fused_cache[n] = jax.jit(fn, in_shardings=shardings, out_shardings=(state_sh, repl),
+                                 donate_argnums=0)
+      return fused_cache[n]
+
+    if teacher_mesh is None:
+      def run_chunk(state, n):
+        return fused(n)(state, device_data, teacher_vars)
+    else:
+      teach = TeacherAhead(
+          step_fn, fused_kw, train_arrays, teacher_vars, teacher_mesh,
+          lambda s: _next_stop(s, config) if s < int(config.num_steps) else None)
+
+      def run_chunk(state, n):
+        first = int(jax.device_get(state.step))
+        outputs = teach.outputs(first, n)   # also starts the next call's teacher forward
+        outputs = jax.device_put(outputs, NamedSharding(mesh, P(None, data_axis)))
+        return fused(n)(state, device_data, None, outputs)
 
     def data_state():
       return {'feed': 'device', 'step': int(jax.device_get(state.step))}
@@ -306,6 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       'resumed_from': start,
       'feed': feed,
       'num_devices': jax.device_count(),
+      'teacher_devices': int(config.teacher.get('devices', 0)),
       'teacher_step': teacher.step if teacher else None,
       'teacher_fingerprint': teacher.fingerprint if teacher else None,
   }

@@ -38,6 +38,8 @@ def _teacher_inputs(teacher: TeacherFns | None, teacher_vars, x, batch, needs) -
     inputs['teacher_logits'] = batch['teacher_logits']
   if 'teacher_features' in batch:
     inputs['teacher_features'] = batch['teacher_features']
+  if 'teacher_attentions' in batch:
+    inputs['teacher_attentions'] = batch['teacher_attentions']
   if teacher is not None and not inputs:
     params, state = teacher_vars
     out, _ = teacher.apply(params, state, x, train=False)
@@ -55,7 +57,21 @@ def make_train_step(*, student_apply, objective, tx: optax.GradientTransformatio
 
   ``batch`` holds ``x``, ``label`` (−1 = unlabeled), ``id``, ``epoch`` and ``mask``
   (False on padding), and optionally cached teacher outputs.
+
+  The returned step has an attribute ``teacher_outputs(batch, teacher_vars) -> dict``
+  (empty without a live teacher): those of the live teacher's ``teacher_logits``,
+  ``teacher_features`` and ``teacher_attentions`` on the batch's augmented inputs that
+  the objective reads. A
+  batch that already carries them skips the teacher forward, which is how
+  :func:`make_teacher_steps` runs the teacher apart from the student.
   """
+
+  def teacher_outputs(batch, teacher_vars=None) -> dict:
+    if teacher is None or 'teacher_topk_logits' in batch or 'teacher_logits' in batch:
+      return {}
+    x = augment(batch['x'], batch['id'], batch['epoch'], seed=augment_seed)
+    outputs = _teacher_inputs(teacher, teacher_vars, x, {}, objective.needs)
+    return {k: v for k, v in outputs.items() if k in objective.needs}
 
   def step(state: TrainState, batch, teacher_vars=None):
     x = augment(batch['x'], batch['id'], batch['epoch'], seed=augment_seed)
@@ -84,6 +100,8 @@ def make_train_step(*, student_apply, objective, tx: optax.GradientTransformatio
     metrics.update(accuracy_metrics(logits, labels, where))
     return new_state, metrics
 
+  step.teacher_outputs = teacher_outputs
+  step.live_teacher = teacher is not None
   return step
 
 
@@ -101,44 +119,89 @@ def epoch_permutations(seed: int, first_epoch, num_epochs: int, num_examples: in
   return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(base, e), num_examples))(epochs)
 
 
-def make_fused_steps(step_fn, *, num_examples: int, batch_size: int, shuffle_seed: int,
-                     num_steps: int, batch_sharding=None):
-  """``run(state, data, teacher_vars) -> (state, summed_metrics)`` for ``num_steps`` steps.
-
-  ``data`` is the whole training split on device (``x``, ``label``, ``id``). Step ``s``
-  takes examples ``perm_e[(s mod E)·B : (s mod E + 1)·B]`` of epoch ``e = s // E``
-  (``E`` = steps per epoch, the remainder of each epoch dropped), so the batches are a
-  pure function of the step and the seed: a resumed run sees exactly the same batches.
-  """
+def _batches(data, *, shuffle_seed: int, num_examples: int, batch_size: int, first_step,
+             num_steps: int, batch_sharding=None):
+  """``batch_at(step)`` for steps ``first_step .. first_step + num_steps - 1``."""
   steps_per_epoch = num_examples // batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'batch size {batch_size} is larger than the {num_examples} training examples')
+  first_epoch = first_step // steps_per_epoch
   max_epochs = (num_steps + steps_per_epoch - 1) // steps_per_epoch + 1
+  perms = epoch_permutations(shuffle_seed, first_epoch, max_epochs, num_examples)
 
-  def run(state, data, teacher_vars=None):
-    first_epoch = state.step // steps_per_epoch
-    perms = epoch_permutations(shuffle_seed, first_epoch, max_epochs, num_examples)
+  def batch_at(step):
+    epoch = step // steps_per_epoch
+    pos = step % steps_per_epoch
+    idx = jax.lax.dynamic_slice(perms[epoch - first_epoch], (pos * batch_size,), (batch_size,))
+    batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items() if k != 'teacher_cache'}
+    batch['epoch'] = jnp.full((batch_size,), epoch, jnp.int32)
+    if 'teacher_cache' in data:  # teacher cache (issue 5): cached epoch e mod E, same views
+      from kdjax.cache.read import gather_rows
+      num_cached = jax.tree.leaves(data['teacher_cache'])[0].shape[0]
+      batch.update(gather_rows(data['teacher_cache'], epoch, idx))
+      batch['epoch'] = jnp.full((batch_size,), epoch % num_cached, jnp.int32)
+    batch['mask'] = jnp.ones((batch_size,), bool)
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return batch
 
-    def body(state, _):
-      epoch = state.step // steps_per_epoch
-      pos = state.step % steps_per_epoch
-      idx = jax.lax.dynamic_slice(perms[epoch - first_epoch], (pos * batch_size,), (batch_size,))
-      batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items() if k != 'teacher_cache'}
-      batch['epoch'] = jnp.full((batch_size,), epoch, jnp.int32)
-      if 'teacher_cache' in data:  # teacher cache (issue 5): cached epoch e mod E, same views
-        from kdjax.cache.read import gather_rows
-        num_cached = jax.tree.leaves(data['teacher_cache'])[0].shape[0]
-        batch.update(gather_rows(data['teacher_cache'], epoch, idx))
-        batch['epoch'] = jnp.full((batch_size,), epoch % num_cached, jnp.int32)
-      batch['mask'] = jnp.ones((batch_size,), bool)
-      if batch_sharding is not None:
-        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-      return step_fn(state, batch, teacher_vars)
+  return batch_at
 
-    state, metrics = jax.lax.scan(body, state, None, length=num_steps)
+
+def make_fused_steps(step_fn, *, num_examples: int, batch_size: int, shuffle_seed: int,
+                     num_steps: int, batch_sharding=None):
+  """``run(state, data, teacher_vars, teacher_outputs=None) -> (state, summed_metrics)``.
+
+  Runs ``num_steps`` steps. ``data`` is the whole training split on device (``x``,
+  ``label``, ``id``). Step ``s`` takes examples ``perm_e[(s mod E)·B : (s mod E + 1)·B]``
+  of epoch ``e = s // E`` (``E`` = steps per epoch, the remainder of each epoch
+  dropped), so the batches are a pure function of the step and the seed: a resumed
+  run sees exactly the same batches.
+
+  ``teacher_outputs``: the live teacher's outputs for these steps, stacked on a leading
+  ``num_steps`` axis, from :func:`make_teacher_steps` (run elsewhere, typically on
+  other devices, while the previous call's student steps run); the steps then skip the
+  teacher forward.
+  """
+  def run(state, data, teacher_vars=None, teacher_outputs=None):
+    batch_at = _batches(data, shuffle_seed=shuffle_seed, num_examples=num_examples,
+                        batch_size=batch_size, first_step=state.step, num_steps=num_steps,
+                        batch_sharding=batch_sharding)
+
+    def body(st, outputs):
+      batch = batch_at(st.step)
+      if outputs is not None:
+        batch.update(outputs)
+      return step_fn(st, batch, teacher_vars)
+
+    state, metrics = jax.lax.scan(body, state, teacher_outputs, length=num_steps)
     return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
   return run
+
+
+def make_teacher_steps(step_fn, *, num_examples: int, batch_size: int, shuffle_seed: int,
+                       num_steps: int, batch_sharding=None):
+  """``teach(first_step, data, teacher_vars) -> outputs`` for :func:`make_fused_steps`.
+
+  The live teacher's outputs (``step_fn.teacher_outputs``: logits, features,
+  attentions on the augmented inputs) for the same ``num_steps`` batches that the fused
+  steps starting at ``first_step`` take, stacked on a leading axis. The result is the
+  same as the fused steps' own teacher forward; what it buys is placement: the
+  teacher's call can run on its own devices, one call ahead of the student's.
+  """
+  def teach(first_step, data, teacher_vars):
+    batch_at = _batches(data, shuffle_seed=shuffle_seed, num_examples=num_examples,
+                        batch_size=batch_size, first_step=first_step, num_steps=num_steps,
+                        batch_sharding=batch_sharding)
+
+    def body(step, _):
+      return step + 1, step_fn.teacher_outputs(batch_at(step), teacher_vars)
+
+    _, outputs = jax.lax.scan(body, jnp.asarray(first_step, jnp.int32), None, length=num_steps)
+    return outputs
+
+  return teach
 
 
 def make_eval_step(apply_fn):
