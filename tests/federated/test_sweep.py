@@ -151,15 +151,15 @@ def test_a_config_without_grid_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize('algorithms', [('scaffold', 'fedd2s', 'fedavg'),
                                         ('feddf', 'edgefd', 'knfu', 'dsfl', 'fedmd')])
 def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path, algorithms):
-  """One vmapped simulation over 3 seeds (different padded shapes) = 3 sequential runs;
+  """One vmapped simulation over 2 seeds (different padded shapes) = 2 sequential runs;
   the second set holds a proxy set drawn per seed (a vmapped argument)."""
   from kdjax.config import load_config
   from kdjax.federated import run as run_lib
   grid = ["--config.grid.alpha=[0.3]", f'--config.grid.algorithm={list(algorithms)}',
-          '--config.grid.seeds=[0, 1, 2]', '--config.num_rounds=4', '--config.eval_every=2']
+          '--config.grid.seeds=[0, 1]', '--config.num_rounds=2', '--config.eval_every=1']
   base = load_config(TINY, [tuple(o[len('--config.'):].split('=', 1)) for o in grid])
   lengths = {run_lib.setup(sweep.cell_config(base, 0.3, 'fedavg', s))['train'].mask.shape[1]
-             for s in (0, 1, 2)}
+             for s in (0, 1)}
   assert len(lengths) > 1, lengths      # the seeds' packed shapes differ: padding is exercised
   dirs = {}
   for vmap in (True, False):
@@ -167,10 +167,10 @@ def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path, algorithms):
     assert cli.main(['fed', 'sweep', '--config', TINY, '--workdir', dirs[vmap], '--no-progress',
                      *grid, f'--config.grid.vmap_seeds={vmap}']) == 0
   for g in algorithms:
-    for s in (0, 1, 2):
+    for s in (0, 1):
       name = f'a0.3_{g}_s{s}'
       a, b = _summary(dirs[True], name), _summary(dirs[False], name)
-      assert a.get('seeds_vmapped') == 3 and 'seeds_vmapped' not in b
+      assert a.get('seeds_vmapped') == 2 and 'seeds_vmapped' not in b
       for key in ('global_accuracy', 'personalized_accuracy_mean', 'personalized_accuracy_worst10',
                   'bytes_total'):
         assert a[key] == pytest.approx(b[key], abs=1e-6), (name, key)
