@@ -158,6 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.batch_size % mesh.shape[data_axis]:
     raise UserError(f'batch_size {config.batch_size} does not divide over the {mesh.shape[data_axis]} '
                     f'devices of mesh axis {data_axis!r}; pick a multiple')
+  if teacher_mesh is not None and config.batch_size % teacher_mesh.size:
+    raise UserError(f'batch_size {config.batch_size} does not divide over the teacher\'s '
+                    f'{teacher_mesh.size} devices (config.teacher.devices); pick a multiple')
 
   data_dir = config.data.data_dir or None
   spec = kdata.dataset_spec(config.data.name, data_dir=data_dir)

@@ -127,6 +127,7 @@ def test_tiny_distillation_teacher_on_its_own_device(cli, paths, teacher_dir, da
 @pytest.mark.parametrize('extra, message', [
     (['--config.teacher.devices=3'], 'config.teacher.devices=3'),
     (['--config.teacher.devices=1', '--config.data.feed=stream'], 'needs a live teacher'),
+    (['--config.teacher.devices=2', '--config.batch_size=33'], "teacher's 2 devices"),
 ])
 def test_teacher_devices_refused_clearly(cli, paths, teacher_dir, data_dir, tmp_path, extra, message):
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=3', 'JAX_PLATFORMS': 'cpu'}
