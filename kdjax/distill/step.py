@@ -58,12 +58,12 @@ def make_train_step(*, student_apply, objective, tx: optax.GradientTransformatio
   ``batch`` holds ``x``, ``label`` (−1 = unlabeled), ``id``, ``epoch`` and ``mask``
   (False on padding), and optionally cached teacher outputs.
 
-  The returned step has an attribute ``teacher_outputs(batch, teacher_vars) -> dict``
-  (empty without a live teacher): those of the live teacher's ``teacher_logits``,
-  ``teacher_features`` and ``teacher_attentions`` on the batch's augmented inputs that
-  the objective reads. A
-  batch that already carries them skips the teacher forward, which is how
-  :func:`make_teacher_steps` runs the teacher apart from the student.
+  The returned step has two attributes. ``teacher_outputs(batch, teacher_vars) -> dict``
+  gives those of the live teacher's ``teacher_logits``, ``teacher_features`` and
+  ``teacher_attentions`` on the batch's augmented inputs that the objective reads (empty
+  without a live teacher); a batch that already carries them skips the teacher forward,
+  which is how :func:`make_teacher_steps` runs the teacher apart from the student.
+  ``live_teacher`` says whether a teacher was given.
   """
 
   def teacher_outputs(batch, teacher_vars=None) -> dict:
