@@ -161,6 +161,7 @@ class KdjaxRun:
   fused_call_flops: float | None
   compile_seconds: float
   ahead: Any = None          # kdjax.distill.loop.TeacherAhead: the teacher on its own device
+  outputs_sharding: Any = None   # where the teacher's outputs go (the student's mesh)
 
   def calls(self, n: int) -> None:
     import jax
@@ -176,8 +177,6 @@ class KdjaxRun:
         jax.block_until_ready(state.step)
     jax.block_until_ready(state)
     self.state = state
-
-  outputs_sharding: Any = None
 
 
 def _xla_flops(compiled) -> float | None:
