@@ -157,20 +157,31 @@ def packed_permutation(key: jax.Array, n: int) -> jax.Array:
   return order.astype(jnp.int32)
 
 
+# The key under which make_teacher_steps hands its batches' positions in the split to
+# make_fused_steps (so the student's call does not shuffle again).
+POSITIONS = 'batch_positions'
+
+
 def _batches(data, *, shuffle_seed: int, num_examples: int, batch_size: int, first_step,
-             num_steps: int, batch_sharding=None):
-  """``batch_at(step)`` for steps ``first_step .. first_step + num_steps - 1``."""
+             num_steps: int, batch_sharding=None, shuffle: bool = True):
+  """``batch_at(step, idx=None)`` for steps ``first_step .. first_step + num_steps - 1``.
+
+  ``idx``: the batch's positions in the split, when already known (from the teacher's
+  call); with ``shuffle=False`` they must be given (no epoch shuffles are computed).
+  """
   steps_per_epoch = num_examples // batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'batch size {batch_size} is larger than the {num_examples} training examples')
   first_epoch = first_step // steps_per_epoch
   max_epochs = (num_steps + steps_per_epoch - 1) // steps_per_epoch + 1
-  perms = epoch_permutations(shuffle_seed, first_epoch, max_epochs, num_examples)
+  perms = (epoch_permutations(shuffle_seed, first_epoch, max_epochs, num_examples)
+           if shuffle else None)
 
-  def batch_at(step):
+  def batch_at(step, idx=None):
     epoch = step // steps_per_epoch
-    pos = step % steps_per_epoch
-    idx = jax.lax.dynamic_slice(perms[epoch - first_epoch], (pos * batch_size,), (batch_size,))
+    if idx is None:
+      pos = step % steps_per_epoch
+      idx = jax.lax.dynamic_slice(perms[epoch - first_epoch], (pos * batch_size,), (batch_size,))
     batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items() if k != 'teacher_cache'}
     batch['epoch'] = jnp.full((batch_size,), epoch, jnp.int32)
     if 'teacher_cache' in data:  # teacher cache (issue 5): cached epoch e mod E, same views
@@ -183,6 +194,11 @@ def _batches(data, *, shuffle_seed: int, num_examples: int, batch_size: int, fir
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return batch
 
+  def index_at(step):
+    epoch, pos = step // steps_per_epoch, step % steps_per_epoch
+    return jax.lax.dynamic_slice(perms[epoch - first_epoch], (pos * batch_size,), (batch_size,))
+
+  batch_at.index_at = index_at
   return batch_at
 
 
@@ -199,16 +215,21 @@ def make_fused_steps(step_fn, *, num_examples: int, batch_size: int, shuffle_see
   ``teacher_outputs``: the live teacher's outputs for these steps, stacked on a leading
   ``num_steps`` axis, from :func:`make_teacher_steps` (run elsewhere, typically on
   other devices, while the previous call's student steps run); the steps then skip the
-  teacher forward.
+  teacher forward, and take their batches at the positions the teacher's call used
+  (``teacher_outputs[POSITIONS]``) instead of shuffling the epochs again.
   """
   def run(state, data, teacher_vars=None, teacher_outputs=None):
+    handed = teacher_outputs is not None and POSITIONS in teacher_outputs
     batch_at = _batches(data, shuffle_seed=shuffle_seed, num_examples=num_examples,
                         batch_size=batch_size, first_step=state.step, num_steps=num_steps,
-                        batch_sharding=batch_sharding)
+                        batch_sharding=batch_sharding, shuffle=not handed)
 
     def body(st, outputs):
-      batch = batch_at(st.step)
-      if outputs is not None:
+      if outputs is None:
+        batch = batch_at(st.step)
+      else:
+        outputs = dict(outputs)
+        batch = batch_at(st.step, outputs.pop(POSITIONS, None))
         batch.update(outputs)
       return step_fn(st, batch, teacher_vars)
 
@@ -224,9 +245,11 @@ def make_teacher_steps(step_fn, *, num_examples: int, batch_size: int, shuffle_s
 
   The live teacher's outputs (``step_fn.teacher_outputs``: logits, features,
   attentions on the augmented inputs) for the same ``num_steps`` batches that the fused
-  steps starting at ``first_step`` take, stacked on a leading axis. The result is the
-  same as the fused steps' own teacher forward; what it buys is placement: the
-  teacher's call can run on its own devices, one call ahead of the student's.
+  steps starting at ``first_step`` take, stacked on a leading axis, with the batches'
+  positions in the split under :data:`POSITIONS` (the student's call reuses them
+  instead of shuffling again). The result is the same as the fused steps' own teacher
+  forward; what it buys is placement: the teacher's call can run on its own devices,
+  one call ahead of the student's.
   """
   def teach(first_step, data, teacher_vars):
     batch_at = _batches(data, shuffle_seed=shuffle_seed, num_examples=num_examples,
@@ -234,7 +257,10 @@ def make_teacher_steps(step_fn, *, num_examples: int, batch_size: int, shuffle_s
                         batch_sharding=batch_sharding)
 
     def body(step, _):
-      return step + 1, step_fn.teacher_outputs(batch_at(step), teacher_vars)
+      idx = batch_at.index_at(step)
+      outputs = dict(step_fn.teacher_outputs(batch_at(step, idx), teacher_vars))
+      outputs[POSITIONS] = idx
+      return step + 1, outputs
 
     _, outputs = jax.lax.scan(body, jnp.asarray(first_step, jnp.int32), None, length=num_steps)
     return outputs

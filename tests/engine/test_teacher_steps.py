@@ -10,6 +10,7 @@ from kdjax import models
 from kdjax.data import make_augment
 from kdjax.distill import (TeacherFns, TrainState, make_fused_steps, make_teacher_steps,
                            make_train_step)
+from kdjax.distill.step import POSITIONS, epoch_permutations
 from kdjax.losses import build_objective
 
 N, BATCH, CLASSES = 96, 16, 10
@@ -93,7 +94,6 @@ def test_teacher_apart_gives_each_step_its_own_batch(setup):
   # An independent reference: step by step, each batch's teacher outputs computed
   # from that batch and handed in with it.
   step, data = setup['step'], setup['data']
-  from kdjax.distill.step import epoch_permutations
   perm = np.asarray(epoch_permutations(0, 0, 1, N)[0])
   state = setup['state']
   for s in range(3):
@@ -118,9 +118,25 @@ def test_no_teacher_outputs_without_a_live_teacher():
   data = {**setup['data'], 'teacher_logits': np.asarray(logits)}
   outputs = make_teacher_steps(setup['step'], num_examples=N, batch_size=BATCH,
                                shuffle_seed=0, num_steps=3)(0, data, setup['tvars'])
-  assert outputs == {}
+  # Only the batches' positions, as the epoch shuffle gives them.
+  assert set(outputs) == {POSITIONS}
+  perm = np.asarray(epoch_permutations(0, 0, 1, N)[0])
+  np.testing.assert_array_equal(np.asarray(outputs[POSITIONS]), perm[:3 * BATCH].reshape(3, BATCH))
   assert setup['step'].teacher_outputs({'teacher_logits': logits}) == {}
   no_teacher = make_train_step(student_apply=None, objective=None, tx=optax.sgd(0.1),
                                augment=make_augment(None), augment_seed=0)
   assert not no_teacher.live_teacher
   assert no_teacher.teacher_outputs({'x': jnp.zeros((2, 40, 1))}) == {}
+
+
+def test_student_call_reuses_the_teachers_positions(setup):
+  # Handed the teacher's batch positions, the student's call does not shuffle again
+  # (no sort in its program); the teacher's call and the plain fused call do.
+  kw = dict(num_examples=N, batch_size=BATCH, shuffle_seed=0, num_steps=4)
+  teach = jax.jit(make_teacher_steps(setup['step'], **kw))
+  outputs = teach(0, setup['data'], setup['tvars'])
+  fused = jax.jit(make_fused_steps(setup['step'], **kw))
+  hlo = lambda *a: fused.lower(*a).compile().as_text()
+  assert ' sort(' not in hlo(setup['state'], setup['data'], None, outputs)
+  assert ' sort(' in hlo(setup['state'], setup['data'], setup['tvars'])
+  assert ' sort(' in teach.lower(0, setup['data'], setup['tvars']).compile().as_text()
