@@ -163,19 +163,18 @@ POSITIONS = 'batch_positions'
 
 
 def _batches(data, *, shuffle_seed: int, num_examples: int, batch_size: int, first_step,
-             num_steps: int, batch_sharding=None, shuffle: bool = True):
+             num_steps: int, batch_sharding=None):
   """``batch_at(step, idx=None)`` for steps ``first_step .. first_step + num_steps - 1``.
 
   ``idx``: the batch's positions in the split, when already known (from the teacher's
-  call); with ``shuffle=False`` they must be given (no epoch shuffles are computed).
+  call); the epoch shuffles are then unused, and XLA drops them from the program.
   """
   steps_per_epoch = num_examples // batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'batch size {batch_size} is larger than the {num_examples} training examples')
   first_epoch = first_step // steps_per_epoch
   max_epochs = (num_steps + steps_per_epoch - 1) // steps_per_epoch + 1
-  perms = (epoch_permutations(shuffle_seed, first_epoch, max_epochs, num_examples)
-           if shuffle else None)
+  perms = epoch_permutations(shuffle_seed, first_epoch, max_epochs, num_examples)
 
   def index_at(step):
     epoch, pos = step // steps_per_epoch, step % steps_per_epoch
@@ -218,10 +217,9 @@ def make_fused_steps(step_fn, *, num_examples: int, batch_size: int, shuffle_see
   (``teacher_outputs[POSITIONS]``) instead of shuffling the epochs again.
   """
   def run(state, data, teacher_vars=None, teacher_outputs=None):
-    handed = teacher_outputs is not None and POSITIONS in teacher_outputs
     batch_at = _batches(data, shuffle_seed=shuffle_seed, num_examples=num_examples,
                         batch_size=batch_size, first_step=state.step, num_steps=num_steps,
-                        batch_sharding=batch_sharding, shuffle=not handed)
+                        batch_sharding=batch_sharding)
 
     def body(st, outputs):
       if outputs is None:
