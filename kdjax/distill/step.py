@@ -136,8 +136,9 @@ def packed_permutation(key: jax.Array, n: int) -> jax.Array:
   ``jax.random.permutation`` applies to its 32-bit key rounds. Same distribution,
   different draws: on XLA:CPU a key-value sort is far slower than a one-operand
   sort (five shuffles of 4,000 positions: 7.9 ms with ``jax.random.permutation``,
-  1.95 ms this way, jax 0.10.2, one core), and the fused distillation call shuffles
-  every epoch it spans. For ``n > 2**24`` it is ``jax.random.permutation``.
+  1.95 ms this way, jax 0.10.2, one core; 1.5x at a million positions:
+  ``benchmarks/shuffle.py``), and the fused distillation call shuffles every epoch it
+  spans. For ``n > 2**24`` it is ``jax.random.permutation``.
 
   >>> p = packed_permutation(jax.random.key(0), 10)
   >>> sorted(p.tolist()) == list(range(10))
