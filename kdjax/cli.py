@@ -126,8 +126,9 @@ def _fed_main(args, overrides) -> int:
     return 0
   summary = _guard_data(lambda: run_simulation(config, args.workdir,
                                                progress=not args.no_progress))
-  print(json.dumps({k: summary[k] for k in ('round', 'global_accuracy',
-                                             'personalized_accuracy_mean', 'rounds_per_sec')}))
+  from kdjax.federated.run import json_ready
+  print(json.dumps(json_ready({k: summary[k] for k in (
+      'round', 'global_accuracy', 'personalized_accuracy_mean', 'rounds_per_sec')})))
   return 0
 # ---- end federated simulator --------------------------------------------------------------
 

@@ -56,6 +56,13 @@ def sibling(config_file: str, name: str):
   return module
 
 
+# Config groups whose keys are options of something named elsewhere (loss terms, model
+# kwargs, augmentation; a federated run's partition method, algorithm, model and feature
+# skew): ``--config.<group>.<key>`` may add a key the config file did not list.
+FREE_FORM_GROUPS = ('terms', 'kwargs', 'augment', 'partition', 'algorithm_options',
+                    'model_options', 'feature_skew')
+
+
 def parse_value(text: str):
   try:
     return ast.literal_eval(text)
@@ -75,8 +82,8 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
   if not isinstance(node, ml_collections.ConfigDict):
     raise UserError(f'--config.{dotted}: {".".join(parents)!r} is not a group of keys')
   value = parse_value(text)
-  # Free-form mappings (loss terms, model kwargs, augmentation) accept new keys.
-  free_form = parents and parents[-1] in ('terms', 'kwargs', 'augment')
+  # Free-form mappings accept new keys; whoever consumes them refuses unknown ones.
+  free_form = parents and parents[-1] in FREE_FORM_GROUPS
   if leaf not in node and not free_form:
     known = ', '.join(sorted(node.keys()))
     raise UserError(f'unknown config key {dotted!r}; keys here: {known}')

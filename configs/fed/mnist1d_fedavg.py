@@ -5,6 +5,14 @@
     kdjax fed run --config configs/fed/mnist1d_fedavg.py --workdir DIR \
         --config.algorithm=scaffold --config.partition.alpha=0.1
 
+Option groups take keys the file does not list, checked by what they configure:
+``--config.algorithm=fedprox --config.algorithm_options.mu=0.01``,
+``--config.partition.method=pathological --config.partition.classes_per_client=3``
+(the partitioners' options: ``alpha``, ``min_size``, ``classes_per_client``,
+``shards_per_client``, ``distribution``, ``sigma``, ``exponent``, ``test_fraction``),
+``--config.model_options.dropout=0.1``, ``--config.feature_skew.kind=noise
+--config.feature_skew.strength=0.2`` (``shift``, ``noise``, ``scale``, ``rotate``).
+
 ``algorithm`` is one of fedavg, fedprox, scaffold, fednova, fedavgm, fedadam,
 fedyogi, fedbn, ditto, and the federated distillation methods fd, fedmd, dsfl,
 feddf, fedd2s, knfu, edgefd (those that distill on public data need ``proxy_size``);

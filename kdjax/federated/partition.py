@@ -316,8 +316,11 @@ def shards(labels, num_clients: int, shards_per_client: int = 2, *, seed: int = 
   [4, 4, 4, 4, 4]
   """
   labels = _check_common(labels, num_clients)
+  if isinstance(shards_per_client, bool) or not isinstance(shards_per_client, (int, np.integer)) \
+      or shards_per_client < 1:
+    raise UserError(f'shards_per_client must be an integer >= 1, got {shards_per_client!r}.')
   total = num_clients * int(shards_per_client)
-  if shards_per_client < 1 or total > len(labels):
+  if total > len(labels):
     raise UserError(
         f'{total} shards need at least {total} examples (have {len(labels)}); '
         'use fewer clients or shards per client.')
@@ -363,6 +366,10 @@ def quantity_skew(labels, num_clients: int, *, distribution: str = 'lognormal',
   (100, True)
   """
   labels = _check_common(labels, num_clients, min_size)
+  for name, value in (('sigma', sigma), ('exponent', exponent)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+        or not 0 <= float(value) < float('inf'):
+      raise UserError(f'quantity_skew {name} must be a number >= 0, got {value!r}.')
   rng = np.random.default_rng(seed)
   if distribution == 'lognormal':
     w = rng.lognormal(0.0, float(sigma), num_clients)
@@ -519,32 +526,27 @@ def make_partition(labels, num_clients: int, method: str = 'dirichlet', **option
   # known ones this method does not take; anything else unknown is an error below.
   accepted = set(inspect.signature(fn).parameters)
   options = {k: v for k, v in options.items() if k in accepted or k not in _KNOWN_OPTIONS}
+  unknown = sorted(set(options) - accepted)
+  if unknown:
+    takes = sorted(accepted - {'labels', 'num_clients', 'client_ids', 'max_clients'})
+    raise UserError(f'partition {method!r} has no option {", ".join(map(repr, unknown))}; '
+                    f'it takes {", ".join(takes)}.')
   if method == 'dirichlet':
-    options = dict(options)
-    alpha = options.pop('alpha', 0.5)
-    return fn(labels, num_clients, alpha, **options)
+    return fn(labels, num_clients, options.pop('alpha', 0.5), **options)
   if method == 'pathological':
-    options = dict(options)
     return fn(labels, num_clients, options.pop('classes_per_client', 2), **options)
-  if method == 'natural':
-    options = dict(options)
-    if options.get('client_ids') is None:
-      raise UserError("partition 'natural' needs per-example client ids: use a data set "
-                      'with natural clients (shakespeare).')
-    try:
-      part = fn(options.pop('client_ids'), labels=labels, max_clients=num_clients, **options)
-    except TypeError as e:
-      raise UserError(f'partition {method!r}: {e}.') from None
-    if part.num_clients != int(num_clients):
-      raise UserError(
-          f'natural partition: only {part.num_clients} clients have at least '
-          f'{part.options["min_size"]} examples; set num_clients to at most '
-          f'{part.num_clients} (or lower partition.min_size).')
-    return part
-  try:
+  if method != 'natural':
     return fn(labels, num_clients, **options)
-  except TypeError as e:
-    raise UserError(f'partition {method!r}: {e}.') from None
+  if options.get('client_ids') is None:
+    raise UserError("partition 'natural' needs per-example client ids: use a data set "
+                    'with natural clients (shakespeare).')
+  part = fn(options.pop('client_ids'), labels=labels, max_clients=num_clients, **options)
+  if part.num_clients != int(num_clients):
+    raise UserError(
+        f'natural partition: only {part.num_clients} clients have at least '
+        f'{part.options["min_size"]} examples; set num_clients to at most '
+        f'{part.num_clients} (or lower partition.min_size).')
+  return part
 
 
 # --------------------------------------------------------------------------- feature skew
@@ -581,7 +583,8 @@ def feature_skew(num_clients: int, *, kind: str = 'noise', strength: float = 0.1
       std = strength * i / (K - 1), growing with the client id, as in Li et al.),
       ``'scale'`` (gain ~ U(1 - strength, 1 + strength)) or ``'rotate'``
       (rotation ~ U{0, .., strength}, integer steps; see :class:`FeatureSkew`).
-    strength: the magnitude.
+    strength: the magnitude: >= 0; below 1 for ``'scale'`` (gains stay
+      positive); a whole number for ``'rotate'``.
     seed: the spec seed.
 
   Returns:
@@ -591,6 +594,19 @@ def feature_skew(num_clients: int, *, kind: str = 'noise', strength: float = 0.1
   >>> [round(float(v), 2) for v in s.noise_std]
   [0.0, 0.1, 0.2]
   """
+  kinds = ('shift', 'noise', 'scale', 'rotate')
+  if kind not in kinds:
+    raise UserError(
+        f"feature skew kind must be 'shift', 'noise', 'scale' or 'rotate', got {kind!r}.")
+  if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) \
+      or not 0 <= float(strength) < float('inf'):
+    raise UserError(f'feature skew strength must be a number >= 0, got {strength!r}.')
+  if kind == 'scale' and strength >= 1:
+    raise UserError(f"feature skew 'scale' needs strength < 1 (gains in (1 - s, 1 + s) "
+                    f'stay positive), got {strength}.')
+  if kind == 'rotate' and float(strength) != int(strength):
+    raise UserError(f"feature skew 'rotate' takes a whole number of steps as strength, "
+                    f'got {strength}.')
   rng = np.random.default_rng(seed)
   zeros, ones = np.zeros(num_clients), np.ones(num_clients)
   shift, scale, noise, roll = zeros, ones, zeros, np.zeros(num_clients, np.int64)
@@ -600,11 +616,8 @@ def feature_skew(num_clients: int, *, kind: str = 'noise', strength: float = 0.1
     noise = strength * np.arange(num_clients) / max(num_clients - 1, 1)
   elif kind == 'scale':
     scale = rng.uniform(1 - strength, 1 + strength, num_clients)
-  elif kind == 'rotate':
-    roll = rng.integers(0, int(strength) + 1, num_clients)
   else:
-    raise UserError(
-        f"feature skew kind must be 'shift', 'noise', 'scale' or 'rotate', got {kind!r}.")
+    roll = rng.integers(0, int(strength) + 1, num_clients)
   return FeatureSkew(shift, scale, noise, roll, seed)
 
 

@@ -47,6 +47,69 @@ def as_dict(d) -> dict:
   return dict(d)
 
 
+def json_ready(obj):
+  """``obj`` with every NaN float replaced by ``None`` (JSON ``null``).
+
+  ``json`` would write ``NaN``, which strict JSON readers refuse; a run without
+  local test splits has no personalized accuracy. (A sweep's IID α stays
+  ``Infinity``, as Python's ``json`` writes and reads it.)
+
+  >>> json_ready({'a': float('nan'), 'b': [1.5, float('inf')], 'c': 'x'})
+  {'a': None, 'b': [1.5, inf], 'c': 'x'}
+  """
+  if isinstance(obj, dict):
+    return {k: json_ready(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_ready(v) for v in obj]
+  if isinstance(obj, (float, np.floating)) and np.isnan(obj):
+    return None
+  return obj
+
+
+def _check_int(key: str, value, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise UserError(f'config.{key} must be an integer >= {low}, got {value!r}.')
+
+
+def _check_number(key: str, value, ok, what: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+      or not ok(float(value)):
+    raise UserError(f'config.{key} must be {what}, got {value!r}.')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses settings no simulation can run with, each with a one-line :class:`UserError`.
+
+  What only a later stage can judge (the cohort against the client count, the
+  partition against the data, the model and algorithm options) is checked there.
+  """
+  _check_int('num_clients', config.get('num_clients'), 1)
+  _check_int('num_rounds', config.get('num_rounds'), 0)
+  _check_int('eval_every', config.get('eval_every') or 0, 0)
+  _check_int('checkpoint_every', config.get('checkpoint_every') or 0, 0)
+  local = as_dict(config.get('local'))
+  _check_int('local.batch_size', local.get('batch_size'), 1)
+  _check_int('local.epochs', local.get('epochs', 1), 1)
+  _check_number('local.lr', local.get('lr', 0.05), lambda v: 0 < v < float('inf'),
+                'a positive number')
+  _check_number('local.momentum', local.get('momentum', 0.0), lambda v: 0 <= v < 1,
+                'in [0, 1)')
+
+
+def _functional_model(name: str, options, *, num_classes: int, input_shape, seed: int):
+  """``functional(create(name, ...))``; an unknown model or option is a :class:`UserError`."""
+  from kdjax.models import create
+  from kdjax.models import functional
+  try:
+    model = create(name, num_classes=num_classes, input_shape=input_shape, seed=seed,
+                   **as_dict(options))
+  except KeyError as e:
+    raise UserError(str(e.args[0]) if e.args else str(e)) from None
+  except TypeError as e:
+    raise UserError(f'model {name!r}: {e}.') from None
+  return functional(model)
+
+
 def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Loads data, partitions, packs, builds the model, trainer, algorithm and round.
 
@@ -57,9 +120,8 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
     ``partition`` and ``labels``.
   """
   from kdjax.data import load_arrays
-  from kdjax.models import create
-  from kdjax.models import functional
 
+  check_config(config)
   train = load_arrays(config.dataset, 'train')
   test = load_arrays(config.dataset, 'test')
   num_classes = int(max(train['label'].max(), test['label'].max())) + 1
@@ -93,7 +155,10 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   skew = None
   if config.get('feature_skew'):
     fs = as_dict(config.feature_skew)
-    skew = partition_lib.feature_skew(config.num_clients, seed=config.seed, **fs)
+    try:
+      skew = partition_lib.feature_skew(config.num_clients, seed=config.seed, **fs)
+    except TypeError as e:
+      raise UserError(f'config.feature_skew: {e}.') from None
   local = as_dict(config.local)
   tr, te = packing.pack_partition(train['x'], train['label'], part,
                                   batch_size=local['batch_size'], skew=skew)
@@ -105,9 +170,9 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.get('client_models'):   # heterogeneous architectures (kdjax.federated.groups)
     return {**_setup_groups(config, num_classes=num_classes, input_shape=train['x'].shape[1:],
                             proxy_x=proxy_x), **data_parts}
-  model = create(config.model, num_classes=num_classes, input_shape=train['x'].shape[1:],
-                 seed=config.seed, **as_dict(config.get('model_options')))
-  apply, params, model_state = functional(model)
+  apply, params, model_state = _functional_model(
+      config.model, config.get('model_options'), num_classes=num_classes,
+      input_shape=train['x'].shape[1:], seed=config.seed)
   trainer = make_local_trainer(apply, batch_size=local['batch_size'],
                                epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),
                                momentum=local.get('momentum', 0.0))
@@ -165,8 +230,6 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
                   proxy_x) -> dict[str, Any]:
   """The model/algorithm/round parts of :func:`setup` for ``config.client_models``."""
   from kdjax.federated import groups
-  from kdjax.models import create
-  from kdjax.models import functional
 
   specs = [as_dict(m) for m in config.client_models]
   for spec in specs:
@@ -182,9 +245,9 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
     alg_options.setdefault('seed', config.seed)
   applies, params, states, algorithms = [], [], [], []
   for spec in specs:
-    model = create(spec['model'], num_classes=num_classes, input_shape=input_shape,
-                   seed=config.seed, **as_dict(spec.get('model_options')))
-    apply, p, ms = functional(model)
+    apply, p, ms = _functional_model(spec['model'], spec.get('model_options'),
+                                     num_classes=num_classes, input_shape=input_shape,
+                                     seed=config.seed)
     trainer = make_local_trainer(apply, batch_size=local['batch_size'],
                                  epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),
                                  momentum=local.get('momentum', 0.0))
@@ -373,7 +436,7 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
         if bar is not None:
           bar.set_postfix(acc=f'{last_eval["global_accuracy"]:.3f}')
       history.append(row)
-      out.write(json.dumps(row) + '\n')
+      out.write(json.dumps(json_ready(row)) + '\n')
       out.flush()
       if manager is not None and (r + 1) % ckpt_every == 0:
         save_checkpoint(manager, state)
@@ -397,7 +460,7 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
       **last_eval,
   }
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=float)
+    json.dump(json_ready(summary), f, indent=2, default=float)
   if config.get('plots', True):
     _plot(workdir, metrics_path, np.asarray(pc), np.asarray(pn))
   return summary

@@ -421,8 +421,15 @@ def personalized_summary(correct, count) -> dict[str, float]:
 def tree_bytes(tree) -> int:
   """Bytes of every array leaf of ``tree`` (shapes only; works on abstract values).
 
+  A PRNG key leaf (a model's dropout stream) counts as its key data.
+
   >>> tree_bytes({'a': jnp.zeros((2, 3)), 'b': jnp.zeros(4, jnp.int8)})
   28
+  >>> tree_bytes({'k': jax.random.key(0)})   # threefry: two uint32 words
+  8
   """
-  return int(sum(np.prod(np.shape(a)) * jnp.dtype(a.dtype).itemsize
-                 for a in jax.tree.leaves(tree)))
+  def nbytes(a):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a = jax.eval_shape(jax.random.key_data, a)
+    return int(np.prod(np.shape(a))) * jnp.dtype(a.dtype).itemsize
+  return int(sum(nbytes(a) for a in jax.tree.leaves(tree)))

@@ -47,6 +47,7 @@ import numpy as np
 
 from kdjax.errors import UserError
 from kdjax.federated.run import as_dict
+from kdjax.federated.run import json_ready
 
 ROW_KEYS = ('alpha', 'algorithm', 'seed', 'rounds', 'global_accuracy',
             'personalized_accuracy_mean', 'personalized_accuracy_std',
@@ -144,7 +145,7 @@ def cell_config(config: ml_collections.ConfigDict, alpha: float, algorithm: str,
 def _write_json(path: str, obj) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=float)
+    json.dump(json_ready(obj), f, indent=2, default=float)
   os.replace(tmp, path)
 
 
@@ -307,7 +308,7 @@ def _write_cell(config, workdir: str, rows, reported, pc, pn, *, bytes_update: i
              'bytes_down': int(config.clients_per_round) * bytes_down,
              **{k: v for k, v in row.items()
                 if k not in ('round', 'train_loss', 'train_accuracy')}}
-      f.write(json.dumps(row) + '\n')
+      f.write(json.dumps(json_ready(row)) + '\n')
   final = rows[-1]
   has = pn > 0
   _write_json(os.path.join(workdir, 'clients.json'),
@@ -439,7 +440,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   for (alpha, algorithm), rs in groups.items():
     s = {'alpha': alpha, 'algorithm': algorithm, 'num_seeds': len(rs)}
     for m in METRICS:
-      v = np.array([float(r[m]) for r in rs], np.float64)
+      v = np.array([np.nan if r[m] is None else float(r[m]) for r in rs], np.float64)
       s[f'{m}_mean'] = float(v.mean())
       s[f'{m}_std'] = float(v.std())
     out.append(s)

@@ -129,6 +129,18 @@ def test_stats_table_and_heatmap(tmp_path):
     (lambda: P.pathological(LABELS, 20, 11), 'classes_per_client must be between'),
     (lambda: P.make_partition(LABELS, 5, 'banana'), 'unknown partition method'),
     (lambda: P.feature_skew(3, kind='blur'), 'feature skew kind'),
+    (lambda: P.feature_skew(3, kind='noise', strength=-0.1), 'strength must be a number >= 0'),
+    (lambda: P.feature_skew(3, kind='shift', strength=float('nan')), 'strength must be'),
+    (lambda: P.feature_skew(3, kind='scale', strength=1.0), "'scale' needs strength < 1"),
+    (lambda: P.feature_skew(3, kind='rotate', strength=0.5), 'whole number of steps'),
+    (lambda: P.quantity_skew(LABELS, 10, sigma=-1.0), 'sigma must be a number >= 0'),
+    (lambda: P.quantity_skew(LABELS, 10, distribution='powerlaw', exponent=float('inf')),
+     'exponent must be'),
+    (lambda: P.shards(LABELS, 10, 0), 'shards_per_client must be an integer >= 1'),
+    (lambda: P.make_partition(LABELS, 10, 'dirichlet', alpah=0.5),
+     "partition 'dirichlet' has no option 'alpah'"),
+    (lambda: P.make_partition(LABELS, 10, 'pathological', classes_per_client=2, sigma=1.0,
+                              bogus=1), "has no option 'bogus'; it takes classes_per_client"),
 ])
 def test_user_errors_one_line(call, match):
   with pytest.raises(UserError, match=match) as e:

@@ -68,6 +68,18 @@ def test_fed_run_cli_writes_metrics_and_resumes_identically(tmp_path, capsys):
     ('--config.algorithm=fedsgd', 'unknown federated algorithm'),
     ("--config.mesh=[('clients', 3)]", 'config.mesh'),
     ("--config.mesh=[('a', 1), ('b', 1)]", 'config.mesh must be one axis'),
+    ('--config.local.batch_size=0', 'config.local.batch_size must be an integer >= 1'),
+    ('--config.local.epochs=0', 'config.local.epochs must be an integer >= 1'),
+    ('--config.local.lr=-0.1', 'config.local.lr must be a positive number'),
+    ('--config.local.momentum=1.0', 'config.local.momentum must be in [0, 1)'),
+    ('--config.num_rounds=-1', 'config.num_rounds must be an integer >= 0'),
+    ('--config.checkpoint_every=-2', 'config.checkpoint_every must be'),
+    ('--config.model=mlpp', "Unknown model 'mlpp'"),
+    ('--config.model_options.widht=3', "model 'mlp'"),
+    ('--config.partition.alpah=0.3', "partition 'dirichlet' has no option 'alpah'"),
+    ('--config.feature_skew.kind=blur', 'feature skew kind'),
+    ('--config.feature_skew.knid=noise', 'config.feature_skew'),
+    ('--config.algorithm_options.mu=0.1', "algorithm 'fedavg'"),
 ])
 def test_fed_run_user_errors_exit_2(tmp_path, capsys, override, match):
   code = cli.main(['fed', 'run', '--config', CONFIG + ':tiny', '--workdir',
@@ -75,6 +87,49 @@ def test_fed_run_user_errors_exit_2(tmp_path, capsys, override, match):
   err = capsys.readouterr().err.strip()
   assert code == 2
   assert match in err and len(err.splitlines()) == 1
+
+
+def test_option_groups_take_new_keys_from_the_command_line(tmp_path, capsys):
+  """Partition, algorithm, model and feature-skew options the config file does not list."""
+  def run(name, *overrides):
+    workdir = str(tmp_path / name)
+    assert cli.main(['fed', 'run', '--config', CONFIG + ':tiny', '--workdir', workdir,
+                     '--no-progress', '--config.num_rounds=1', *overrides]) == 0
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      return json.load(f)
+
+  flag = run('flag', '--config.algorithm=fedprox', '--config.algorithm_options.mu=0.5')
+  whole = run('whole', '--config.algorithm=fedprox', "--config.algorithm_options={'mu': 0.5}")
+  plain = run('plain', '--config.algorithm=fedprox')
+  assert flag['global_accuracy'] == whole['global_accuracy']
+  assert flag['personalized_accuracy_mean'] == whole['personalized_accuracy_mean']
+  assert flag['personalized_accuracy_mean'] != plain['personalized_accuracy_mean']
+  path = run('path', '--config.partition.method=pathological',
+             '--config.partition.classes_per_client=3')['partition']
+  assert path['method'] == 'pathological' and path['options']['classes_per_client'] == 3
+  # A model option that draws dropout masks: the model state carries a PRNG key.
+  dropout = run('dropout', '--config.model_options.dropout=0.2')
+  assert 0.0 <= dropout['global_accuracy'] <= 1.0
+  rot = run('rot', "--config.feature_skew.kind=rotate", '--config.feature_skew.strength=5')
+  assert rot['personalized_accuracy_mean'] != run('flat')['personalized_accuracy_mean']
+
+
+def test_no_local_test_split_writes_null_not_nan(tmp_path, capsys):
+  workdir = str(tmp_path / 'w')
+  assert cli.main(['fed', 'run', '--config', CONFIG + ':tiny', '--workdir', workdir,
+                   '--no-progress', '--config.num_rounds=1',
+                   '--config.partition.test_fraction=0']) == 0
+
+  def strict(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f'{c} in JSON output'))
+
+  assert strict(capsys.readouterr().out.strip().splitlines()[-1])[
+      'personalized_accuracy_mean'] is None
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = strict(f.read())
+  assert summary['personalized_accuracy_mean'] is None and summary['global_accuracy'] > 0
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    assert [strict(l)['personalized_accuracy_worst10'] for l in f] == [None]
 
 
 def test_fedbn_keeps_norm_layers_local():
