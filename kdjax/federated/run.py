@@ -12,7 +12,10 @@
   personalized accuracy at the end);
 * ``checkpoints/``: orbax checkpoints of the simulation state every
   ``checkpoint_every`` rounds; a rerun with the same workdir resumes from the
-  latest one and produces the same result as an uninterrupted run.
+  latest one and produces the same result as an uninterrupted run;
+* ``config.json``: the run's config. A workdir holding checkpoints is resumed
+  only by the same config up to :data:`RESUMABLE_FIELDS` (``num_rounds``, what
+  is evaluated, checkpointed and plotted); another config is refused.
 
 Bytes are those of the pytrees exchanged in this simulation: down = cohort size
 × what a client downloads, up = reporting clients × the update pytree.
@@ -345,6 +348,72 @@ def restore_checkpoint(manager, template: sim.SimState) -> sim.SimState | None:
   return _from_saved(template, saved)
 
 
+# --------------------------------------------------------------------------- workdir config
+
+# What a workdir's results do not depend on: a run resumed from its checkpoints may
+# change how long it goes on and what it reports, nothing else.
+RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'checkpoint_every', 'plots')
+
+
+def _flat(tree, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f'{prefix}.{k}' if prefix else str(k)))
+  return out
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
+                         has_results: bool, ignore=RESUMABLE_FIELDS) -> None:
+  """Writes ``WORKDIR/config.json``, or refuses a workdir holding another config's results.
+
+  Args:
+    workdir: the run directory.
+    config: this run's config.
+    has_results: the workdir holds results this run would continue or reuse
+      (checkpoints; a sweep's finished cell).
+    ignore: top-level fields allowed to differ.
+
+  Raises:
+    UserError: ``has_results`` and the stored config differs in another field
+      (or there is none: a workdir from before configs were stored).
+
+  >>> import tempfile
+  >>> d = tempfile.mkdtemp()
+  >>> check_workdir_config(d, ml_collections.ConfigDict({'seed': 0, 'num_rounds': 5}),
+  ...                      has_results=False)
+  >>> check_workdir_config(d, ml_collections.ConfigDict({'seed': 0, 'num_rounds': 9}),
+  ...                      has_results=True)
+  >>> check_workdir_config(d, ml_collections.ConfigDict({'seed': 1, 'num_rounds': 9}),
+  ...                      has_results=True)
+  Traceback (most recent call last):
+  kdjax.errors.UserError: ... holds results of another config (it differs in seed: 0 here, 1 now); ...
+  """
+  from kdjax.distill.checkpoint import config_to_dict
+  path = os.path.join(workdir, 'config.json')
+  new = config_to_dict(config)
+  if has_results:
+    if not os.path.exists(path):
+      raise UserError(f'{workdir} holds results but no config.json (an older kdjax wrote '
+                      'it?); use a new --workdir, or delete that one to start over.')
+    with open(path) as f:
+      old = json.load(f)
+    a, b = _flat(old), _flat(new)
+    diff = [k for k in sorted(set(a) | set(b))
+            if k.split('.')[0] not in ignore and a.get(k) != b.get(k)]
+    if diff:
+      shown = '; '.join(f'{k}: {a.get(k)!r} here, {b.get(k)!r} now' for k in diff[:3])
+      more = f' and {len(diff) - 3} more' if len(diff) > 3 else ''
+      raise UserError(f'{workdir} holds results of another config (it differs in {shown}'
+                      f'{more}); use a new --workdir, or delete that one to start over.')
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------- the run
 
 def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
@@ -361,6 +430,9 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   """
   os.makedirs(workdir, exist_ok=True)
   parts = setup(config)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  has_checkpoints = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
+  check_workdir_config(workdir, config, has_results=has_checkpoints)
   part, labels = parts['partition'], parts['labels']
   with open(os.path.join(workdir, 'partition.txt'), 'w') as f:
     f.write(partition_lib.format_stats(part, labels) + '\n')
@@ -372,7 +444,8 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
   ckpt_every = int(config.get('checkpoint_every', 0) or 0)
-  manager = _manager(workdir) if ckpt_every else None
+  # Checkpoints are restored even when this run writes none (checkpoint_every=0).
+  manager = _manager(workdir) if ckpt_every or has_checkpoints else None
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   if manager is not None:
     restored = restore_checkpoint(manager, state)
@@ -438,7 +511,7 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
       history.append(row)
       out.write(json.dumps(json_ready(row)) + '\n')
       out.flush()
-      if manager is not None and (r + 1) % ckpt_every == 0:
+      if manager is not None and ckpt_every and (r + 1) % ckpt_every == 0:
         save_checkpoint(manager, state)
   jax.block_until_ready(state)
   elapsed = time.perf_counter() - t0 if t0 is not None else 0.0

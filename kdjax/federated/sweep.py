@@ -13,9 +13,12 @@ A sweep config is a federated config (``configs/fed/mnist1d_fedavg.py``) plus a
 
 Every cell runs in its own directory ``WORKDIR/cells/<alpha>_<algorithm>_s<seed>``
 through :func:`kdjax.federated.run.setup` and the simulator, and writes
-``metrics.jsonl``, ``clients.json`` (per-client personalized accuracy) and, last,
-``summary.json``. A cell whose ``summary.json`` exists is finished: a rerun of a
-killed sweep skips it. The seeds of an (α, algorithm) pair run together as one
+``config.json`` (the cell's config), ``metrics.jsonl``, ``clients.json``
+(per-client personalized accuracy) and, last, ``summary.json``. A cell whose
+``summary.json`` exists is finished: a rerun of a killed sweep (or of a grid
+grown by new values) skips it, provided its ``config.json`` is the cell's config
+now; a finished cell of another config (other rounds, learning rate, ...) is
+refused with a one-line error rather than reported as this sweep's. The seeds of an (α, algorithm) pair run together as one
 simulation vmapped over seeds (:func:`run_seed_group`: each seed's clients padded
 to the longest seed's, which leaves every result unchanged) unless the algorithm
 holds seed-dependent constants (a proxy set drawn with the seed: FedDF, FedMD,
@@ -47,6 +50,7 @@ import numpy as np
 
 from kdjax.errors import UserError
 from kdjax.federated.run import as_dict
+from kdjax.federated.run import check_workdir_config
 from kdjax.federated.run import json_ready
 
 ROW_KEYS = ('alpha', 'algorithm', 'seed', 'rounds', 'global_accuracy',
@@ -390,13 +394,17 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
       for seed in seeds:
         cdir = os.path.join(workdir, 'cells', cell_name(alpha, algorithm, seed))
         done = os.path.join(cdir, 'summary.json')
+        cfg = cell_config(config, alpha, algorithm, seed)
         if os.path.exists(done):
+          # A finished cell is reused only if it ran this cell's config.
+          check_workdir_config(cdir, cfg, has_results=True, ignore=())
           with open(done) as f:
             summaries[alpha, algorithm, seed] = json.load(f)
           if bar is not None:
             bar.update(1)
         else:
-          todo.append((seed, cell_config(config, alpha, algorithm, seed), cdir))
+          check_workdir_config(cdir, cfg, has_results=False)
+          todo.append((seed, cfg, cdir))
       if bar is not None and todo:
         bar.set_postfix_str(f'{alpha_name(alpha)}_{algorithm}')
       if vmap_seeds and len(todo) > 1 and seeds_vmappable(todo[0][1]):

@@ -61,6 +61,29 @@ def test_fed_run_cli_writes_metrics_and_resumes_identically(tmp_path, capsys):
     assert json.load(f)['global_accuracy'] == summary['global_accuracy']
 
 
+def test_resume_refuses_another_config_and_restores_without_checkpointing(tmp_path, capsys):
+  workdir = str(tmp_path / 'w')
+  base = ['fed', 'run', '--config', CONFIG + ':tiny', '--workdir', workdir, '--no-progress']
+  assert cli.main(base + ['--config.num_rounds=3']) == 0      # checkpoint at round 3
+  kept = _rows(workdir)
+  assert cli.main(base + ['--config.partition.alpha=0.1']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert 'holds results of another config (it differs in partition.alpha: 0.5 here' in err
+  assert _rows(workdir) == kept
+  # Rounds, evaluation and checkpointing may change; with checkpoint_every=0 the run
+  # still resumes from round 3 rather than starting over.
+  assert cli.main(base + ['--config.checkpoint_every=0', '--config.eval_every=2']) == 0
+  resumed = _rows(workdir)
+  straight = str(tmp_path / 'straight')
+  assert cli.main(['fed', 'run', '--config', CONFIG + ':tiny', '--workdir', straight,
+                   '--no-progress']) == 0
+  assert [r['round'] for r in resumed] == [1, 2, 3, 4, 5, 6]
+  assert resumed[:3] == kept
+  for ra, rb in zip(_rows(straight), resumed):
+    np.testing.assert_allclose(ra['train_loss'], rb['train_loss'], rtol=1e-6)
+
+
 @pytest.mark.parametrize('override,match', [
     ('--config.clients_per_round=50', 'clients_per_round'),
     ('--config.partition.alpha=0', 'alpha must be > 0'),

@@ -105,6 +105,25 @@ def test_rerun_skips_finished_cells_and_redoes_a_missing_one(swept, capsys):
       before['personalized_accuracy_mean'], abs=1e-6)
 
 
+def test_finished_cells_of_another_config_are_refused_not_reported(swept, tmp_path, capsys):
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(swept, workdir)
+  before = {n: os.path.getmtime(os.path.join(workdir, 'cells', n, 'summary.json'))
+            for n in os.listdir(os.path.join(workdir, 'cells'))}
+  base = ['fed', 'sweep', '--config', TINY, '--workdir', workdir, '--no-progress']
+  assert cli.main(base + ['--config.local.lr=0.3']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert 'holds results of another config' in err and 'local.lr: 0.1 here, 0.3 now' in err
+  # A smaller grid of the same config reuses its finished cells untouched.
+  assert cli.main(base + ["--config.grid.algorithm=['fedprox']", '--config.grid.alpha=[0.5]']) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['cells'] == 2
+  after = {n: os.path.getmtime(os.path.join(workdir, 'cells', n, 'summary.json'))
+           for n in before}
+  assert after == before
+
+
 @pytest.mark.parametrize('override, message', [
     ('--config.grid.alpha=[0.5, 0.0]', 'alpha'),
     ('--config.grid.alpha=[-1]', 'alpha'),
