@@ -1,5 +1,40 @@
 """Errors a user can cause. The CLI prints them on one line and exits with code 2."""
 
+import sys
+
 
 class UserError(Exception):
   """A mistake in the command, config, data or workdir, with what to do about it."""
+
+
+# What reading a damaged checkpoint raises (orbax, tensorstore, the tree template).
+CHECKPOINT_READ_ERRORS = (ValueError, OSError, KeyError, TypeError)
+
+
+def unreadable_checkpoint(path: str, error: BaseException) -> UserError:
+  """The :class:`UserError` for a checkpoint directory ``path`` that cannot be restored.
+
+  >>> str(unreadable_checkpoint('/w/checkpoints/3', ValueError('OUT_OF_RANGE: bad\\nmore')))
+  'cannot read the checkpoint /w/checkpoints/3 (ValueError: OUT_OF_RANGE: bad); delete that directory to resume from an earlier checkpoint, or use a new --workdir.'
+  """
+  lines = str(error).strip().splitlines()
+  first = lines[0][:200] if lines else ''
+  return UserError(f'cannot read the checkpoint {path} ({type(error).__name__}: {first}); '
+                   'delete that directory to resume from an earlier checkpoint, or use a new '
+                   '--workdir.')
+
+
+def quiet_orphaned_reads() -> None:
+  """Drops the noise of a failed orbax restore: its other reads still in flight finish
+  after orbax closed their asyncio loop, and each would print an "Event loop is closed"
+  traceback (through ``sys.unraisablehook``) under the one-line error. Other
+  unraisable exceptions reach the previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook

@@ -17,7 +17,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from kdjax.distill.defaults import IDENTITY_FIELDS
+from kdjax.errors import CHECKPOINT_READ_ERRORS
 from kdjax.errors import UserError
+from kdjax.errors import quiet_orphaned_reads
+from kdjax.errors import unreadable_checkpoint
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -40,8 +43,13 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, *, 
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  """The ``(state, data position)`` saved at ``step``; a damaged one is a :class:`UserError`."""
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  except CHECKPOINT_READ_ERRORS as e:
+    quiet_orphaned_reads()
+    raise unreadable_checkpoint(os.path.join(str(manager.directory), str(step)), e) from None
   return restored['state'], restored['data']
 
 

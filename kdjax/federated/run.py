@@ -33,7 +33,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kdjax.errors import CHECKPOINT_READ_ERRORS
 from kdjax.errors import UserError
+from kdjax.errors import quiet_orphaned_reads
+from kdjax.errors import unreadable_checkpoint
 from kdjax.federated import packing
 from kdjax.federated import partition as partition_lib
 from kdjax.federated import simulator as sim
@@ -344,7 +347,11 @@ def restore_checkpoint(manager, template: sim.SimState) -> sim.SimState | None:
   step = manager.latest_step()
   if step is None:
     return None
-  saved = manager.restore(step, args=ocp.args.StandardRestore(_to_saveable(template)))
+  try:
+    saved = manager.restore(step, args=ocp.args.StandardRestore(_to_saveable(template)))
+  except CHECKPOINT_READ_ERRORS as e:
+    quiet_orphaned_reads()
+    raise unreadable_checkpoint(os.path.join(str(manager.directory), str(step)), e) from None
   return _from_saved(template, saved)
 
 

@@ -83,6 +83,39 @@ def test_workdir_of_another_config_is_refused(cli, paths, base, teacher_dir):
   assert _hash_tree(teacher_dir) == before
 
 
+def _truncate_array_files(checkpoint):
+  damaged = 0
+  for root, _, files in os.walk(checkpoint):
+    for f in files:
+      if os.path.basename(root) == 'd':
+        with open(os.path.join(root, f), 'r+b') as fh:
+          fh.truncate(16)
+        damaged += 1
+  assert damaged
+
+
+def test_damaged_checkpoint_is_refused_and_an_earlier_one_resumes(cli, paths, base, teacher_dir,
+                                                                   tmp_path):
+  import shutil
+  wd = str(tmp_path / 'copy')
+  shutil.copytree(teacher_dir, wd)
+  _truncate_array_files(os.path.join(wd, 'checkpoints', '100'))
+  args = ['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir', wd,
+          '--config.num_steps=150', *base]
+  before = _hash_tree(os.path.join(wd, 'checkpoints'))
+  metrics = open(os.path.join(wd, 'metrics.jsonl')).read()
+  out = cli(args, check=False)
+  _assert_user_error(out, 'cannot read the checkpoint', os.path.join('checkpoints', '100'),
+                     'delete that directory')
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+  assert _hash_tree(os.path.join(wd, 'checkpoints')) == before
+  assert open(os.path.join(wd, 'metrics.jsonl')).read() == metrics
+  # As the message says: without the damaged one, the run resumes from step 50.
+  shutil.rmtree(os.path.join(wd, 'checkpoints', '100'))
+  result = json.loads(cli(args).stdout.strip().splitlines()[-1])
+  assert result['step'] == 150
+
+
 def test_unknown_loss(cli, paths, base, tmp_path):
   out = cli(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
              str(tmp_path / 'w'), "--config.loss.terms={'kdd': {'weight': 1.0}}", *base], check=False)
@@ -109,3 +142,15 @@ def test_class_count_mismatch(monkeypatch, paths, data_dir, teacher_dir, tmp_pat
   with pytest.raises(UserError, match='the teacher predicts 10 classes but .* has 5'):
     loop.train_and_evaluate(config, str(tmp_path / 'w'))
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_quiet_orphaned_reads_drops_only_the_closed_loop_noise(monkeypatch):
+  import sys
+  import types
+  from kdjax.errors import quiet_orphaned_reads
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: seen.append(str(u.exc_value)))
+  quiet_orphaned_reads()
+  for exc in (RuntimeError('Event loop is closed'), RuntimeError('other'), ValueError('x')):
+    sys.unraisablehook(types.SimpleNamespace(exc_value=exc))
+  assert seen == ['other', 'x']

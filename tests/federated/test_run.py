@@ -84,6 +84,27 @@ def test_resume_refuses_another_config_and_restores_without_checkpointing(tmp_pa
     np.testing.assert_allclose(ra['train_loss'], rb['train_loss'], rtol=1e-6)
 
 
+def test_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+  workdir = str(tmp_path / 'w')
+  base = ['fed', 'run', '--config', CONFIG + ':tiny', '--workdir', workdir, '--no-progress']
+  assert cli.main(base + ['--config.num_rounds=3']) == 0
+  damaged = 0
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', '3')):
+    if os.path.basename(root) == 'd':
+      for f in files:
+        with open(os.path.join(root, f), 'r+b') as fh:
+          fh.truncate(16)
+        damaged += 1
+  assert damaged
+  kept = _rows(workdir)
+  capsys.readouterr()
+  assert cli.main(base) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert 'cannot read the checkpoint' in err and os.path.join('checkpoints', '3') in err
+  assert _rows(workdir) == kept
+
+
 @pytest.mark.parametrize('override,match', [
     ('--config.clients_per_round=50', 'clients_per_round'),
     ('--config.partition.alpha=0', 'alpha must be > 0'),
