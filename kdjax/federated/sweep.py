@@ -18,12 +18,14 @@ through :func:`kdjax.federated.run.setup` and the simulator, and writes
 ``summary.json`` exists is finished: a rerun of a killed sweep (or of a grid
 grown by new values) skips it, provided its ``config.json`` is the cell's config
 now; a finished cell of another config (other rounds, learning rate, ...) is
-refused with a one-line error rather than reported as this sweep's. The seeds of an (α, algorithm) pair run together as one
-simulation vmapped over seeds (:func:`run_seed_group`: each seed's clients padded
-to the longest seed's, which leaves every result unchanged) unless the algorithm
-holds seed-dependent constants (a proxy set drawn with the seed: FedDF, FedMD,
-DS-FL, KnFu, EdgeFD), the clients have several architectures, or
-``grid.vmap_seeds`` is False; those cells run one after another.
+refused with a one-line error rather than reported as this sweep's.
+
+The seeds of an (α, algorithm) pair run together as one simulation vmapped over
+seeds (:func:`run_seed_group`: each seed's clients padded to the longest seed's,
+which leaves every result unchanged; proxy-set algorithms get each seed's proxy
+set as a vmapped argument) unless the clients have several architectures, the
+cohort is sharded over a mesh, or ``grid.vmap_seeds`` is False; those cells run
+one after another.
 
 The sweep then writes ``results.csv`` / ``results.json`` (one row per cell),
 ``summary.csv`` / ``summary.md`` (mean ± std over seeds per α × algorithm,
