@@ -208,8 +208,11 @@ def _small_rows_linear_bwd(precision, res, g):
   dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
   x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   g2 = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
-  # Materialized first: fused into the loop, their producers (activations, the
-  # loss gradient) would be recomputed for every kernel entry.
+  # Asks XLA to materialize them first: fused into the loop, their producers
+  # (activations, the loss gradient) are recomputed for every kernel entry. XLA:CPU
+  # (jax 0.10.2) drops barriers before fusion, so there a hidden layer's cheap relu is
+  # still recomputed, and the MLP's head, whose gradient is the loss's whole
+  # elementwise chain, keeps the plain dot (kdjax/models/mlp.py).
   x2, g2 = jax.lax.optimization_barrier((x2, g2))
   dw = x2[0, :, None] * g2[0, None, :]
   for r in range(1, x2.shape[0]):
