@@ -34,6 +34,8 @@ def get_config(arg=None):
   c.sampling = 'uniform'
   c.dropout = 0.0
   c.clients_per_chunk = 0
+  c.mesh = ()                   # e.g. [('clients', -1)]: shard the client axis over devices
+  c.client_models = ()          # heterogeneous architectures (see configs/fed/mnist1d_hetero.py)
   c.partition = ml_collections.ConfigDict({
       'method': 'natural', 'min_size': 40, 'max_size': 100})
   c.feature_skew = ml_collections.ConfigDict()

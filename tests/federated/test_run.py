@@ -226,3 +226,15 @@ def test_every_registered_algorithm_traces_a_round_and_evaluation():
     assert info['cohort'].shape == (2,)
     c, n = jax.eval_shape(sim.make_personal_evaluate(alg, apply), st, te)
     assert c.shape == (4,), name
+
+
+def test_every_fed_config_has_the_documented_keys():
+  """`--config.<key>` overrides work the same on every shipped federated config."""
+  from kdjax.config import load_config
+  folder = os.path.dirname(CONFIG)
+  base = set(load_config(CONFIG).keys())
+  names = sorted(f for f in os.listdir(folder) if f.endswith('.py'))
+  assert len(names) >= 4
+  for name in names:
+    keys = set(load_config(os.path.join(folder, name)).keys())
+    assert keys >= base, (name, sorted(base - keys))
