@@ -322,51 +322,69 @@ def _where(pred, a, b):
 
 # --------------------------------------------------------------------------- evaluation
 
+# At most this many examples go through the model in one vmapped evaluation call
+# (clients x examples): a 502-client Shakespeare evaluation in one vmap needed 31 GB.
+EVAL_EXAMPLES = 4096
+
+
+def _count_correct(apply_fn, params, model_state, x, label, batch: int):
+  """``(correct, count)`` of one model on ``x`` in ``lax.map`` batches of ``batch``.
+
+  ``label == -1`` marks padding; ``x`` is padded up to a multiple of ``batch``.
+  """
+  n = x.shape[0]
+  b = max(1, min(int(batch), n))
+  nb = -(-n // b)
+  pad = nb * b - n
+  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  label = jnp.pad(label, (0, pad), constant_values=-1)
+
+  def one(args):
+    xb, yb = args
+    out, _ = apply_fn(params, model_state, xb, train=False)
+    valid = (yb >= 0).astype(jnp.float32)
+    return (jnp.sum((jnp.argmax(out.logits, -1) == yb) * valid), jnp.sum(valid))
+
+  c, v = jax.lax.map(one, (x.reshape(nb, b, *x.shape[1:]), label.reshape(nb, b)))
+  return jnp.sum(c), jnp.sum(v)
+
+
 def make_evaluate(apply_fn: Callable[..., Any], *, batch_size: int = 1000) -> Callable:
   """``evaluate(params, model_state, x, label) -> (correct, count)``, jitted, in batches.
 
   ``label == -1`` marks padding. ``x`` is split into batches of ``batch_size``
   (the last one padded) scanned with ``lax.map``.
   """
-
-  def evaluate(params, model_state, x, label):
-    n = x.shape[0]
-    b = min(int(batch_size), n)
-    nb = -(-n // b)
-    pad = nb * b - n
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    label = jnp.pad(label, (0, pad), constant_values=-1)
-
-    def one(args):
-      xb, yb = args
-      out, _ = apply_fn(params, model_state, xb, train=False)
-      valid = (yb >= 0).astype(jnp.float32)
-      return (jnp.sum((jnp.argmax(out.logits, -1) == yb) * valid), jnp.sum(valid))
-
-    c, v = jax.lax.map(one, (x.reshape(nb, b, *x.shape[1:]), label.reshape(nb, b)))
-    return jnp.sum(c), jnp.sum(v)
-
-  return jax.jit(evaluate)
+  return jax.jit(lambda params, model_state, x, label: _count_correct(
+      apply_fn, params, model_state, x, label, batch_size))
 
 
 def make_personal_evaluate(algorithm: base.FedAlgorithm, apply_fn: Callable[..., Any], *,
-                           clients_per_chunk: int | None = None) -> Callable:
+                           clients_per_chunk: int | None = None,
+                           max_examples: int = EVAL_EXAMPLES) -> Callable:
   """``evaluate(state, test) -> (correct [N], count [N])`` on every client's local test split.
 
   Each client evaluates ``algorithm.personal(server, its client state)`` (the
-  global model for non-personalized algorithms).
+  global model for non-personalized algorithms). Memory is bounded: clients are
+  vmapped in chunks of at most ``max_examples // E`` clients (``E``: the padded
+  local test size; and at most ``clients_per_chunk``), ``lax.map`` over the
+  chunks, and a client's examples go through in batches of at most
+  ``max_examples``.
   """
 
-  def one_client(server, cstate, x, label):
+  def one_client(server, cstate, x, label, batch):
     params, model_state = algorithm.personal(server, cstate)
-    out, _ = apply_fn(params, model_state, x, train=False)
-    valid = (label >= 0).astype(jnp.float32)
-    return jnp.sum((jnp.argmax(out.logits, -1) == label) * valid), jnp.sum(valid)
+    return _count_correct(apply_fn, params, model_state, x, label, batch)
 
   def evaluate(state: SimState, test: ClientData):
-    n = test.x.shape[0]
-    chunk = n if clients_per_chunk is None else min(int(clients_per_chunk), n)
-    fn = jax.vmap(one_client, in_axes=(None, 0, 0, 0))
+    n, e = test.x.shape[0], test.x.shape[1]
+    batch = max(1, min(e, int(max_examples)))
+    chunk = max(1, int(max_examples) // batch)
+    if clients_per_chunk:
+      chunk = min(chunk, int(clients_per_chunk))
+    chunk = min(chunk, n)
+    fn = jax.vmap(lambda sv, cs, x, y: one_client(sv, cs, x, y, batch),
+                  in_axes=(None, 0, 0, 0))
     if chunk >= n:
       return fn(state.server, state.clients, test.x, test.label)
     nc = -(-n // chunk)
@@ -381,18 +399,18 @@ def make_personal_evaluate(algorithm: base.FedAlgorithm, apply_fn: Callable[...,
 
 
 def make_clients_global_evaluate(algorithm: base.FedAlgorithm,
-                                 apply_fn: Callable[..., Any]) -> Callable:
+                                 apply_fn: Callable[..., Any], *,
+                                 batch_size: int = 1000) -> Callable:
   """``evaluate(state, x, label) -> (correct [N], count [N])``: every client's model on one set.
 
   For algorithms without a global model, "global accuracy" is the mean of
-  the clients' accuracies on the global test set.
+  the clients' accuracies on the global test set. Clients go one after another
+  (``lax.map``), each over the set in batches of ``batch_size``.
   """
 
   def one_client(server, cstate, x, label):
     params, model_state = algorithm.personal(server, cstate)
-    out, _ = apply_fn(params, model_state, x, train=False)
-    valid = (label >= 0).astype(jnp.float32)
-    return jnp.sum((jnp.argmax(out.logits, -1) == label) * valid), jnp.sum(valid)
+    return _count_correct(apply_fn, params, model_state, x, label, batch_size)
 
   def evaluate(state: SimState, x, label):
     return jax.lax.map(lambda cs: one_client(state.server, cs, x, label), state.clients)

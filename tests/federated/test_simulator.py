@@ -303,3 +303,43 @@ def test_feddf_equals_fedavg_then_reference_ensemble_distillation():
   b_state, _ = avg(s0, jdata)
   for a, b in zip(jax.tree.leaves(a_state.server.params), jax.tree.leaves(b_state.server.params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize('budget,clients_per_chunk', [
+    (lambda e: 10_000, None),   # every client in one vmap, each client's examples at once
+    (lambda e: 8, None),        # chunks of one client, batches of 8 examples within it
+    (lambda e: 3, None),        # batches of 3 (the last one padded)
+    (lambda e: 4 * e + 1, None),   # the budget makes chunks of 4 of the 6 clients (last padded)
+    (lambda e: 10_000, 4),      # so does clients_per_chunk
+], ids=['one-vmap', 'batches-of-8', 'batches-of-3', 'budget-chunks', 'config-chunks'])
+def test_personal_and_clients_global_evaluation_equal_a_per_client_loop(budget,
+                                                                         clients_per_chunk):
+  """Chunked, batched evaluation equals counting each client model's hits one by one."""
+  x, y = _problem(n=150)
+  part = partition.dirichlet(y, NUM_CLIENTS, 0.5, min_size=10, seed=0, test_fraction=0.4)
+  train, test = packing.pack_partition(x, y, part, batch_size=B)
+  assert test.x.shape[1] > 8 and len(set(test.count.tolist())) > 1
+  max_examples = budget(test.x.shape[1])
+  apply, params, state = _model()
+  alg = ditto(make_local_trainer(apply, batch_size=B, epochs=1, lr=LR), lam=0.7)
+  round_fn = sim.make_round(alg, num_clients=NUM_CLIENTS, clients_per_round=NUM_CLIENTS, seed=2)
+  st, _ = round_fn(sim.init_state(alg, params, state, NUM_CLIENTS),
+                   jax.tree.map(jnp.asarray, train))   # personal models now differ
+  want_c, want_n, glob_c = [], [], []
+  for i in range(NUM_CLIENTS):
+    p, ms = alg.personal(st.server, jax.tree.map(lambda a: a[i], st.clients))
+    k = int(test.count[i])
+    logits = np.asarray(apply(p, ms, jnp.asarray(test.x[i, :k]), train=False)[0].logits)
+    want_c.append(float(np.sum(logits.argmax(-1) == test.label[i, :k])))
+    want_n.append(float(k))
+    glob_c.append(float(np.sum(
+        np.asarray(apply(p, ms, jnp.asarray(x), train=False)[0].logits).argmax(-1) == y)))
+  assert len(set(want_c)) > 1
+  c, n = sim.make_personal_evaluate(alg, apply, clients_per_chunk=clients_per_chunk,
+                                    max_examples=max_examples)(st, jax.tree.map(jnp.asarray, test))
+  np.testing.assert_array_equal(np.asarray(c), want_c)
+  np.testing.assert_array_equal(np.asarray(n), want_n)
+  gc, gn = sim.make_clients_global_evaluate(alg, apply, batch_size=max(1, max_examples // 4))(
+      st, jnp.asarray(x), jnp.asarray(y))
+  np.testing.assert_array_equal(np.asarray(gc), glob_c)
+  np.testing.assert_array_equal(np.asarray(gn), [float(len(y))] * NUM_CLIENTS)
