@@ -10,7 +10,9 @@ batch 10; LEAF reports about 57% next-character accuracy. The ``leaf`` variant
 uses that model; the default is scaled to run on a loaded 2-core CPU in about
 40 minutes: one LSTM layer of 64 units, 200 sampled roles, each role's training
 windows capped at ``partition.max_size`` (the simulator pads every client to
-the largest, so the cap bounds a round's cost).
+the largest, so the cap bounds a round's cost). It reaches about 41% next-character
+accuracy; ``--config.num_clients=502`` (every role with at least 40 windows) reaches
+45% in 900 rounds (``benchmarks/RESULTS.md``).
 
 The partition is ``natural``: the clients are the roles of the data set with
 at least ``partition.min_size`` windows (train + test), a seeded sample of
