@@ -1,5 +1,6 @@
 """What the benchmarks record about the machine they ran on (imported by each script)."""
 
+import json
 import os
 import platform
 
@@ -18,3 +19,10 @@ def machine_info() -> dict:
   available = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
   return {'cpu_model': model, 'logical_cpus': os.cpu_count(), 'cpus_available': available,
           'platform': platform.platform(), 'python': platform.python_version()}
+
+
+def write_json(path: str | None, obj) -> None:
+  """Writes a benchmark's result to ``path`` (its ``--json`` argument), if one was given."""
+  if path:
+    with open(path, 'w') as f:
+      json.dump(obj, f, indent=2, default=str)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from bench_common import machine_info  # noqa: E402  (benchmarks/bench_common.py)
+from bench_common import write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -287,9 +287,8 @@ def main(argv=None) -> dict:
       'timings': timings,
       'wall_seconds': (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
   }
+  write_json(args.json, out)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=2, default=str)
     print(f'wrote {args.json}')
   return out
 

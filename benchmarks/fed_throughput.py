@@ -98,6 +98,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from bench_common import machine_info  # noqa: E402  (benchmarks/bench_common.py)
+from bench_common import write_json  # noqa: E402
 
 EXAMPLES_PER_CLIENT = 40
 BATCH_SIZE = 10
@@ -718,9 +719,7 @@ def main(argv=None) -> dict | None:
       print(f'[{model}] {args.many_clients} clients in one cohort (child process) ...', flush=True)
       out['many_clients'][model] = run_many_clients(model, args)
   _print(out)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=2)
+  write_json(args.json, out)
   return out
 
 

@@ -24,7 +24,6 @@ one core.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from bench_common import machine_info  # noqa: E402  (benchmarks/bench_common.py)
+from bench_common import write_json  # noqa: E402
 
 DENSE = [(rows, i, o) for rows in (4, 10, 16) for i, o in ((100, 100), (40, 100), (100, 10))]
 # Above SMALL_ROWS the outer sum is forced (``layers._small_rows_linear``) to show why
@@ -131,9 +131,7 @@ def main(argv=None) -> dict:
     print(f"  conv batch {r['batch']} length {r['length']} in {r['channels_in']:2d}"
           f"  cols-major dot {r['cols_major_us']:8.1f}  channels-first {r['channels_first_us']:8.1f}"
           f"  x{r['speedup']:.2f}")
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=2)
+  write_json(args.json, out)
   return out
 
 

@@ -15,7 +15,6 @@ and numpy's ``Generator.permutation`` on the host for scale. Milliseconds per ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from bench_common import machine_info  # noqa: E402  (benchmarks/bench_common.py)
+from bench_common import write_json  # noqa: E402
 
 
 def _time_ms(fn, loops: int, repeats: int) -> float:
@@ -85,9 +85,7 @@ def main(argv=None) -> dict:
   if args.quick:
     args.sizes, args.loops, args.repeats = [1000], 2, 2
   out = {'machine': machine_info(), 'command': ' '.join(sys.argv), 'rows': bench(args)}
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=2)
+  write_json(args.json, out)
   return out
 
 

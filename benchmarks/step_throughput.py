@@ -79,6 +79,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from bench_common import machine_info  # noqa: E402  (benchmarks/bench_common.py)
+from bench_common import write_json  # noqa: E402
 
 
 # ------------------------------------------------------------------------- settings
@@ -1241,9 +1242,8 @@ def main(argv=None) -> dict | None:
   log('summary: ' + ', '.join(f'{k}={out[k]:.3g}' for k in (
       'ratio_vs_torch', 'ratio_vs_torch_resnet', 'kdjax_flops_fraction_of_peak',
       'kdjax_resnet_flops_fraction_of_peak') if k in out))
+  write_json(args.json, out)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=2, default=str)
     log(f'wrote {args.json}')
   return out
 
