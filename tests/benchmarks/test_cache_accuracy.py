@@ -8,26 +8,14 @@ return the same rows.
 
 import json
 import os
-import subprocess
-import sys
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 
 
-def _run(script, args, tmp_path, timeout=300):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', script), *args],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
-def test_cache_accuracy_quick_run(tmp_path):
+def test_cache_accuracy_quick_run(tmp_path, run_benchmark):
   out_json = tmp_path / 'acc.json'
   args = ['--quick', '--workdir', str(tmp_path / 'runs'), '--json', str(out_json)]
   if os.environ.get('KDJAX_TEST_DATA_DIR'):
     args += ['--data-dir', os.environ['KDJAX_TEST_DATA_DIR']]
-  proc = _run('cache_accuracy.py', args, tmp_path)
+  proc = run_benchmark('cache_accuracy.py', *args)
   assert '| k | dtype |' in proc.stdout
   res = json.loads(out_json.read_text())['tasks']['mnist1d']
   assert res['num_classes'] == 10 and res['seeds'] == 1
@@ -43,10 +31,10 @@ def test_cache_accuracy_quick_run(tmp_path):
   assert 0.0 < rows['1', 'float32']['topk_mass_mean'] < 1.0
 
 
-def test_cache_reader_quick_run(tmp_path):
+def test_cache_reader_quick_run(tmp_path, run_benchmark):
   out_json = tmp_path / 'reader.json'
-  proc = _run('cache_reader.py', ['--quick', '--cache-dir', str(tmp_path / 'cache'),
-                                  '--json', str(out_json)], tmp_path, timeout=120)
+  proc = run_benchmark('cache_reader.py', '--quick', '--cache-dir', str(tmp_path / 'cache'),
+                       '--json', str(out_json), timeout=120)
   assert 'peak RSS memory / chunks' in proc.stdout
   res = json.loads(out_json.read_text())
   modes = res['modes']
