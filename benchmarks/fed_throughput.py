@@ -14,10 +14,14 @@ shuffling orders and keys for every contender:
   per usable core, through ``JAX_NUM_CPU_DEVICES``) the same round is also timed with the
   client axis sharded over them (``make_round(mesh=...)``, chunks of
   ``--sharded-clients-per-chunk``: ``kdjax_sharded``; one vmap per device:
-  ``kdjax_sharded_one_vmap``). Which layout is fastest depends on the model and the
-  machine (each is a ``kdjax fed run`` setting: ``clients_per_chunk``, ``mesh``);
-  kdjax's figure and the ratios use the fastest (``kdjax_variant``), the best
-  single-device figure and its ratios are kept too. The
+  ``kdjax_sharded_one_vmap``). The layouts named ``..._calls`` run the same rounds
+  ``--rounds-per-call`` at a time (``RoundFn.rounds``: one ``lax.scan`` over rounds in
+  one call, fewer dispatches and host waits), as ``kdjax fed run`` does with
+  ``rounds_per_call``. Which layout is fastest depends on the model and the
+  machine (each is a ``kdjax fed run`` setting: ``clients_per_chunk``, ``mesh``,
+  ``rounds_per_call``); kdjax's figure and the ratios use the fastest
+  (``kdjax_variant``); the best single-device figure and the best with one round per
+  call (``*_one_round_per_call``) and their ratios are kept too. The
   other contenders run on the first device, as a plain JAX program does; the Flower
   actors each see one device.
 * (a) ``sequential`` (FedJAX-style): a Python loop over clients and over their
@@ -179,7 +183,7 @@ class KdjaxRunner(Runner):
   """The simulator's jitted round over the whole cohort."""
 
   def __init__(self, apply, params, state, data, num_clients, clients_per_chunk=None,
-               sharded=False):
+               sharded=False, rounds_per_call=1):
     import jax
     import jax.numpy as jnp
     from kdjax.federated import simulator as sim
@@ -192,11 +196,17 @@ class KdjaxRunner(Runner):
     # As `kdjax fed run` does: with a mesh, state and data are copied to every device once.
     self.state = sim.replicate(sim.init_state(alg, params, state, num_clients), mesh)
     self.data = sim.replicate(jax.tree.map(jnp.asarray, data), mesh)
+    self.rounds_per_call = rounds_per_call
 
   def run(self, n):
     import jax
-    for _ in range(n):
-      self.state, _ = self.round_fn(self.state, self.data)
+    from kdjax.federated import simulator as sim
+    # As `kdjax fed run --config.rounds_per_call=K` does: K rounds per call (lax.scan).
+    for _, count in sim.round_segments(0, n, self.rounds_per_call):
+      if count == 1:
+        self.state, _ = self.round_fn(self.state, self.data)
+      else:
+        self.state, _ = self.round_fn.rounds(self.state, self.data, count)
     jax.block_until_ready(self.state)
 
   def params(self):
@@ -364,6 +374,15 @@ def bench_model(model: str, args) -> dict[str, Any]:
                       lambda *a: KdjaxRunner(*a, clients_per_chunk=schunk, sharded=True)))
         if schunk:
           kinds.append(('kdjax_sharded_one_vmap', lambda *a: KdjaxRunner(*a, sharded=True)))
+        if args.rounds_per_call > 1:   # the same rounds, K per call
+          kinds.append(('kdjax_sharded_calls', lambda *a: KdjaxRunner(
+              *a, clients_per_chunk=schunk, sharded=True, rounds_per_call=args.rounds_per_call)))
+          if schunk:
+            kinds.append(('kdjax_sharded_one_vmap_calls', lambda *a: KdjaxRunner(
+                *a, sharded=True, rounds_per_call=args.rounds_per_call)))
+      elif args.rounds_per_call > 1:
+        kinds.append(('kdjax_calls', lambda *a: KdjaxRunner(
+            *a, clients_per_chunk=chunk, rounds_per_call=args.rounds_per_call)))
     for name, cls in kinds:
       r = cls(apply, params, state, data, args.clients)
       t = time.perf_counter()
@@ -376,7 +395,9 @@ def bench_model(model: str, args) -> dict[str, Any]:
   diffs.update({name: max_abs_diff(runners['kdjax_xla'].params(), r.params())
                 for name, r in runners.items() if name.endswith('_xla')})
   for r in runners.values():   # one more untimed round each: a round whose input state came
-    r.run(1)                   # out of a sharded call may compile again (new input layout)
+    r.run(1)                   # out of a sharded call may compile again (new input layout);
+    if isinstance(r, KdjaxRunner) and r.rounds_per_call > 1:
+      r.run(args.rounds)       # and the timed length of K-round calls compiles
   samples, cpu = time_runners(runners, args.rounds, args.repeats)
   rates = {k: statistics.median(v) for k, v in samples.items()}
   return {'rounds_per_sec': rates, 'samples': samples,
@@ -600,6 +621,11 @@ def parse_args(argv=None):
                  help='CPU devices (JAX_NUM_CPU_DEVICES) of the in-process contenders; with '
                       'more than one, kdjax is also timed with the client axis sharded over '
                       'them (kdjax_sharded; one device per core); default: the usable cores')
+  p.add_argument('--rounds-per-call', type=int, default=None,
+                 help='kdjax is also timed running this many rounds per jitted call (a '
+                      'lax.scan; `kdjax fed run` --config.rounds_per_call) in the layouts '
+                      "named '..._calls' (default: --rounds, so a timed repeat is one call; "
+                      '1: not timed)')
   p.add_argument('--sharded-clients-per-chunk', type=int, default=50,
                  help="kdjax_sharded's clients_per_chunk (a multiple of the device count)")
   p.add_argument('--many-clients', type=int, default=None,
@@ -622,6 +648,7 @@ def parse_args(argv=None):
   args.clients = args.clients or (10 if q else 100)
   args.rounds = args.rounds or (2 if q else 6)
   args.repeats = args.repeats or (2 if q else 5)
+  args.rounds_per_call = args.rounds_per_call or args.rounds
   args.flower_rounds = args.flower_rounds or (3 if q else 4)
   if args.many_clients is None:
     args.many_clients = 50 if q else 1000
@@ -655,6 +682,7 @@ def main(argv=None) -> dict | None:
       'settings': {'clients': args.clients, 'examples_per_client': EXAMPLES_PER_CLIENT,
                    'batch_size': BATCH_SIZE, 'local_epochs': EPOCHS, 'lr': LR,
                    'rounds_per_repeat': args.rounds, 'repeats': args.repeats,
+                   'rounds_per_call': args.rounds_per_call,
                    'flower_rounds': args.flower_rounds, 'quick': args.quick,
                    'xla_flags': os.environ.get('XLA_FLAGS', '')},
   }
@@ -689,13 +717,17 @@ def main(argv=None) -> dict | None:
     # kdjax's figure: its fastest layout (one device or the client axis sharded over the
     # devices; chunked or one vmap) and lowering.
     best = best_of(('kdjax', 'kdjax_one_vmap', 'kdjax_sharded', 'kdjax_sharded_one_vmap',
-                    'kdjax_xla'))
-    single = best_of(('kdjax', 'kdjax_one_vmap', 'kdjax_xla'))
+                    'kdjax_xla', 'kdjax_calls', 'kdjax_sharded_calls',
+                    'kdjax_sharded_one_vmap_calls'))
+    single = best_of(('kdjax', 'kdjax_one_vmap', 'kdjax_xla', 'kdjax_calls'))
+    per_round = best_of(('kdjax', 'kdjax_one_vmap', 'kdjax_sharded', 'kdjax_sharded_one_vmap',
+                         'kdjax_xla'))
     res['kdjax_variant'] = best
     res['contender_variants'] = {'kdjax': best, 'sequential': seq_best, 'scan_loop': scan_best}
     out[f'kdjax{sfx}_variant'] = best
     out[f'kdjax{sfx}_rounds_per_sec'] = rates[best]
     out[f'kdjax{sfx}_single_device_rounds_per_sec'] = rates[single]
+    out[f'kdjax{sfx}_one_round_per_call_rounds_per_sec'] = rates[per_round]
     out[f'sequential{sfx}_rounds_per_sec'] = rates[seq_best]
     out[f'sequential{sfx}_lowering'] = lowering_of(seq_best)
     out[f'scan_loop{sfx}_rounds_per_sec'] = scan_ref
@@ -708,6 +740,7 @@ def main(argv=None) -> dict | None:
       out[f'flower{sfx}_rounds_per_sec'] = fl['rounds_per_sec']
       out[f'ratio_vs_flower{sfx}'] = rates[best] / fl['rounds_per_sec']
       out[f'ratio_vs_flower{sfx}_single_device'] = rates[single] / fl['rounds_per_sec']
+      out[f'ratio_vs_flower{sfx}_one_round_per_call'] = rates[per_round] / fl['rounds_per_sec']
     else:
       out[f'flower{sfx}_rounds_per_sec'] = None
       out[f'ratio_vs_flower{sfx}'] = None
@@ -761,6 +794,11 @@ def _print(out: dict) -> None:
       layouts.append(f"sharded over {out[model]['devices']} devices {r['kdjax_sharded']:.2f}")
     if 'kdjax_sharded_one_vmap' in r:
       layouts.append(f"sharded, one vmap per device {r['kdjax_sharded_one_vmap']:.2f}")
+    k = out['settings']['rounds_per_call']
+    for name, what in (('kdjax_calls', 'one device, chunks'), ('kdjax_sharded_calls', 'sharded'),
+                       ('kdjax_sharded_one_vmap_calls', 'sharded, one vmap per device')):
+      if name in r:
+        layouts.append(f"{what}, {k} rounds per call {r[name]:.2f}")
     print(f"         kdjax layouts (rounds/s): {'; '.join(layouts)} "
           f"(shown above: {out[model]['kdjax_variant']})")
     r = out[model]['rounds_per_sec']

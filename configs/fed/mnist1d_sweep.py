@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.clients_per_round = 10
   c.num_rounds = 50
   c.eval_every = 25
+  c.rounds_per_call = 25         # one call per evaluation period
   c.proxy_size = 500
   c.local.epochs = 2
   c.local.lr = 0.1

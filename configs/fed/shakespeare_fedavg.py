@@ -48,6 +48,7 @@ def get_config(arg=None):
                                        'momentum': 0.0})
   c.eval_every = 25
   c.checkpoint_every = 50
+  c.rounds_per_call = 25        # rounds per jitted call (see mnist1d_fedavg.py)
   c.plots = True
   if arg == 'tiny':
     c.dataset = 'shakespeare/tiny'

@@ -15,7 +15,14 @@
   latest one and produces the same result as an uninterrupted run;
 * ``config.json``: the run's config. A workdir holding checkpoints is resumed
   only by the same config up to :data:`RESUMABLE_FIELDS` (``num_rounds``, what
-  is evaluated, checkpointed and plotted); another config is refused.
+  is evaluated, checkpointed and plotted, ``rounds_per_call``); another config is
+  refused.
+
+Rounds go ``rounds_per_call`` at a time into one call (:meth:`RoundFn.rounds
+<kdjax.federated.simulator.RoundFn.rounds>`, a ``lax.scan``), cut so that every
+evaluation and checkpoint falls at the end of a call: the files are those of one
+round per call. ``summary.json``'s ``rounds_per_sec`` times the calls whose length
+had already compiled.
 
 Bytes are those of the pytrees exchanged in this simulation: down = cohort size
 × what a client downloads, up = reporting clients × the update pytree.
@@ -93,6 +100,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_int('num_rounds', config.get('num_rounds'), 0)
   _check_int('eval_every', config.get('eval_every') or 0, 0)
   _check_int('checkpoint_every', config.get('checkpoint_every') or 0, 0)
+  _check_int('rounds_per_call', config.get('rounds_per_call', 1), 1)
   local = as_dict(config.get('local'))
   _check_int('local.batch_size', local.get('batch_size'), 1)
   _check_int('local.epochs', local.get('epochs', 1), 1)
@@ -359,7 +367,8 @@ def restore_checkpoint(manager, template: sim.SimState) -> sim.SimState | None:
 
 # What a workdir's results do not depend on: a run resumed from its checkpoints may
 # change how long it goes on and what it reports, nothing else.
-RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'checkpoint_every', 'plots')
+RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'checkpoint_every', 'plots',
+                    'rounds_per_call')
 
 
 def _flat(tree, prefix: str = '') -> dict[str, Any]:
@@ -476,6 +485,7 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
                                               parts['groups'])
     bytes_update = bytes_down = 0
   else:
+    group_up = group_down = None
     update_shape = jax.eval_shape(
         algorithm.client_update, state.server, jax.tree.map(lambda a: a[0], state.clients),
         jax.tree.map(lambda a: a[0], parts['train']), jax.random.key(0)).update
@@ -483,45 +493,46 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
     bytes_down = sim.tree_bytes(algorithm.download(state.server))
   eval_every = max(int(config.get('eval_every', 1) or 1), 1)
 
-  rounds = range(start, int(config.num_rounds))
+  num_rounds = int(config.num_rounds)
+  segments = sim.round_segments(start, num_rounds, int(config.get('rounds_per_call', 1)),
+                                eval_every, ckpt_every if manager is not None else 0)
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(rounds, desc=f'fed {config.algorithm}', unit='round', leave=False)
-    rounds = bar
+    bar = tqdm(total=num_rounds - start, desc=f'fed {config.algorithm}', unit='round',
+               leave=False)
   history, last_eval = [], {}
-  t0, timed_rounds = None, 0
+  # rounds_per_sec times the calls whose length already compiled (each new length compiles).
+  compiled, elapsed, timed_rounds = set(), 0.0, 0
   with open(metrics_path, 'a') as out:
-    for r in rounds:
-      state, info = parts['round_fn'](state, train_data)
-      if t0 is None:
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()   # the first round compiles: not timed
-      else:
-        timed_rounds += 1
-      loss_s, loss_n = info['loss']
-      acc_s, acc_n = info['accuracy']
-      rep = int(info['num_reported'])
-      row = {'round': r + 1, 'train_loss': float(loss_s) / max(float(loss_n), 1.0),
-             'train_accuracy': float(acc_s) / max(float(acc_n), 1.0), 'num_reported': rep,
-             'bytes_up': rep * bytes_update,
-             'bytes_down': int(config.clients_per_round) * bytes_down}
-      if 'groups' in parts:
-        greps = np.asarray(info['group_reported']).tolist()
-        row['bytes_up'] = int(sum(n * b for n, b in zip(greps, group_up)))
-        row['bytes_down'] = int(sum(k * b for k, b in zip(parts['cohort_sizes'], group_down)))
-      if (r + 1) % eval_every == 0 or r + 1 == int(config.num_rounds):
-        last_eval = evaluate_state(parts, state)
-        row.update(last_eval)
-        if bar is not None:
-          bar.set_postfix(acc=f'{last_eval["global_accuracy"]:.3f}')
-      history.append(row)
-      out.write(json.dumps(json_ready(row)) + '\n')
+    for first, count in segments:
+      t_call = time.perf_counter()
+      # `count` rounds in one call (config.rounds_per_call)
+      state, infos = sim.run_rounds(parts['round_fn'], state, train_data, count)
+      for r, info in enumerate(infos, first):
+        row = _round_row(config, parts, info, r, bytes_update, bytes_down,
+                         group_up, group_down)
+        if r + 1 == first + count and ((r + 1) % eval_every == 0 or r + 1 == num_rounds):
+          last_eval = evaluate_state(parts, state)
+          row.update(last_eval)
+          if bar is not None:
+            bar.set_postfix(acc=f'{last_eval["global_accuracy"]:.3f}')
+        history.append(row)
+        out.write(json.dumps(json_ready(row)) + '\n')
       out.flush()
-      if manager is not None and ckpt_every and (r + 1) % ckpt_every == 0:
+      if bar is not None:
+        bar.update(count)
+      end = first + count
+      if manager is not None and ckpt_every and end % ckpt_every == 0:
         save_checkpoint(manager, state)
+      if count in compiled:
+        jax.block_until_ready(state)
+        elapsed += time.perf_counter() - t_call
+        timed_rounds += count
+      compiled.add(count)
+  if bar is not None:
+    bar.close()
   jax.block_until_ready(state)
-  elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
   if not last_eval:
     last_eval = evaluate_state(parts, state)
   if 'groups' in parts:
@@ -545,6 +556,23 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
     _plot(workdir, metrics_path, np.asarray(pc), np.asarray(pn))
   return summary
 
+
+
+def _round_row(config, parts, info, r: int, bytes_update: int, bytes_down: int,
+               group_up, group_down) -> dict[str, Any]:
+  """One ``metrics.jsonl`` row (before evaluation) from round ``r``'s ``info``."""
+  loss_s, loss_n = info['loss']
+  acc_s, acc_n = info['accuracy']
+  rep = int(info['num_reported'])
+  row = {'round': r + 1, 'train_loss': float(loss_s) / max(float(loss_n), 1.0),
+         'train_accuracy': float(acc_s) / max(float(acc_n), 1.0), 'num_reported': rep,
+         'bytes_up': rep * bytes_update,
+         'bytes_down': int(config.clients_per_round) * bytes_down}
+  if 'groups' in parts:
+    greps = np.asarray(info['group_reported']).tolist()
+    row['bytes_up'] = int(sum(n * b for n, b in zip(greps, group_up)))
+    row['bytes_down'] = int(sum(k * b for k, b in zip(parts['cohort_sizes'], group_down)))
+  return row
 
 def _plot(workdir: str, metrics_path: str, pc, pn) -> None:
   import matplotlib

@@ -21,6 +21,7 @@ depend on its position in the cohort or on the chunking.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -128,7 +129,8 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
 
   Returns:
     A jitted ``round_fn(state: SimState, data: ClientData) -> (SimState, info)``
-    where ``info`` holds ``cohort`` ``[K]``, ``reported`` ``[K]``, the summed
+    (a :class:`RoundFn`: ``round_fn.rounds(state, data, n)`` runs ``n`` rounds in
+    one call) where ``info`` holds ``cohort`` ``[K]``, ``reported`` ``[K]``, the summed
     training metrics ``loss`` and ``accuracy`` as ``(sum, count)`` over the
     reported clients, and ``num_reported``.
 
@@ -157,29 +159,89 @@ def make_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_ro
   return jit_round(lambda state, data: seeded(state, data, seed), mesh)
 
 
-def jit_round(fn: Callable, mesh: jax.sharding.Mesh | None) -> Callable:
-  """``jax.jit(fn)`` for ``fn(state, data) -> (state, info)``; with a mesh the outputs
+class RoundFn:
+  """A jitted round: ``round_fn(state, data) -> (state, info)``, and
+  ``round_fn.rounds(state, data, n) -> (state, infos)``: ``n`` rounds as one
+  ``lax.scan`` in one call (``infos`` stacked along a new leading axis of ``n``),
+  equal to ``n`` calls of ``round_fn``. Fewer calls mean fewer dispatches and host
+  synchronizations: the run loop (``kdjax fed run``, ``config.rounds_per_call``)
+  calls it between evaluations and checkpoints. Each distinct ``n`` compiles once.
+  """
+
+  def __init__(self, fn: Callable, mesh: jax.sharding.Mesh | None):
+    out = {} if mesh is None else {'out_shardings': replicated(mesh)}
+    self._one = jax.jit(fn, **out)
+    self._many = jax.jit(functools.partial(scan_rounds, fn), static_argnums=2, **out)
+    # XLA:CPU's in-process all-reduce blocks a worker of the thread pool that every CPU
+    # device shares, and a round dispatched while another device still finished the
+    # previous one deadlocked there (jax 0.10.2, 2 devices on 2 cores: 2 hangs in 3 runs
+    # of 100 back-to-back rounds, none with the wait): on a CPU mesh each call first
+    # waits for the previous state.
+    self._wait = (mesh is not None and mesh.devices.size > 1
+                  and mesh.devices.flat[0].platform == 'cpu')
+    self.lower = self._one.lower
+
+  def __call__(self, state, data):
+    if self._wait:
+      jax.block_until_ready(state)
+    return self._one(state, data)
+
+  def rounds(self, state, data, n: int):
+    if self._wait:
+      jax.block_until_ready(state)
+    return self._many(state, data, int(n))
+
+
+def scan_rounds(round_fn: Callable, state, data, n: int):
+  """``n`` rounds of ``round_fn(state, data) -> (state, info)`` as one ``lax.scan``:
+  ``(state, infos)`` with every ``info`` leaf stacked along a leading axis of ``n``."""
+  return jax.lax.scan(lambda s, _: round_fn(s, data), state, None, length=n)
+
+
+def run_rounds(round_fn: RoundFn, state, data, n: int):
+  """``n`` rounds from ``state``: ``(state, infos)`` with one ``info`` per round.
+
+  One round is one plain call (its ``info`` stays on device); more are one
+  :meth:`RoundFn.rounds` call, whose stacked infos come back to the host once and
+  are split per round.
+  """
+  if n == 1:
+    state, info = round_fn(state, data)
+    return state, [info]
+  state, stacked = round_fn.rounds(state, data, n)
+  stacked = jax.device_get(stacked)
+  return state, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+
+
+def jit_round(fn: Callable, mesh: jax.sharding.Mesh | None) -> RoundFn:
+  """:class:`RoundFn` for ``fn(state, data) -> (state, info)``; with a mesh the outputs
   come back replicated over it (the layout of :func:`replicate`d inputs, so round
   after round neither recompiles nor reshards), and on CPU each call first waits
-  for the previous state.
-
-  The wait: XLA:CPU's in-process all-reduce blocks a worker of the thread pool that
-  every CPU device shares, and a round dispatched while another device still
-  finished the previous one deadlocked there (jax 0.10.2, 2 devices on 2 cores: 2
-  hangs in 3 runs of 100 back-to-back rounds, none with the wait).
+  for the previous state (see :class:`RoundFn`).
   """
-  if mesh is None:
-    return jax.jit(fn)
-  jitted = jax.jit(fn, out_shardings=replicated(mesh))
-  if mesh.devices.size == 1 or mesh.devices.flat[0].platform != 'cpu':
-    return jitted
+  return RoundFn(fn, mesh)
 
-  def cpu_round(state, data):
-    jax.block_until_ready(state)
-    return jitted(state, data)
 
-  cpu_round.lower = jitted.lower
-  return cpu_round
+def round_segments(start: int, stop: int, per_call: int, *every: int) -> list[tuple[int, int]]:
+  """Splits rounds ``start .. stop - 1`` into ``(first, count)`` runs of at most
+  ``per_call`` rounds that never cross a multiple of any positive ``every`` (the
+  rounds after which a run evaluates or checkpoints).
+
+  >>> round_segments(3, 25, 10, 10)
+  [(3, 7), (10, 10), (20, 5)]
+  >>> round_segments(0, 7, 4, 3, 0)
+  [(0, 3), (3, 3), (6, 1)]
+  """
+  per_call = max(int(per_call), 1)
+  out, r = [], int(start)
+  while r < stop:
+    end = min(r + per_call, int(stop))
+    for e in every:
+      if e and e > 0:
+        end = min(end, (r // e + 1) * e)
+    out.append((r, end - r))
+    r = end
+  return out
 
 
 def make_seeded_round(algorithm: base.FedAlgorithm, *, num_clients: int, clients_per_round: int,

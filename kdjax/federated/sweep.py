@@ -181,6 +181,7 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The cell's ``summary.json`` contents.
   """
   from kdjax.federated import run as run_lib
+  from kdjax.federated import simulator as sim
 
   os.makedirs(workdir, exist_ok=True)
   if config.get('client_models'):   # heterogeneous groups: run_simulation's own loop
@@ -190,13 +191,15 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_every = max(int(config.get('eval_every', 0) or num_rounds), 1)
   t0 = time.perf_counter()
   rows, reported = [], []
-  for r in range(num_rounds):
-    state, info = parts['round_fn'](state, parts['train'])
-    reported.append(info['num_reported'])
-    row = {'round': r + 1, 'train_loss': info['loss'], 'train_accuracy': info['accuracy']}
-    if (r + 1) % eval_every == 0 or r + 1 == num_rounds:
-      row.update(run_lib.evaluate_state(parts, state))
-    rows.append(row)
+  for first, count in sim.round_segments(0, num_rounds, config.get('rounds_per_call', 1),
+                                         eval_every):
+    state, infos = sim.run_rounds(parts['round_fn'], state, parts['train'], count)
+    for r, info in enumerate(infos, first):
+      reported.append(info['num_reported'])
+      row = {'round': r + 1, 'train_loss': info['loss'], 'train_accuracy': info['accuracy']}
+      if (r + 1) % eval_every == 0 or r + 1 == num_rounds:
+        row.update(run_lib.evaluate_state(parts, state))
+      rows.append(row)
   pc, pn = parts['personal_evaluate'](state, parts['test'])
   wall = time.perf_counter() - t0
   return _write_cell(config, workdir, rows, reported, pc, pn, bytes_update=bytes_update,
@@ -251,7 +254,9 @@ def run_seed_group(configs: list[ml_collections.ConfigDict],
                     dropout=config.get('dropout', 0.0),
                     clients_per_chunk=config.get('clients_per_chunk') or None)
   if parts[0].get('proxy_x') is None:
-    vmapped = jax.vmap(sim.make_seeded_round(parts[0]['algorithm'], **round_opts))
+    seeded = sim.make_seeded_round(parts[0]['algorithm'], **round_opts)
+    one_seed = lambda state, data, seed, proxy: seeded(state, data, seed)
+    proxies = jnp.zeros(len(configs))
   else:
     # Each seed's algorithm holds its own proxy set (same shape): built inside the
     # vmap from that seed's proxy set and seed.
@@ -261,9 +266,9 @@ def run_seed_group(configs: list[ml_collections.ConfigDict],
     def one_seed(state, data, seed, proxy):
       return sim.make_seeded_round(build(proxy, seed), **round_opts)(state, data, seed)
 
-    seeds_round = jax.jit(jax.vmap(one_seed))
-    vmapped = lambda st, tr, sd: seeds_round(st, tr, sd, proxies)
-  round_fn = jax.jit(vmapped) if parts[0].get('proxy_x') is None else vmapped
+  vmapped = jax.vmap(one_seed)
+  round_fn = sim.jit_round(lambda st, inputs: vmapped(st, *inputs), None)
+  inputs = (train, seeds, proxies)
   # Every seed's evaluation uses seed 0's jitted evaluators (the algorithm and model are
   # the same functions) on that seed's own data, so they compile once.
   evals = [dict(p, test=jax.tree.map(jnp.asarray, t), evaluate=parts[0]['evaluate'],
@@ -276,16 +281,18 @@ def run_seed_group(configs: list[ml_collections.ConfigDict],
   t0 = time.perf_counter()
   rows = [[] for _ in configs]
   reported = [[] for _ in configs]
-  for r in range(num_rounds):
-    states, info = round_fn(states, train, seeds)
-    evaluate = (r + 1) % eval_every == 0 or r + 1 == num_rounds
-    for i in range(len(configs)):
-      one = jax.tree.map(lambda a: a[i], info)
-      reported[i].append(one['num_reported'])
-      row = {'round': r + 1, 'train_loss': one['loss'], 'train_accuracy': one['accuracy']}
-      if evaluate:
-        row.update(run_lib.evaluate_state(evals[i], seed_state(i)))
-      rows[i].append(row)
+  for first, count in sim.round_segments(0, num_rounds, config.get('rounds_per_call', 1),
+                                         eval_every):
+    states, infos = sim.run_rounds(round_fn, states, inputs, count)
+    for r, info in enumerate(infos, first):
+      evaluate = (r + 1) % eval_every == 0 or r + 1 == num_rounds
+      for i in range(len(configs)):
+        one = jax.tree.map(lambda a: a[i], info)
+        reported[i].append(one['num_reported'])
+        row = {'round': r + 1, 'train_loss': one['loss'], 'train_accuracy': one['accuracy']}
+        if evaluate:
+          row.update(run_lib.evaluate_state(evals[i], seed_state(i)))
+        rows[i].append(row)
   finals = [evals[i]['personal_evaluate'](seed_state(i), evals[i]['test'])
             for i in range(len(configs))]
   wall = (time.perf_counter() - t0) / len(configs)
@@ -398,8 +405,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
         done = os.path.join(cdir, 'summary.json')
         cfg = cell_config(config, alpha, algorithm, seed)
         if os.path.exists(done):
-          # A finished cell is reused only if it ran this cell's config.
-          check_workdir_config(cdir, cfg, has_results=True, ignore=())
+          # A finished cell is reused only if it ran this cell's config (how many
+          # rounds went in one call does not change its results).
+          check_workdir_config(cdir, cfg, has_results=True, ignore=('rounds_per_call',))
           with open(done) as f:
             summaries[alpha, algorithm, seed] = json.load(f)
           if bar is not None:

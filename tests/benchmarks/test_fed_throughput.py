@@ -47,6 +47,12 @@ def test_quick_run_writes_every_figure(tmp_path):
     # kdjax is credited with its fastest layout, and only with one of its own.
     layouts = {k: v for k, v in res['rounds_per_sec'].items() if k.startswith('kdjax')}
     assert {'kdjax', 'kdjax_sharded'} <= set(layouts)
+    # Rounds K per call (one lax.scan): the same first round, timed as its own layout.
+    assert 'kdjax_sharded_calls' in layouts
+    assert res['round1_max_abs_diff_vs_kdjax']['kdjax_sharded_calls'] < 1e-5
+    sfx = '' if model == 'mlp' else '_cnn'
+    assert figures[f'kdjax{sfx}_one_round_per_call_rounds_per_sec'] == max(
+        v for k, v in layouts.items() if not k.endswith('_calls'))
     assert res['kdjax_variant'] == max(layouts, key=layouts.get)
     assert figures[f"kdjax{'' if model == 'mlp' else '_cnn'}_rounds_per_sec"] == max(
         layouts.values())
@@ -63,6 +69,7 @@ def test_quick_run_writes_every_figure(tmp_path):
   for key in ('machine', 'versions', 'date', 'command', 'settings'):
     assert figures[key], key
   assert figures['settings']['clients'] == 10
+  assert figures['settings']['rounds_per_call'] == figures['settings']['rounds_per_repeat'] == 2
   assert 'rounds/s' in stdout
 
 

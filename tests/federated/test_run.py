@@ -61,6 +61,38 @@ def test_fed_run_cli_writes_metrics_and_resumes_identically(tmp_path, capsys):
     assert json.load(f)['global_accuracy'] == summary['global_accuracy']
 
 
+def test_rounds_per_call_changes_nothing_but_the_calls(tmp_path, capsys):
+  """Rounds run K per call (a lax.scan, cut at evaluations and checkpoints) write the
+  same metrics, evaluations and checkpoints as one round per call, and a run resumed
+  with another rounds_per_call ends where the straight run does."""
+  base = ['fed', 'run', '--config', CONFIG + ':tiny', '--no-progress', '--config.plots=False',
+          '--config.algorithm=scaffold', '--config.dropout=0.2', '--config.num_rounds=9',
+          '--config.checkpoint_every=4']
+  runs = {}
+  for k in (1, 4):
+    workdir = str(tmp_path / f'k{k}')
+    assert cli.main(base + ['--workdir', workdir, f'--config.rounds_per_call={k}']) == 0
+    runs[k] = workdir
+  # Segments with k=4 (evaluations after 3, 6, 9; checkpoints after 4, 8): 3, 1, 2, 2, 1.
+  resumed = str(tmp_path / 'resumed')
+  assert cli.main(base + ['--workdir', resumed, '--config.rounds_per_call=3',
+                          '--config.num_rounds=5']) == 0
+  assert cli.main(base + ['--workdir', resumed, '--config.rounds_per_call=2']) == 0
+  capsys.readouterr()
+  ref = _rows(runs[1])
+  assert [r['round'] for r in ref] == list(range(1, 10))
+  assert [r['round'] for r in ref if 'global_accuracy' in r] == [3, 6, 9]
+  assert len({r['num_reported'] for r in ref}) > 1   # dropout: the rounds differ
+  for other in (runs[4], resumed):
+    rows = _rows(other)
+    assert [sorted(r) for r in rows] == [sorted(r) for r in ref]
+    for a, b in zip(ref, rows):
+      for key, value in a.items():
+        np.testing.assert_allclose(b[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+  for workdir in runs.values():
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']
+
+
 def test_resume_refuses_another_config_and_restores_without_checkpointing(tmp_path, capsys):
   workdir = str(tmp_path / 'w')
   base = ['fed', 'run', '--config', CONFIG + ':tiny', '--workdir', workdir, '--no-progress']
@@ -118,6 +150,7 @@ def test_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     ('--config.local.momentum=1.0', 'config.local.momentum must be in [0, 1)'),
     ('--config.num_rounds=-1', 'config.num_rounds must be an integer >= 0'),
     ('--config.checkpoint_every=-2', 'config.checkpoint_every must be'),
+    ('--config.rounds_per_call=0', 'config.rounds_per_call must be an integer >= 1'),
     ('--config.model=mlpp', "Unknown model 'mlpp'"),
     ('--config.model_options.widht=3', "model 'mlp'"),
     ('--config.partition.alpah=0.3', "partition 'dirichlet' has no option 'alpah'"),

@@ -39,9 +39,16 @@ SCRIPT = textwrap.dedent('''
           hlo = rf.lower(st, data).compile().as_text()
           # SPMD-partitioned: one client per device, reductions across devices.
           out[name + '_sharded_hlo'] = 'all-reduce' in hlo
+        st0 = st
         for _ in range(2):
           st, _ = rf(st, data)
         results.append(jax.tree.leaves((st.server.params, st.clients)))
+        if m is not None:   # two rounds in one call (a lax.scan) on the mesh
+          st2, _ = rf.rounds(st0, data, 2)
+          out[name + '_rounds_maxdiff'] = max(
+              float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+              for a, b in zip(results[-1], jax.tree.leaves((st2.server.params, st2.clients)))
+              if np.asarray(a).dtype.kind == 'f')
       out[name + '_maxdiff'] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
                                    for a, b in zip(*results) if np.asarray(a).dtype.kind == 'f')
     print(json.dumps(out))
@@ -60,6 +67,7 @@ def test_client_axis_sharded_round_equals_single_device():
   for name in ('fedavg', 'fedd2s'):
     assert out[name + '_sharded_hlo'] and not out[name + '_plain_hlo'], name
     assert out[name + '_maxdiff'] < 1e-5, out
+    assert out[name + '_rounds_maxdiff'] < 1e-5, out
 
 
 CLI_SCRIPT = textwrap.dedent('''

@@ -189,6 +189,58 @@ def test_vmap_round_equals_sequential_reference(algorithm, chunk, dropout):
              zip(jax.tree.leaves(st.server.params), jax.tree.leaves(params))) > 1e-2
 
 
+@pytest.mark.parametrize('algorithm,chunk,dropout', [
+    ('fedavg', None, 0.0),
+    ('scaffold', 2, 0.3),
+    ('ditto', None, 0.3),
+])
+def test_rounds_in_one_call_equal_round_by_round(algorithm, chunk, dropout):
+  """``round_fn.rounds(state, data, n)`` (one lax.scan) is ``n`` calls of ``round_fn``:
+  same states (server and clients), same per-round infos."""
+  _, params, data, round_fn, st0 = _setup(dropout, chunk, algorithm)
+  jdata = jax.tree.map(jnp.asarray, data)
+  st, infos = st0, []
+  for _ in range(4):
+    st, info = round_fn(st, jdata)
+    infos.append(info)
+  st_many, stacked = round_fn.rounds(st0, jdata, 4)
+  assert int(st_many.round) == int(st.round) == 4
+  for a, b in zip(jax.tree.leaves((st.server, st.clients)),
+                  jax.tree.leaves((st_many.server, st_many.clients))):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+  for r, info in enumerate(infos):
+    for a, b in zip(jax.tree.leaves(info), jax.tree.leaves(stacked)):
+      np.testing.assert_allclose(a, np.asarray(b)[r], atol=1e-6, rtol=1e-6)
+  # run_rounds splits the stacked infos per round; one round is a plain call.
+  st_run, split = sim.run_rounds(round_fn, st0, jdata, 4)
+  assert len(split) == 4
+  np.testing.assert_array_equal(split[2]['cohort'], infos[2]['cohort'])
+  st_one, [one] = sim.run_rounds(round_fn, st0, jdata, 1)
+  np.testing.assert_array_equal(one['cohort'], infos[0]['cohort'])
+  # The rounds differ from each other: equal infos would not show their order.
+  assert not np.array_equal(infos[0]['cohort'], infos[1]['cohort'])
+
+
+@pytest.mark.parametrize('start,stop,per_call,every', [
+    (0, 50, 10, (25, 0)), (3, 25, 10, (10,)), (0, 7, 1, (3,)), (5, 41, 7, (6, 10)),
+    (0, 0, 4, (3,)), (9, 10, 100, (1,)),
+])
+def test_round_segments_cover_the_range_without_crossing_boundaries(start, stop, per_call,
+                                                                    every):
+  segs = sim.round_segments(start, stop, per_call, *every)
+  rounds = [r for first, n in segs for r in range(first, first + n)]
+  assert rounds == list(range(start, stop))
+  for first, n in segs:
+    assert 1 <= n <= per_call
+    for e in every:
+      if e:   # no multiple of e strictly inside a segment: it only ends there
+        assert all((r + 1) % e for r in range(first, first + n - 1))
+  # Greedy: a segment is cut short only at a boundary or the end.
+  for first, n in segs[:-1]:
+    end = first + n
+    assert n == per_call or any(e and end % e == 0 for e in every)
+
+
 def test_fedavg_one_full_batch_step_equals_centralized_gd():
   x, y = _problem(n=48)
   part = partition.iid(y, 4, seed=0, test_fraction=0.0)

@@ -171,11 +171,12 @@ def test_a_config_without_grid_is_refused(tmp_path, capsys):
                                         ('feddf', 'edgefd', 'knfu', 'dsfl', 'fedmd')])
 def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path, algorithms):
   """One vmapped simulation over 2 seeds (different padded shapes) = 2 sequential runs;
-  the second set holds a proxy set drawn per seed (a vmapped argument)."""
+  the second set holds a proxy set drawn per seed (a vmapped argument). The vmapped
+  run does its 3 rounds in one call, the sequential one in calls of 2 and 1."""
   from kdjax.config import load_config
   from kdjax.federated import run as run_lib
   grid = ["--config.grid.alpha=[0.3]", f'--config.grid.algorithm={list(algorithms)}',
-          '--config.grid.seeds=[0, 1]', '--config.num_rounds=2', '--config.eval_every=1']
+          '--config.grid.seeds=[0, 1]', '--config.num_rounds=3', '--config.eval_every=3']
   base = load_config(TINY, [tuple(o[len('--config.'):].split('=', 1)) for o in grid])
   lengths = {run_lib.setup(sweep.cell_config(base, 0.3, 'fedavg', s))['train'].mask.shape[1]
              for s in (0, 1)}
@@ -184,7 +185,8 @@ def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path, algorithms):
   for vmap in (True, False):
     dirs[vmap] = str(tmp_path / f'v{vmap}')
     assert cli.main(['fed', 'sweep', '--config', TINY, '--workdir', dirs[vmap], '--no-progress',
-                     *grid, f'--config.grid.vmap_seeds={vmap}']) == 0
+                     *grid, f'--config.grid.vmap_seeds={vmap}',
+                     f'--config.rounds_per_call={3 if vmap else 2}']) == 0
   for g in algorithms:
     for s in (0, 1):
       name = f'a0.3_{g}_s{s}'
