@@ -27,14 +27,18 @@ def unreadable_checkpoint(path: str, error: BaseException) -> UserError:
 def quiet_orphaned_reads() -> None:
   """Drops the noise of a failed orbax restore: its other reads still in flight finish
   after orbax closed their asyncio loop, and each would print an "Event loop is closed"
-  traceback (through ``sys.unraisablehook``) under the one-line error. Other
-  unraisable exceptions reach the previous hook."""
+  traceback (through ``sys.unraisablehook``, with no object, so with no "Exception
+  ignored" line) under the one-line error. Call it before the restore: some report
+  before the restore's error reaches the caller. Other unraisable exceptions reach the
+  previous hook. Calling this again installs nothing more."""
+  if getattr(sys.unraisablehook, 'kdjax_quiet', False):
+    return
   previous = sys.unraisablehook
 
   def hook(unraisable):
     exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
-      return
-    previous(unraisable)
+    if not (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'):
+      previous(unraisable)
 
+  hook.kdjax_quiet = True
   sys.unraisablehook = hook

@@ -44,11 +44,11 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, *, 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
   """The ``(state, data position)`` saved at ``step``; a damaged one is a :class:`UserError`."""
+  quiet_orphaned_reads()  # before: a failed restore's other reads may report at once
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   except CHECKPOINT_READ_ERRORS as e:
-    quiet_orphaned_reads()
     raise unreadable_checkpoint(os.path.join(str(manager.directory), str(step)), e) from None
   return restored['state'], restored['data']
 

@@ -355,10 +355,10 @@ def restore_checkpoint(manager, template: sim.SimState) -> sim.SimState | None:
   step = manager.latest_step()
   if step is None:
     return None
+  quiet_orphaned_reads()  # before: a failed restore's other reads may report at once
   try:
     saved = manager.restore(step, args=ocp.args.StandardRestore(_to_saveable(template)))
   except CHECKPOINT_READ_ERRORS as e:
-    quiet_orphaned_reads()
     raise unreadable_checkpoint(os.path.join(str(manager.directory), str(step)), e) from None
   return _from_saved(template, saved)
 

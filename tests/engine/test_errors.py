@@ -151,6 +151,9 @@ def test_quiet_orphaned_reads_drops_only_the_closed_loop_noise(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', lambda u: seen.append(str(u.exc_value)))
   quiet_orphaned_reads()
+  installed = sys.unraisablehook
+  quiet_orphaned_reads()  # a second restore wraps nothing more
+  assert sys.unraisablehook is installed
   for exc in (RuntimeError('Event loop is closed'), RuntimeError('other'), ValueError('x')):
     sys.unraisablehook(types.SimpleNamespace(exc_value=exc))
   assert seen == ['other', 'x']
