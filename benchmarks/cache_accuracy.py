@@ -47,6 +47,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from bench_common import write_json  # noqa: E402  (benchmarks/bench_common.py)
+
 DTYPES = ('float32', 'bfloat16', 'float16', 'int8')
 
 # Per task: teacher config, KD config (the student recipe), overrides of both, and the
@@ -265,9 +267,7 @@ def main(argv=None) -> dict:
     res = run_task(name, tasks[name], args, os.path.join(workdir, name))
     results['tasks'][name] = res
     print(format_table(res), flush=True)
-    if args.json:   # after every task, so a later task's failure keeps the earlier figures
-      with open(args.json, 'w') as f:
-        json.dump(results, f, indent=1)
+    write_json(args.json, results)   # after every task, so a later task's failure keeps the earlier figures
   return results
 
 

@@ -44,6 +44,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from bench_common import write_json  # noqa: E402  (benchmarks/bench_common.py)
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
@@ -259,9 +261,7 @@ def _measure(args) -> dict:
     print(f"stream-fed MNIST-1D distill step: {step['examples_per_sec']:.0f} examples/s; "
           + ', '.join(f"{m} reader / step = {results[f'{m}_rows_per_sec_over_step_needs']:.1f}x"
                       for m in ('chunks', 'chunks_cold', 'chunks_cold_1thread') if m in modes))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
+  write_json(args.json, results)
   return results
 
 

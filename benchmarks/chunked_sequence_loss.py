@@ -32,6 +32,8 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_common import write_json  # noqa: E402  (benchmarks/bench_common.py)
+
 import kdjax.losses as L  # noqa: E402
 
 
@@ -120,9 +122,7 @@ def main(argv=None):
       command=' '.join([os.path.basename(sys.executable), 'benchmarks/chunked_sequence_loss.py']
                        + (argv if argv is not None else sys.argv[1:])),
       shape=[args.batch, args.time, args.vocab], chunk_size=args.chunk_size, rows=rows)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(report, f, indent=2)
+  write_json(args.json, report)
 
 
 if __name__ == '__main__':
