@@ -1,5 +1,6 @@
 """Errors a user can cause. The CLI prints them on one line and exits with code 2."""
 
+import numbers
 import sys
 
 
@@ -9,6 +10,19 @@ class UserError(Exception):
 
 # What reading a damaged checkpoint raises (orbax, tensorstore, the tree template).
 CHECKPOINT_READ_ERRORS = (ValueError, OSError, KeyError, TypeError)
+
+
+def check_number(value, ok, message: str) -> None:
+  """Raises ``UserError(message)`` unless ``value`` is a number (not a bool) with
+  ``ok(float(value))`` true.
+
+  >>> check_number(0.5, lambda v: 0 <= v < 1, 'bad')
+  >>> check_number(True, lambda v: 0 <= v < 1, 'x must be in [0, 1), got True.')
+  Traceback (most recent call last):
+  kdjax.errors.UserError: x must be in [0, 1), got True.
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
+    raise UserError(message)
 
 
 def unreadable_checkpoint(path: str, error: BaseException) -> UserError:

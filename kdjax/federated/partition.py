@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from kdjax.errors import UserError
+from kdjax.errors import check_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,10 @@ class Partition:
 
 
 # --------------------------------------------------------------------------- checks
+
+def _finite_nonnegative(v: float) -> bool:
+  return 0 <= v < float('inf')
+
 
 def _check_common(labels, num_clients: int, min_size: int = 1) -> np.ndarray:
   labels = np.asarray(labels)
@@ -367,9 +372,8 @@ def quantity_skew(labels, num_clients: int, *, distribution: str = 'lognormal',
   """
   labels = _check_common(labels, num_clients, min_size)
   for name, value in (('sigma', sigma), ('exponent', exponent)):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-        or not 0 <= float(value) < float('inf'):
-      raise UserError(f'quantity_skew {name} must be a number >= 0, got {value!r}.')
+    check_number(value, _finite_nonnegative,
+                 f'quantity_skew {name} must be a number >= 0, got {value!r}.')
   rng = np.random.default_rng(seed)
   if distribution == 'lognormal':
     w = rng.lognormal(0.0, float(sigma), num_clients)
@@ -598,9 +602,8 @@ def feature_skew(num_clients: int, *, kind: str = 'noise', strength: float = 0.1
   if kind not in kinds:
     raise UserError(
         f"feature skew kind must be 'shift', 'noise', 'scale' or 'rotate', got {kind!r}.")
-  if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) \
-      or not 0 <= float(strength) < float('inf'):
-    raise UserError(f'feature skew strength must be a number >= 0, got {strength!r}.')
+  check_number(strength, _finite_nonnegative,
+               f'feature skew strength must be a number >= 0, got {strength!r}.')
   if kind == 'scale' and strength >= 1:
     raise UserError(f"feature skew 'scale' needs strength < 1 (gains in (1 - s, 1 + s) "
                     f'stay positive), got {strength}.')

@@ -42,6 +42,7 @@ import numpy as np
 
 from kdjax.errors import CHECKPOINT_READ_ERRORS
 from kdjax.errors import UserError
+from kdjax.errors import check_number
 from kdjax.errors import quiet_orphaned_reads
 from kdjax.errors import unreadable_checkpoint
 from kdjax.federated import packing
@@ -85,9 +86,7 @@ def _check_int(key: str, value, low: int) -> None:
 
 
 def _check_number(key: str, value, ok, what: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-      or not ok(float(value)):
-    raise UserError(f'config.{key} must be {what}, got {value!r}.')
+  check_number(value, ok, f'config.{key} must be {what}, got {value!r}.')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
