@@ -374,13 +374,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     manager.close()
     writer.close()
 
+  if not seen_lengths:
+    # Nothing left to train (a rerun of a finished run): report the run as it stands,
+    # not nulls over its summary. Every process evaluates (a collective); the train
+    # figures are the ones logged at this step, where this process can read them.
+    last_eval = {k: float(v) for k, v in eval_fn(state).items()}
+    last_train = _logged(writer.path, 'train', step)
   summary = {
       'step': step,
       'eval_accuracy': last_eval.get('accuracy'),
       'eval_loss': last_eval.get('loss'),
       'train_loss': last_train.get('loss'),
       'train_accuracy': last_train.get('accuracy'),
-      'examples_per_sec': (timed_examples / timed_seconds) if timed_seconds else None,
+      'examples_per_sec': ((timed_examples / timed_seconds) if timed_seconds
+                           else last_train.get('examples_per_sec')),
       'wall_seconds': time.time() - t_run,
       'resumed_from': start,
       'feed': feed,
@@ -395,6 +402,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       json.dump(summary, f, indent=2)
     kmetrics.plot_learning_curves(workdir)
   return summary
+
+
+def _logged(path: str, split: str, step: int) -> dict[str, float]:
+  """The values ``metrics.jsonl`` at ``path`` holds for ``split`` at ``step``; ``{}`` if none
+  (or no file: only process 0 writes it)."""
+  if not os.path.exists(path):
+    return {}
+  rows = [r for r in kmetrics.read_jsonl(path) if r.get('split') == split and r.get('step') == step]
+  return {k: v for k, v in rows[-1].items() if k not in ('step', 'split')} if rows else {}
 
 
 def _open_cache_rows(cache, config, feed: str, needs, train_arrays, data_dir):

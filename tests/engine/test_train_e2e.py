@@ -36,6 +36,22 @@ def test_train_writes_everything(teacher_dir):
   assert os.listdir(os.path.join(teacher_dir, 'tensorboard'))
 
 
+def test_rerun_of_a_finished_run_reports_it_and_trains_nothing(teacher_dir, data_dir, tmp_path):
+  import shutil
+  wd = str(tmp_path / 'again')
+  shutil.copytree(teacher_dir, wd)
+  before = json.load(open(os.path.join(wd, 'summary.json')))
+  metrics = open(os.path.join(wd, 'metrics.jsonl')).read()
+  kdjax_cli(['train', '--config', f'{CONFIGS}/mnist1d/teacher.py:tiny', '--workdir', wd,
+             '--config.num_steps=100', *_common(data_dir)])
+  after = json.load(open(os.path.join(wd, 'summary.json')))
+  assert after['resumed_from'] == after['step'] == 100
+  # the evaluation is run again on the restored state and gives the same figures
+  for key in ('eval_accuracy', 'eval_loss', 'train_loss', 'train_accuracy', 'examples_per_sec'):
+    assert after[key] is not None and after[key] == pytest.approx(before[key], rel=1e-6), key
+  assert open(os.path.join(wd, 'metrics.jsonl')).read() == metrics
+
+
 def test_distill_and_eval(teacher_dir, data_dir, tmp_path):
   wd = str(tmp_path / 'kd')
   out = kdjax_cli(['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:tiny', '--workdir', wd,
