@@ -3,7 +3,7 @@
     kdjax train   --config configs/mnist1d/teacher.py:tiny --workdir DIR [--config.key=value ...]
     kdjax distill --config configs/mnist1d/kd.py --workdir DIR --config.teacher.workdir=TEACHER
     kdjax eval    --workdir DIR [--split test]
-    kdjax demo    [--workdir DIR] [--seeds 3]
+    kdjax demo    [--workdir DIR] [--seeds 3] [--variant tiny] [--config.key=value ...]
     kdjax losses  list
     kdjax cache   build --config configs/mnist1d/kd.py --workdir CACHE [--epochs E --k K --dtype D]
     kdjax cache   inspect [--json] CACHE  |  kdjax cache verify CACHE
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
   d = sub.add_parser('demo', help='the main job: teacher, baseline and distilled students on MNIST-1D')
   d.add_argument('--workdir', default='workdirs/demo')
   d.add_argument('--seeds', type=int, default=3)
-  d.add_argument('--variant', default='', help="config variant for every run (e.g. 'tiny')")
+  d.add_argument('--variant', default='', help="config variant for every run (e.g. 'tiny'); "
+                 '--config.key=value overrides also apply to every run')
   l = sub.add_parser('losses', help='the loss catalog')
   l.add_argument('action', choices=['list'])
   l.add_argument('--json', action='store_true')
@@ -159,8 +160,9 @@ def _main(argv) -> int:
   _quiet_libraries()
   rest, overrides = split_overrides(argv)
   args = _parser().parse_args(rest)
-  if overrides and args.command not in ('train', 'distill', 'cache', 'fed'):  # cache: 5, fed: 4
-    raise UserError(f'--config.* overrides go with train or distill, not {args.command}')
+  if overrides and args.command not in ('train', 'distill', 'demo', 'cache', 'fed'):  # cache: 5, fed: 4
+    raise UserError(f'--config.* overrides go with train, distill, demo, cache or fed, '
+                    f'not {args.command}')
 
   if args.command in ('train', 'distill'):
     config = load_config(args.config, overrides)
@@ -177,7 +179,8 @@ def _main(argv) -> int:
     return 0
   if args.command == 'demo':
     from kdjax.demo import run_demo
-    _guard_data(lambda: run_demo(args.workdir, seeds=args.seeds, variant=args.variant))
+    _guard_data(lambda: run_demo(args.workdir, seeds=args.seeds, variant=args.variant,
+                                 overrides=overrides))
     return 0
   if args.command == 'cache':  # teacher cache (issue 5)
     return _cache_main(args, overrides)

@@ -35,10 +35,28 @@ def configs_dir() -> str:
   return path
 
 
+# What the demo sets in every run itself; an override of them would be silently lost.
+DEMO_SETS = ('seed', 'progress', 'teacher.workdir')
+
+
 def run_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()) -> dict:
+  """Runs the demo's four kinds of run for ``seeds`` seeds each under ``workdir``.
+
+  Args:
+    workdir: one subdirectory per run (``teacher/seed0``, ...); a rerun resumes each run
+      from its checkpoints, so a finished one is only evaluated again.
+    seeds: seeds per kind of run.
+    variant: a config variant added to every run's (``'tiny'``).
+    overrides: ``(dotted key, value)`` pairs applied to every run's config
+      (``data.data_dir``, for example); not the keys in :data:`DEMO_SETS`.
+  """
   from kdjax.distill.loop import train_and_evaluate
   if seeds < 1:
     raise UserError('--seeds must be at least 1')
+  fixed = sorted({key for key, _ in overrides} & set(DEMO_SETS))
+  if fixed:
+    raise UserError(f'the demo sets {", ".join(fixed)} in every run itself; '
+                    f'drop --config.{fixed[0]}')
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   results: dict[str, dict] = {}
