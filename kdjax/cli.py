@@ -160,7 +160,8 @@ def _main(argv) -> int:
   _quiet_libraries()
   rest, overrides = split_overrides(argv)
   args = _parser().parse_args(rest)
-  if overrides and args.command not in ('train', 'distill', 'demo', 'cache', 'fed'):  # cache: 5, fed: 4
+  # cache: issue 5, fed: issue 4
+  if overrides and args.command not in ('train', 'distill', 'demo', 'cache', 'fed'):
     raise UserError(f'--config.* overrides go with train, distill, demo, cache or fed, '
                     f'not {args.command}')
 

@@ -378,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Nothing left to train (a rerun of a finished run): report the run as it stands,
     # not nulls over its summary. Every process evaluates (a collective); the train
     # figures are the ones logged at this step, where this process can read them.
-    last_eval = {k: float(v) for k, v in eval_fn(state).items()}
+    last_eval = eval_fn(state)
     last_train = _logged(writer.path, 'train', step)
   summary = {
       'step': step,
