@@ -154,7 +154,7 @@ def _mean_std(values):
 def run_task(name: str, task: dict, args, workdir: str) -> dict:
   """Teacher, live reference and the k x dtype table for one task."""
   from kdjax.cache import build_cache, inspect_cache
-  from kdjax.distill.loop import train_and_evaluate
+  from kdjax.distill.train import train_and_evaluate
 
   t_task = time.time()
   out: dict[str, Any] = {'task': name}

@@ -1,21 +1,24 @@
 """Teacher-inference cache speedup: distill from the cache vs with the live teacher.
 
-One run times four jitted, fused (``lax.scan``) calls built from kdjax's own engine
-pieces (``make_train_step`` + ``make_fused_steps``, donated state, the same batch size
-and batch gathering) on the MNIST-1D train split (40 x 1 signals):
+One run times four jitted calls of ``--steps-per-call`` steps, each built by kdjax's own
+setup (``kdjax.engine.setup``, what ``kdjax distill`` calls: the device feed, the one
+train step, donated state, the same batch size and batch gathering) on the MNIST-1D
+train split (40 x 1 signals):
 
   (a) ``student``:  the student step alone (``ce`` only, no teacher);
-  (b) ``teacher``:  the teacher forward alone, over the same gathered batches;
+  (b) ``teacher``:  the teacher forward alone, over the same gathered batches (the
+                    engine's ``TeacherAhead`` call: the feed's batches, the teacher's
+                    forward, nothing else);
   (c) ``live``:     distillation with the live teacher (``kd`` + ``ce``, the teacher
-                    forward inside the step);
+                    forward inside the call);
   (d) ``cache``:    distillation from the cache (``sparse_kd`` + ``ce`` fed by cache
-                    rows that the fused step gathers from ``data['teacher_cache']``;
-                    no teacher forward).
+                    rows that the device feed gathers with each batch; no teacher
+                    forward).
 
-The cache columns are computed in memory with the cache builder's own ``make_infer``
-(top-k logits, indices and log-sum-exp, as ``kdjax cache build`` stores them) and put
-through ``kdjax.cache.read.batch_columns``, exactly what ``--config.teacher.cache``
-puts on device.
+The cache rows are computed in memory with the cache builder's own ``make_infer``
+(top-k logits, indices and log-sum-exp, as ``kdjax cache build`` stores them) and given
+to the setup through ``kdjax.cache.read``'s ``batch_columns`` and ``gather_rows``,
+exactly what ``--config.teacher.cache`` puts on device and joins.
 
 Printed: examples/s of each, ``ratio`` = time(c) / time(d) (achieved speedup),
 ``ideal_ratio`` = (time(a) + time(b)) / time(a) (what removing the teacher forward
@@ -87,145 +90,123 @@ def load_data(synthetic: bool):
 
 
 class Runner:
-  """A compiled fused call and its arguments; ``calls(n)`` runs it ``n`` times."""
+  """``calls(n)`` runs ``n`` calls of ``steps`` steps each: ``fn(state, step, steps)``."""
 
-  def __init__(self, fn: Callable, state, args: tuple, steps: int):
-    self.fn, self.state, self.args, self.steps = fn, state, args, steps
+  def __init__(self, fn: Callable, state, steps: int):
+    self.fn, self.state, self.steps, self.step = fn, state, steps, 0
 
   def calls(self, n: int) -> None:
     import jax
     out = None
     for _ in range(n):
-      self.state, out = self.fn(self.state, *self.args)
+      self.state, out = self.fn(self.state, self.step, self.steps)
+      self.step += self.steps
     jax.block_until_ready((self.state, out))
+
+
+class MemoryCache:
+  """Teacher-cache rows made in memory, offered to the engine as ``--config.teacher.cache``
+  offers a ``kdjax.cache.read.RunCache``: the same columns and the same join."""
+
+  def __init__(self, stored: dict):
+    from kdjax.cache import read
+    self.read, self.stored = read, stored
+    self.epochs = int(next(iter(stored.values())).shape[0])
+    self.nbytes = int(sum(v.nbytes for v in stored.values()))
+
+  def check(self, config, *, num_classes, needs):
+    del config, num_classes, needs
+
+  def check_arrays(self, arrays):
+    del arrays
+
+  def columns(self, needs):
+    return self.read.batch_columns(self.stored, needs)
+
+  def join(self, columns, epoch, positions):
+    return self.read.gather_rows(columns, epoch, positions)
+
+  def sample(self, needs):
+    import numpy as np
+    return self.read.host_rows(self.columns(needs), np.zeros(2, np.int64), np.arange(2))
 
 
 def build_runners(args, arrays) -> tuple[dict[str, Runner], dict]:
   import jax
-  import jax.numpy as jnp
-  import ml_collections
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from kdjax import data as kdata
   from kdjax import models
   from kdjax.cache.build import make_infer
-  from kdjax.cache.read import batch_columns, sample_rows
-  from kdjax.distill.optim import make_optimizer
-  from kdjax.distill.state import TrainState
-  from kdjax.distill.step import TeacherFns, epoch_permutations, make_fused_steps, make_train_step
-  from kdjax.losses import build_objective
-  from kdjax.parallel import make_mesh, shardings_from_rules
+  from kdjax.data import DatasetSpec
+  from kdjax.data import make_augment
+  from kdjax.engine import Data
+  from kdjax.engine import TeacherAhead
+  from kdjax.engine import setup
+  from kdjax.engine.config import base_config
+  from kdjax.teacher import Teacher
 
   num_classes, input_shape = 10, tuple(arrays['x'].shape[1:])
+  channels = _ints(args.teacher_channels)
+  teacher_kwargs = dict(channels=channels, kernel_size=5, strides=(1,) + (2,) * (len(channels) - 1))
   t_apply, t_params, t_state = models.functional(models.create(
-      'cnn1d', num_classes=num_classes, input_shape=input_shape, seed=1,
-      channels=_ints(args.teacher_channels), kernel_size=5, strides=(1,) + (2,) * (
-          len(_ints(args.teacher_channels)) - 1)))
-  s_apply, s_params, s_state = models.functional(models.create(
-      'mlp', num_classes=num_classes, input_shape=input_shape, seed=2,
-      hidden=_ints(args.student_hidden)))
+      'cnn1d', num_classes=num_classes, input_shape=input_shape, seed=1, **teacher_kwargs))
+  teacher = Teacher(t_apply, (t_params, t_state), num_classes, None, 0, '')
   count = lambda tree: int(sum(np.size(a) for a in jax.tree.leaves(tree)))
-  info = {'teacher': f'cnn1d channels={_ints(args.teacher_channels)} kernel 5',
-          'student': f'mlp hidden={_ints(args.student_hidden)}',
-          'teacher_params': count(t_params), 'student_params': count(s_params)}
-
-  mesh = make_mesh([('data', -1)])
-  repl = NamedSharding(mesh, P())
-  batch_sh = NamedSharding(mesh, P('data'))
-  augment = kdata.make_augment(None)
-  seed, b, n_steps = 0, args.batch_size, args.steps_per_call
   num_examples = len(arrays['label'])
-  tx = make_optimizer(ml_collections.ConfigDict(
-      {'name': 'adamw', 'learning_rate': 2e-3, 'weight_decay': 1e-4, 'warmup_steps': 0,
-       'schedule': 'cosine', 'grad_clip_norm': 0.0, 'momentum': 0.9, 'nesterov': False}), 100_000)
-  teacher_vars = jax.device_put((t_params, t_state), repl)
-  teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_vars)
+  data = Data(DatasetSpec('mnist1d', input_shape, num_classes, {'train': num_examples}),
+              arrays, {k: v[:args.batch_size] for k, v in arrays.items()})
+
+  def config(terms):
+    c = base_config()
+    c.seed, c.batch_size, c.num_steps = 0, args.batch_size, 100_000
+    c.steps_per_call = c.log_every = args.steps_per_call
+    c.eval_every = c.checkpoint_every = 100_000
+    c.model.name, c.model.kwargs = 'mlp', {'hidden': _ints(args.student_hidden)}
+    c.optimizer.update({'name': 'adamw', 'learning_rate': 2e-3, 'weight_decay': 1e-4})
+    c.loss.terms = terms
+    c.data.feed = 'device'
+    return c
 
   # The cache: one augmentation epoch of teacher rows, made by the builder's infer.
-  infer = jax.jit(make_infer(t_apply, augment, seed=seed, k=args.k, num_classes=num_classes,
-                             dtype=args.cache_dtype))
+  infer = jax.jit(make_infer(t_apply, make_augment(None), seed=0, k=args.k,
+                             num_classes=num_classes, dtype=args.cache_dtype))
   chunks = []
   for start in range(0, num_examples, 1000):
     sl = slice(start, start + 1000)
-    chunks.append(jax.device_get(infer(teacher_vars, arrays['x'][sl], arrays['id'][sl],
+    chunks.append(jax.device_get(infer((t_params, t_state), arrays['x'][sl], arrays['id'][sl],
                                        np.zeros(len(arrays['id'][sl]), np.int32))))
   stored = {key: np.concatenate([c[key] for c in chunks])[None] for key in chunks[0]}
-  info['cache_bytes_per_example'] = int(sum(v[0].nbytes for v in stored.values()) / num_examples)
   sparse_terms = {'sparse_kd': {'weight': 0.9, 'temperature': 4.0}, 'ce': {'weight': 0.1}}
 
-  def state_for(objective, teacher_out: bool, cache_cols=None):
-    sample_x = np.zeros((2, *input_shape), np.float32)
-    zeros = lambda tree: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
-    s_out = zeros(jax.eval_shape(lambda p, s, x: s_apply(p, s, x)[0], s_params, s_state, sample_x))
-    sample = {'student_logits': s_out.logits, 'student_features': s_out.features,
-              'labels': np.zeros((2,), np.int32), 'where': np.ones((2,), bool), 'step': 0}
-    if teacher_out:
-      t_out = zeros(jax.eval_shape(lambda p, s, x: t_apply(p, s, x)[0], t_params, t_state, sample_x))
-      sample.update(teacher_logits=t_out.logits, teacher_features=t_out.features)
-    if cache_cols is not None:
-      sample.update(sample_rows(cache_cols))
-    init_rng = jax.random.key(seed)
-    loss_params, loss_state = objective.init(jax.random.fold_in(init_rng, 1), sample)
-    # Host copies: each runner donates its own state, so no buffer may be shared.
-    host = lambda tree: jax.tree.map(lambda a: np.array(jax.device_get(a)), tree)
-    trainable = host({'student': s_params, 'loss': loss_params})
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, model_state=host(s_state),
-                       loss_state=loss_state, opt_state=tx.init(trainable),
-                       rng=jax.random.key_data(jax.random.fold_in(init_rng, 2)))
-    state_sh = shardings_from_rules(state, [('.*', None)], mesh)
-    return jax.device_put(state, state_sh), state_sh
-
-  def put(tree):
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(repl, np.asarray(a)), tree)
-
-  def distill_runner(terms, *, live: bool, cache_cols=None) -> Runner:
-    objective = build_objective(terms)
-    state, state_sh = state_for(objective, live, cache_cols)
-    train = dict(arrays) if cache_cols is None else dict(arrays, teacher_cache=cache_cols)
-    step_fn = make_train_step(student_apply=s_apply, objective=objective, tx=tx, augment=augment,
-                              augment_seed=seed,
-                              teacher=TeacherFns(t_apply, num_classes) if live else None)
-    fused = make_fused_steps(step_fn, num_examples=num_examples, batch_size=b, shuffle_seed=seed,
-                             num_steps=n_steps, batch_sharding=batch_sh)
-    data_sh = jax.tree.map(lambda _: repl, train)
-    t_sh = teacher_sh if live else None
-    fn = jax.jit(fused, in_shardings=(state_sh, data_sh, t_sh), out_shardings=(state_sh, repl),
-                 donate_argnums=0)
-    return Runner(fn, state, (put(train), teacher_vars if live else None), n_steps)
+  def distill_runner(terms, *, live=False, cache=None) -> Runner:
+    run = setup(config(terms), teacher=teacher if live else None, cache=cache, data=data,
+                log=lambda msg: None)
+    call = lambda state, step, n: run.calls(state, run.feed.inputs(step, n), n)
+    return Runner(call, run.init(), args.steps_per_call)
 
   def teacher_runner() -> Runner:
-    # The teacher forward of step (c) alone: the same batch gathering, forward only.
-    steps_per_epoch = num_examples // b
+    # The teacher forward of step (c) alone: the same batches, forward only.
+    run = setup(config({'kd': {'weight': 1.0}}), teacher=teacher, data=data,
+                log=lambda msg: None)
+    ahead = TeacherAhead(arrays, run.teacher, teacher_mesh=run.mesh, student_mesh=run.mesh,
+                         batch_size=args.batch_size, seed=0, augment=make_augment(None),
+                         needs=run.objective.needs, next_chunk=lambda step: None)
+    return Runner(lambda state, step, n: (state, ahead.entries(step, n)), None,
+                  args.steps_per_call)
 
-    def run(step, data, variables):
-      first_epoch = step // steps_per_epoch
-      perms = epoch_permutations(seed, first_epoch, n_steps // steps_per_epoch + 2, num_examples)
-
-      def body(carry, _):
-        step, acc = carry
-        epoch, pos = step // steps_per_epoch, step % steps_per_epoch
-        idx = jax.lax.dynamic_slice(perms[epoch - first_epoch], (pos * b,), (b,))
-        x = augment(jnp.take(data['x'], idx, axis=0), jnp.take(data['id'], idx, axis=0),
-                    jnp.full((b,), epoch, jnp.int32), seed=seed)
-        x = jax.lax.with_sharding_constraint(x, batch_sh)
-        out, _ = t_apply(*variables, x, train=False)
-        return (step + 1, acc + jnp.sum(out.logits)), None
-
-      (step, acc), _ = jax.lax.scan(body, (step, jnp.zeros((), jnp.float32)), None, length=n_steps)
-      return step, acc
-
-    fn = jax.jit(run, donate_argnums=0)
-    return Runner(fn, jnp.zeros((), jnp.int32), (put(arrays), teacher_vars), n_steps)
-
-  cache_cols = batch_columns(stored, build_objective(sparse_terms).needs)
   runners = {
-      'student': distill_runner({'ce': {'weight': 1.0}}, live=False),
+      'student': distill_runner({'ce': {'weight': 1.0}}),
       'teacher': teacher_runner(),
       'live': distill_runner({'kd': {'weight': 0.9, 'temperature': 4.0}, 'ce': {'weight': 0.1}},
                              live=True),
-      'cache': distill_runner(sparse_terms, live=False, cache_cols=cache_cols),
+      'cache': distill_runner(sparse_terms, cache=MemoryCache(stored)),
   }
+  info = {'teacher': f'cnn1d channels={channels} kernel 5',
+          'student': f'mlp hidden={_ints(args.student_hidden)}',
+          'teacher_params': count(t_params),
+          'student_params': count(runners['student'].state.params['student']),
+          'cache_bytes_per_example': int(sum(v[0].nbytes for v in stored.values())
+                                         / num_examples)}
   return runners, info
 
 

@@ -1,7 +1,7 @@
 """Epoch shuffles on device: ``packed_permutation`` against ``jax.random.permutation``.
 
 What one fused distillation call computes before its steps: the shuffles of the epochs
-it spans (``kdjax.distill.step.epoch_permutations``, 5 epochs for MNIST-1D's 4,000
+it spans (``kdjax.engine.feed.epoch_permutations``, 5 epochs for MNIST-1D's 4,000
 training examples at batch 256 and 50 steps per call). Timed side by side in one run,
 each jitted: ``jax.random.permutation`` (key-value sorts of 32-bit keys), kdjax's
 ``packed_permutation`` (one-operand sorts of random bits packed above the position),
@@ -45,7 +45,7 @@ def bench(args) -> list[dict]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from kdjax.distill.step import packed_permutation
+  from kdjax.engine.feed import packed_permutation
 
   rows = []
   for n in args.sizes:

@@ -10,14 +10,14 @@ Two teacher -> student pairs, each timed side by side in one process:
   (kdjax's CIFAR-10 KD config), 2048 synthetic random images, no augmentation on
   either side.
 
-kdjax side: the engine path of ``kdjax distill`` with device-fed data
-(``make_train_step`` -> ``make_fused_steps`` -> ``jax.jit`` with shardings on a
-``('data', -1)`` mesh and the state donated, as in ``kdjax/distill/loop.py``), once per
-convolution lowering asked for (the models' ``conv_impl`` option: ``xla``, ``patches``,
-or ``T/S`` for teacher and student apart), each on one device and also with the
-teacher on a second device one fused call ahead (``config.teacher.devices=1``: the
-engine's ``TeacherAhead`` driving ``make_teacher_steps``; on a CPU the process gets
-``JAX_NUM_CPU_DEVICES=2``, one device per core, unless ``--no-teacher-apart``); the
+kdjax side: what ``kdjax distill`` runs, built by kdjax's own setup
+(``kdjax.engine.setup`` from the pair's config, the teacher's random weights and the
+data handed in memory; device-fed, ``steps_per_call`` steps per jitted call as the
+loop calls it), once per convolution lowering asked for (the models' ``conv_impl``
+option: ``xla``, ``patches``, or ``T/S`` for teacher and student apart), each with the
+student on one device and also with the teacher on a second device one call ahead
+(``config.teacher.devices=1``: the engine's ``TeacherAhead`` feed; on a CPU the process
+gets ``JAX_NUM_CPU_DEVICES=2``, one device per core, unless ``--no-teacher-apart``); the
 fastest is reported, each is recorded.
 
 PyTorch side: modules written to match kdjax's models layer by layer (parameter counts
@@ -151,33 +151,54 @@ def load_data(pair: Pair, seed: int = 0) -> dict:
 
 @dataclasses.dataclass
 class KdjaxRun:
-  """A compiled fused call and everything it is called with."""
+  """kdjax's own run (``kdjax.engine.setup``) and the state it trains, ``steps_per_call``
+  steps per call, as ``kdjax distill``'s loop calls it."""
 
-  compiled: Any
+  run: Any                    # kdjax.engine.Setup
   state: Any
-  data: Any
-  teacher_vars: Any
   steps_per_call: int
   batch_size: int
   fused_call_flops: float | None
   compile_seconds: float
-  ahead: Any = None          # kdjax.distill.loop.TeacherAhead: the teacher on its own device
-  outputs_sharding: Any = None   # where the teacher's outputs go (the student's mesh)
+  step: int = 0
 
   def calls(self, n: int) -> None:
     import jax
-    state = self.state
+    run, state, k = self.run, self.state, self.steps_per_call
     for _ in range(n):
-      if self.ahead is None:
-        state, _ = self.compiled(state, self.data, self.teacher_vars)
-      else:   # as `kdjax distill` with config.teacher.devices=1 runs each fused call
-        first = int(jax.device_get(state.step))
-        outputs = jax.device_put(self.ahead.outputs(first, self.steps_per_call),
-                                 self.outputs_sharding)
-        state, _ = self.compiled(state, self.data, None, outputs)
-        jax.block_until_ready(state.step)
+      state, _ = run.calls(state, run.feed.inputs(self.step, k), k)
+      self.step += k
     jax.block_until_ready(state)
     self.state = state
+
+
+class MemoryCache:
+  """Precomputed dense teacher logits in memory, in the form the engine's device feed
+  takes a teacher cache (``kdjax.engine.setup.CachedTeacher``): one cached epoch,
+  gathered with each batch (the ``cached teacher`` runner)."""
+
+  def __init__(self, logits):
+    self.logits = logits
+    self.epochs, self.nbytes = 1, int(logits.nbytes)
+
+  def check(self, config, *, num_classes, needs):
+    del config, num_classes, needs
+
+  def check_arrays(self, arrays):
+    assert len(arrays['label']) == len(self.logits)
+
+  def columns(self, needs):
+    del needs
+    return {'teacher_logits': self.logits[None]}
+
+  def join(self, columns, epoch, positions):
+    import jax.numpy as jnp
+    del epoch
+    return {'teacher_logits': jnp.take(columns['teacher_logits'][0], positions, axis=0)}
+
+  def sample(self, needs):
+    del needs
+    return {'teacher_logits': self.logits[:2]}
 
 
 def _xla_flops(compiled) -> float | None:
@@ -214,110 +235,77 @@ def kdjax_models(pair: Pair, conv_impl: str):
   return teacher, student
 
 
-def kdjax_setup(pair: Pair, arrays: dict, *, steps_per_call: int, conv_impl: str = 'xla',
-                batch_sharding: bool = True, donate: bool = True, want_step_flops: bool = False,
-                devices=None, teacher_apart: bool = False):
-  """Builds the state and compiles the fused call exactly as ``kdjax distill`` does.
+def kdjax_config(pair: Pair, *, steps_per_call: int, conv_impl: str, teacher_apart: bool):
+  """The distill config of a pair, as a ``configs/`` file would write it."""
+  from kdjax.engine.config import base_config
+  _, s_impl = split_conv_impl(conv_impl)
+  c = base_config()
+  c.seed = 0                                  # the student's initialization
+  c.num_steps = 10 ** 9                       # never reached: the benchmark times calls
+  c.batch_size = pair.batch_size
+  c.steps_per_call = c.log_every = steps_per_call
+  c.eval_every = c.checkpoint_every = 10 ** 9
+  c.progress = False
+  c.mesh = [('data', 1)]                      # the student on one device (the CPU default)
+  c.model.name = pair.student
+  c.model.kwargs = {**pair.student_kwargs,
+                    **({} if pair.student in ('mlp',) else {'conv_impl': s_impl})}
+  c.optimizer = dict(pair.optimizer)
+  c.loss.terms = dict(pair.loss_terms)
+  c.data.feed = 'device'
+  c.teacher.devices = 1 if teacher_apart else 0
+  return c
 
-  ``devices``: the student's mesh (default: all devices). ``teacher_apart``: the
-  teacher runs on the last device, one fused call ahead, the student on ``devices``
-  (as ``config.teacher.devices=1``). Returns ``(KdjaxRun, xla_flops_per_step or None,
-  objects)``; ``objects`` holds the models and objective for the equivalence check.
+
+def kdjax_setup(pair: Pair, arrays: dict, *, steps_per_call: int, conv_impl: str = 'xla',
+                want_step_flops: bool = False, teacher_apart: bool = False,
+                teacher_logits=None):
+  """kdjax's run of a pair, built by kdjax's own setup (``kdjax.engine.setup``, what
+  ``kdjax distill`` calls) from the pair's config, with the teacher (random weights) and
+  the data in memory, and its call of ``steps_per_call`` steps compiled.
+
+  ``teacher_apart``: the teacher on the last device, one call ahead
+  (``config.teacher.devices=1``). ``teacher_logits``: the teacher's logits precomputed,
+  fed as a dense teacher cache (the teacher does not run). Returns ``(KdjaxRun,
+  xla_flops_per_step or None, objects)``; ``objects`` holds the models and objective for
+  the equivalence check.
   """
   import jax
-  import jax.numpy as jnp
-  import ml_collections
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from kdjax.data import DatasetSpec
+  from kdjax.engine import Data
+  from kdjax.engine import setup
+  from kdjax.teacher import Teacher
 
-  from kdjax import data as kdata
-  from kdjax.distill.optim import make_optimizer
-  from kdjax.distill.state import TrainState
-  from kdjax.distill.step import TeacherFns, make_fused_steps, make_train_step
-  from kdjax.losses import build_objective
-  from kdjax.parallel import make_mesh, shardings_from_rules
-
-  (t_apply, t_params, t_state), (s_apply, s_params, s_state) = kdjax_models(pair, conv_impl)
-  objective = build_objective(pair.loss_terms)
-  tx = make_optimizer(ml_collections.ConfigDict(pair.optimizer), 10_000)
-  mesh = make_mesh([('data', -1)], devices=devices)
-  teacher_mesh = make_mesh([('data', -1)], devices=jax.devices()[-1:]) if teacher_apart else None
-  if teacher_apart and set(mesh.devices.flat) & set(teacher_mesh.devices.flat):
-    raise ValueError('teacher_apart: the student devices must leave the last one free')
-  repl = NamedSharding(mesh, P())
-  batch_sh = NamedSharding(mesh, P('data'))
-
-  sample_x = np.zeros((2, *pair.input_shape), np.float32)
-  zeros = lambda tree: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
-  s_out = zeros(jax.eval_shape(lambda p, s, x: s_apply(p, s, x)[0], s_params, s_state, sample_x))
-  t_out = zeros(jax.eval_shape(lambda p, s, x: t_apply(p, s, x)[0], t_params, t_state, sample_x))
-  sample = {'student_logits': s_out.logits, 'teacher_logits': t_out.logits,
-            'student_features': s_out.features, 'teacher_features': t_out.features,
-            'labels': np.zeros((2,), np.int32), 'where': np.ones((2,), bool), 'step': 0}
-  init_rng = jax.random.key(0)
-  loss_params, loss_state = objective.init(jax.random.fold_in(init_rng, 1), sample)
-  trainable = {'student': s_params, 'loss': loss_params}
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, model_state=s_state,
-                     loss_state=loss_state, opt_state=tx.init(trainable),
-                     rng=jax.random.key_data(jax.random.fold_in(init_rng, 2)))
-  state_sh = shardings_from_rules(state, [('.*', None)], mesh)
-  state = jax.device_put(state, state_sh)
-  teacher_vars = jax.device_put((t_params, t_state),
-                                NamedSharding(teacher_mesh, P()) if teacher_apart else repl)
-  teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_vars)
-  data_sh = jax.tree.map(lambda _: repl, arrays)
-  device_data = jax.tree.map(lambda a: jax.make_array_from_process_local_data(repl, a), arrays)
-
-  step_fn = make_train_step(student_apply=s_apply, objective=objective, tx=tx,
-                            augment=kdata.make_augment(None), augment_seed=0,
-                            teacher=TeacherFns(t_apply, pair.num_classes))
-  fused = make_fused_steps(step_fn, num_examples=len(arrays['label']),
-                           batch_size=pair.batch_size, shuffle_seed=0, num_steps=steps_per_call,
-                           batch_sharding=batch_sh if batch_sharding else None)
-  ahead = outputs_sh = None
-  if teacher_apart:
-    from kdjax.distill.loop import TeacherAhead
-    fused_kw = dict(num_examples=len(arrays['label']), batch_size=pair.batch_size,
-                    shuffle_seed=0)
-    ahead = TeacherAhead(step_fn, fused_kw, arrays, teacher_vars, teacher_mesh,
-                         lambda s: s + steps_per_call)
-    outputs_sh = NamedSharding(mesh, P(None, 'data'))
-    outputs = jax.device_put(ahead.outputs(0, steps_per_call), outputs_sh)
-    ahead.pending.clear()
-    jitted = jax.jit(fused, in_shardings=(state_sh, data_sh, None, outputs_sh),
-                     out_shardings=(state_sh, repl), donate_argnums=0 if donate else ())
-    call_args = (state, device_data, None, outputs)
-  else:
-    jitted = jax.jit(fused, in_shardings=(state_sh, data_sh, teacher_sh),
-                     out_shardings=(state_sh, repl), donate_argnums=0 if donate else ())
-    call_args = (state, device_data, teacher_vars)
+  (t_apply, t_params, t_state), _ = kdjax_models(pair, conv_impl)
+  config = kdjax_config(pair, steps_per_call=steps_per_call, conv_impl=conv_impl,
+                        teacher_apart=teacher_apart)
+  spec = DatasetSpec(pair.key, tuple(pair.input_shape), pair.num_classes,
+                     {'train': len(arrays['label'])})
+  evals = {k: v[:pair.batch_size] for k, v in arrays.items()}
+  teacher = Teacher(t_apply, (t_params, t_state), pair.num_classes, None, 0, '')
+  cache = None if teacher_logits is None else MemoryCache(teacher_logits)
+  run = setup(config, teacher=teacher if cache is None else None, cache=cache,
+              data=Data(spec, arrays, evals), log=lambda msg: None)
+  state = run.init()
+  inputs = run.feed.inputs(0, steps_per_call)
   t0 = time.perf_counter()
-  compiled = jitted.lower(*call_args).compile()
+  compiled = run.calls.jitted(steps_per_call).lower(state, inputs).compile()
   compile_seconds = time.perf_counter() - t0
-
   step_flops = None
   if want_step_flops:
     # XLA's cost analysis counts a while loop's body once (not times its trip count),
-    # so the fused call's figure is about one step; the unfused step gives it exactly.
-    b = pair.batch_size
-    batch = {'x': jnp.asarray(arrays['x'][:b]), 'label': jnp.asarray(arrays['label'][:b]),
-             'id': jnp.asarray(arrays['id'][:b]), 'epoch': jnp.zeros((b,), jnp.int32),
-             'mask': jnp.ones((b,), bool)}
-    step_flops = _xla_flops(jax.jit(step_fn).lower(state, batch, teacher_vars).compile())
-
-  call = compiled
-  if mesh.size > 1:
-    # With several CPU devices, calling the AOT-compiled executable deadlocks in the
-    # gradient all-reduce here (jax 0.10.2: one device never joins the rendezvous);
-    # ``jax.jit``'s own dispatch, which the engine's loop uses, does not. Time that,
-    # compiled by one untimed call (its state is kept: the state was donated).
-    call = jitted
-    state, _ = jax.block_until_ready(call(state, device_data, teacher_vars))
-  run = KdjaxRun(call, state, device_data, teacher_vars, steps_per_call, pair.batch_size,
-                 _xla_flops(compiled), compile_seconds, ahead, outputs_sh)
-  objects = dict(teacher=(t_apply, t_params, t_state), student=(s_apply, s_params, s_state),
-                 objective=objective, loss_vars=(loss_params, loss_state))
-  return run, step_flops, objects
+    # so the call's figure is about one step; a call of one step gives it exactly.
+    step_flops = _xla_flops(run.calls.jitted(1).lower(state, run.feed.inputs(0, 1)).compile())
+  objects = dict(teacher=(t_apply, t_params, t_state),
+                 student=(run.apply, jax.device_get(state.params['student']),
+                          jax.device_get(state.model_state)),
+                 objective=run.objective,
+                 loss_vars=jax.device_get((state.params['loss'], state.loss_state)))
+  if teacher_apart:
+    run.feed.ahead._pending.clear()   # the lowering above asked the teacher for step 0
+  bench = KdjaxRun(run, state, steps_per_call, pair.batch_size, _xla_flops(compiled),
+                   compile_seconds)
+  return bench, step_flops, objects
 
 
 def matmul_peak_jax(n: int, reps: int) -> float:
@@ -664,13 +652,11 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
   flops_impl = 'xla' if 'xla' in impls else impls[0]
   res['compile_seconds'] = {}
   import jax
-  one = jax.devices()[:1]   # the live step on one device (the engine's default on a CPU)
   for impl in impls:
     log(f'[{pair.key}] kdjax: compiling the fused call (conv_impl={impl}, '
         f'steps_per_call={args_spc(pair, args)}) ...')
     run, flops, objs = kdjax_setup(pair, arrays, steps_per_call=args_spc(pair, args),
-                                   conv_impl=impl, want_step_flops=impl == flops_impl,
-                                   devices=one)
+                                   conv_impl=impl, want_step_flops=impl == flops_impl)
     objects = objects or objs
     objects_by_impl[impl] = objs
     if impl == flops_impl:
@@ -684,7 +670,7 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
       log(f'[{pair.key}] kdjax: compiling the fused call, teacher on its own device '
           f'(conv_impl={impl}) ...')
       runs[f'{impl},teacher apart'] = kdjax_setup(
-          pair, arrays, steps_per_call=args_spc(pair, args), conv_impl=impl, devices=one,
+          pair, arrays, steps_per_call=args_spc(pair, args), conv_impl=impl,
           teacher_apart=True)[0]
 
   teacher = torch_model(pair.teacher, pair, pair.teacher_kwargs)
@@ -728,8 +714,8 @@ def bench_pair(pair: Pair, args, *, impls: list[str], log) -> dict:
     res['kdjax_teacher_logits_seconds'] = time.perf_counter() - t0
     log(f'[{pair.key}] kdjax: compiling the fused call with the teacher logits precomputed ...')
     cached_runs['kdjax[cached teacher]'], _, _ = kdjax_setup(
-        pair, {**arrays, 'teacher_logits': logits}, steps_per_call=args_spc(pair, args),
-        conv_impl='xla', devices=one)
+        pair, arrays, steps_per_call=args_spc(pair, args), conv_impl='xla',
+        teacher_logits=logits)
     t0 = time.perf_counter()
     cached_trun = TorchRun(pair, arrays, teacher, student, cache_teacher=True)
     res['torch_teacher_logits_seconds'] = time.perf_counter() - t0
@@ -927,8 +913,6 @@ SWEEP_OPTIONS = [
     ('steps_per_call=1', {'steps_per_call': 1}),
     ('steps_per_call=15', {'steps_per_call': 15}),
     ('steps_per_call=200', {'steps_per_call': 200}),
-    ('no batch sharding constraint', {'batch_sharding': False}),
-    ('no donation', {'donate': False}),
     ('teacher conv_impl=patches', {'conv_impl': 'patches'}),
     ('steps_per_call=200 + teacher patches', {'steps_per_call': 200, 'conv_impl': 'patches'}),
 ]
@@ -955,9 +939,7 @@ def run_child(args) -> None:
   for opts in option_sets:
     run, _, _ = kdjax_setup(pair, arrays,
                             steps_per_call=opts.get('steps_per_call', args.steps_per_call),
-                            conv_impl=opts.get('conv_impl', 'xla'),
-                            batch_sharding=opts.get('batch_sharding', True),
-                            donate=opts.get('donate', True))
+                            conv_impl=opts.get('conv_impl', 'xla'))
     run.calls(1)
     runs.append((run, steps_for(time_once(run.calls, 1), args.min_seconds)))
   rates = [[] for _ in runs]

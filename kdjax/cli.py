@@ -10,7 +10,9 @@
     kdjax fed     run --config configs/fed/mnist1d_fedavg.py:tiny --workdir DIR [--config.key=value ...]
     kdjax fed     sweep --config configs/fed/mnist1d_sweep.py:tiny --workdir DIR [--config.key=value ...]
 
-Mistakes a user can make end in one line on stderr and exit code 2.
+Mistakes a user can make end in one line on stderr and exit code 2; a run stopped at a
+non-finite loss ends in one line and exit code 3. ``kdjax --no-compilation-cache ...``
+turns off the persistent compilation cache (``kdjax.parallel.compile_cache``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import json
 import os
 import sys
 
+from kdjax.errors import Diverged
 from kdjax.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='kdjax', description='JAX-native knowledge distillation.')
+  p.add_argument('--no-compilation-cache', action='store_true',
+                 help='do not read or write the persistent JAX compilation cache')
   sub = p.add_subparsers(dest='command', required=True)
   for name, help_ in (('train', 'train a model from labels (teacher or baseline)'),
                       ('distill', 'distill a student from a trained teacher')):
@@ -43,12 +48,11 @@ def _parser() -> argparse.ArgumentParser:
   l = sub.add_parser('losses', help='the loss catalog')
   l.add_argument('action', choices=['list'])
   l.add_argument('--json', action='store_true')
-  _cache_parser(sub)  # teacher cache (issue 5)
-  _fed_parser(sub)  # federated simulator (issue 4)
+  _cache_parser(sub)
+  _fed_parser(sub)
   return p
 
 
-# ---- teacher cache (issue 5) -------------------------------------------------------------
 def _cache_parser(sub) -> None:
   c = sub.add_parser('cache', help='the teacher-inference cache: build, inspect, verify')
   csub = c.add_subparsers(dest='cache_command', required=True)
@@ -97,10 +101,8 @@ def _cache_main(args, overrides) -> int:
     return 1
   print(f'ok: every chunk of {args.dir} matches its checksum')
   return 0
-# ---- end teacher cache --------------------------------------------------------------------
 
 
-# ---- federated simulator (issue 4) --------------------------------------------------------
 def _fed_parser(sub) -> None:
   f = sub.add_parser('fed', help='vmap-simulated federated learning')
   fsub = f.add_subparsers(dest='fed_command', required=True)
@@ -127,11 +129,10 @@ def _fed_main(args, overrides) -> int:
     return 0
   summary = _guard_data(lambda: run_simulation(config, args.workdir,
                                                progress=not args.no_progress))
-  from kdjax.federated.run import json_ready
-  print(json.dumps(json_ready({k: summary[k] for k in (
-      'round', 'global_accuracy', 'personalized_accuracy_mean', 'rounds_per_sec')})))
+  from kdjax.workdir import dumps
+  print(dumps({k: summary[k] for k in (
+      'round', 'global_accuracy', 'personalized_accuracy_mean', 'rounds_per_sec')}))
   return 0
-# ---- end federated simulator --------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -141,6 +142,9 @@ def main(argv=None) -> int:
   except UserError as e:
     print(f'kdjax: error: {e}', file=sys.stderr)
     return 2
+  except Diverged as e:
+    print(f'kdjax: diverged: {e}', file=sys.stderr)
+    return 3
   except KeyboardInterrupt:
     print('kdjax: interrupted', file=sys.stderr)
     return 130
@@ -159,15 +163,19 @@ def _main(argv) -> int:
   from kdjax.config import load_config, split_overrides
   _quiet_libraries()
   rest, overrides = split_overrides(argv)
-  args = _parser().parse_args(rest)
-  # cache: issue 5, fed: issue 4
+  # The flag may come before or after the command.
+  no_cache = '--no-compilation-cache' in rest
+  args = _parser().parse_args([a for a in rest if a != '--no-compilation-cache'])
+  if not no_cache:
+    from kdjax.parallel import enable_compilation_cache
+    enable_compilation_cache()
   if overrides and args.command not in ('train', 'distill', 'demo', 'cache', 'fed'):
     raise UserError(f'--config.* overrides go with train, distill, demo, cache or fed, '
                     f'not {args.command}')
 
   if args.command in ('train', 'distill'):
     config = load_config(args.config, overrides)
-    from kdjax.distill.loop import train_and_evaluate
+    from kdjax.distill.train import train_and_evaluate
     summary = _guard_data(lambda: train_and_evaluate(
         config, args.workdir, require_teacher=args.command == 'distill'))
     print(json.dumps({k: summary[k] for k in ('step', 'eval_accuracy', 'train_loss',
@@ -183,9 +191,9 @@ def _main(argv) -> int:
     _guard_data(lambda: run_demo(args.workdir, seeds=args.seeds, variant=args.variant,
                                  overrides=overrides))
     return 0
-  if args.command == 'cache':  # teacher cache (issue 5)
+  if args.command == 'cache':
     return _cache_main(args, overrides)
-  if args.command == 'fed':  # federated simulator (issue 4)
+  if args.command == 'fed':
     return _fed_main(args, overrides)
   if args.command == 'losses':
     from kdjax.losses import catalog

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 import ml_collections
 
@@ -56,6 +60,129 @@ def sibling(config_file: str, name: str):
   return module
 
 
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON data (what ``WORKDIR/config.json`` holds)."""
+  return json.loads(config.to_json_best_effort())
+
+
+# Groups whose values are mappings or lists read as a whole (not merged key by key).
+_WHOLE = ('terms', 'kwargs', 'augment', 'options')
+_TUPLE_LISTS = ('mesh', 'partition_rules')
+
+
+def merge(config: ml_collections.ConfigDict, raw: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Writes ``raw`` (a config as JSON data) over ``config``, adding keys it lacks.
+
+  >>> c = ml_collections.ConfigDict({'a': 1, 'g': {'b': 2}})
+  >>> merge(c, {'g': {'b': 3, 'new': [1]}, 'mesh': [['data', -1]]}).to_dict()
+  {'a': 1, 'g': {'b': 3, 'new': [1]}, 'mesh': [('data', -1)]}
+  """
+  for key, value in raw.items():
+    if (isinstance(value, dict) and key in config
+        and isinstance(config[key], ml_collections.ConfigDict) and key not in _WHOLE):
+      merge(config[key], value)
+      continue
+    with config.ignore_type():
+      if isinstance(value, dict):
+        value = ml_collections.ConfigDict(value)
+      elif key in _TUPLE_LISTS and isinstance(value, list):
+        value = [tuple(v) for v in value]
+      config[key] = value
+  return config
+
+
+def from_dict(raw: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A config from JSON data (a workdir's ``config.json``)."""
+  return merge(ml_collections.ConfigDict(), raw)
+
+
+# Config keys that were renamed: --config.<old> is refused with the new name.
+RENAMED = {
+    'dataset': 'data.name',
+    'model_options': 'model.kwargs',
+    'local.lr': 'optimizer.learning_rate',
+    'local.momentum': 'optimizer.momentum',
+    'local.batch_size': 'batch_size',
+    'local.epochs': 'local_epochs',
+    'local': 'batch_size, local_epochs and optimizer',
+}
+
+
+def renamed_hint(dotted: str) -> str | None:
+  """The one-line hint for an old config key, or None.
+
+  >>> renamed_hint('local.lr')
+  'config.local.lr is now config.optimizer.learning_rate'
+  """
+  for old in sorted(RENAMED, key=len, reverse=True):
+    if dotted == old or dotted.startswith(old + '.'):
+      return f'config.{old} is now config.{RENAMED[old]}'
+  return None
+
+
+# --------------------------------------------------------------------------- checks
+
+def check_number(config: ml_collections.ConfigDict, dotted: str, ok: Callable[[float], bool],
+                 what: str, *, integer: bool = False) -> None:
+  """Raises a one-line :class:`UserError` unless ``config.<dotted>`` is a finite number
+  (an integer if ``integer``) with ``ok(value)`` true; ``what`` says what it must be.
+
+  >>> c = ml_collections.ConfigDict({'optimizer': {'learning_rate': -1.0}})
+  >>> check_number(c, 'optimizer.learning_rate', lambda v: v > 0, 'positive')
+  Traceback (most recent call last):
+  kdjax.errors.UserError: config.optimizer.learning_rate must be positive, got -1.0
+  """
+  value = get(config, dotted)
+  valid = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+           and math.isfinite(float(value)) and (not integer or float(value).is_integer()))
+  if not valid or not ok(float(value)):
+    kind = 'an integer ' if integer else ('' if valid else 'a number ')
+    raise UserError(f'config.{dotted} must be {kind}{what}, got {value!r}')
+
+
+def check_int(config, dotted: str, low: int, high: int | None = None) -> None:
+  """``config.<dotted>`` is an integer in ``[low, high]``."""
+  what = f'>= {low}' if high is None else f'in [{low}, {high}]'
+  check_number(config, dotted, lambda v: v >= low and (high is None or v <= high), what,
+               integer=True)
+
+
+def check_numbers_in(tree, where: str, ok: Callable[[float], bool], what: str) -> None:
+  """Every number anywhere in ``tree`` (nested mappings and lists) is finite with
+  ``ok(value)``; else a one-line :class:`UserError` naming the top-level key.
+
+  >>> check_numbers_in({'hidden': (100, -1)}, 'config.model.kwargs', lambda v: v >= 0, '>= 0')
+  Traceback (most recent call last):
+  kdjax.errors.UserError: config.model.kwargs.hidden must hold finite numbers >= 0, got (100, -1)
+  """
+  def bad(node) -> bool:
+    if isinstance(node, bool) or node is None or isinstance(node, str):
+      return False
+    if isinstance(node, numbers.Real):
+      return not math.isfinite(float(node)) or not ok(float(node))
+    if isinstance(node, (Mapping, ml_collections.ConfigDict)):
+      return any(bad(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+      return any(bad(v) for v in node)
+    return False
+
+  items = tree.items() if isinstance(tree, (Mapping, ml_collections.ConfigDict)) else ()
+  for key, value in items:
+    if bad(value):
+      shown = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+      raise UserError(f'{where}.{key} must hold finite numbers {what}, got {shown!r}')
+
+
+def get(config, dotted: str):
+  """``config.<dotted>`` or None when a part is missing."""
+  node = config
+  for part in dotted.split('.'):
+    if not isinstance(node, (Mapping, ml_collections.ConfigDict)) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
 # Config groups whose keys are options of something named elsewhere (loss terms, model
 # kwargs, augmentation; a federated run's partition method, algorithm, model and feature
 # skew): ``--config.<group>.<key>`` may add a key the config file did not list.
@@ -76,6 +203,9 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
   node = config
   for i, part in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      hint = renamed_hint(dotted)
+      if hint:
+        raise UserError(f'unknown config key {dotted!r}: {hint}')
       raise UserError(f'unknown config key {".".join(parents[:i + 1])!r} in --config.{dotted}; '
                       f'see the config file for the keys it has')
     node = node[part]
@@ -85,6 +215,9 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
   # Free-form mappings accept new keys; whoever consumes them refuses unknown ones.
   free_form = parents and parents[-1] in FREE_FORM_GROUPS
   if leaf not in node and not free_form:
+    hint = renamed_hint(dotted)
+    if hint:
+      raise UserError(f'unknown config key {dotted!r}: {hint}')
     known = ', '.join(sorted(node.keys()))
     raise UserError(f'unknown config key {dotted!r}; keys here: {known}')
   if leaf in node:

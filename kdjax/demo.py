@@ -50,7 +50,7 @@ def run_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()) -
     overrides: ``(dotted key, value)`` pairs applied to every run's config
       (``data.data_dir``, for example); not the keys in :data:`DEMO_SETS`.
   """
-  from kdjax.distill.loop import train_and_evaluate
+  from kdjax.distill.train import train_and_evaluate
   if seeds < 1:
     raise UserError('--seeds must be at least 1')
   fixed = sorted({key for key, _ in overrides} & set(DEMO_SETS))

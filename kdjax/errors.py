@@ -1,4 +1,8 @@
-"""Errors a user can cause. The CLI prints them on one line and exits with code 2."""
+"""Errors a user can cause, and a diverged run.
+
+The CLI prints each on one line: a :class:`UserError` exits with code 2, a
+:class:`Diverged` run with code 3.
+"""
 
 import numbers
 import sys
@@ -6,6 +10,20 @@ import sys
 
 class UserError(Exception):
   """A mistake in the command, config, data or workdir, with what to do about it."""
+
+
+class Diverged(Exception):
+  """A run stopped at a non-finite loss or gradient norm, with what to do about it.
+
+  Attributes:
+    step: the first step (or round) whose loss or gradient norm was not finite.
+    checkpoint: the last checkpoint saved before it (None: none).
+  """
+
+  def __init__(self, message: str, *, step: int, checkpoint: str | None):
+    super().__init__(message)
+    self.step = step
+    self.checkpoint = checkpoint
 
 
 # What reading a damaged checkpoint raises (orbax, tensorstore, the tree template).

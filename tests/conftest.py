@@ -1,5 +1,106 @@
-import os
+"""Session-wide test settings and fixtures.
 
-# Tests run on the CPU with one device unless a test starts a subprocess with more.
+* Tests run on the CPU with one device unless a test starts a subprocess with more.
+* One persistent JAX compilation cache for the whole session, in-process and in every
+  subprocess (``kdjax`` CLI runs, multi-process tests): the same tiny programs compile
+  once, not once per process. ``KDJAX_TEST_COMPILATION_CACHE`` moves it.
+* Fixtures shared by the run tests: the data directory (prepared once, file-locked),
+  the ``kdjax`` command in a subprocess, and one tiny trained teacher per session,
+  shared by the xdist workers (the first to ask trains it, the others wait for it).
+"""
+
+import fcntl
+import os
+import subprocess
+import sys
+import tempfile
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+_CACHE = os.environ.setdefault(
+    'KDJAX_TEST_COMPILATION_CACHE',
+    os.path.join(tempfile.gettempdir(), f'kdjax-test-compilation-cache-{os.getuid()}'))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+import jax  # noqa: E402  (after the environment it reads)
+import pytest  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+CONFIGS = os.path.join(ROOT, 'configs')
+SMALL = 'mnist1d/small'   # the MNIST-1D builder config with a small transfer split
+
+
+def kdjax_cli(args, *, env=None, timeout=600, check=True):
+  """Runs ``python -m kdjax ARGS`` in a subprocess; returns the CompletedProcess."""
+  full_env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
+  out = subprocess.run([sys.executable, '-m', 'kdjax', *args], capture_output=True, text=True,
+                       env=full_env, timeout=timeout, cwd=ROOT)
+  if check and out.returncode != 0:
+    raise AssertionError(f'kdjax {" ".join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}')
+  return out
+
+
+def _shared_root(tmp_path_factory):
+  """The session's temporary root, shared by every xdist worker."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root
+
+
+def _once(path: str, make) -> str:
+  """``make(path)`` once per session whatever the worker; the others wait for it."""
+  with open(path + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(path + '.done'):
+      make(path)
+      open(path + '.done', 'w').close()
+  return path
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """One TFDS data dir for the run tests (prepared once; the builders file-lock)."""
+  path = os.environ.get('KDJAX_TEST_DATA_DIR') or str(_shared_root(tmp_path_factory) / 'kdjax_data')
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+@pytest.fixture(scope='session')
+def cli():
+  """``cli(args, env=None, check=True)``: the kdjax command in a subprocess."""
+  return kdjax_cli
+
+
+@pytest.fixture(scope='session')
+def paths():
+  return {'root': ROOT, 'configs': CONFIGS, 'small': SMALL}
+
+
+@pytest.fixture(scope='session')
+def root():
+  return ROOT
+
+
+def train_teacher(path: str, data_dir: str, steps: int) -> str:
+  kdjax_cli(['train', '--config', f'{CONFIGS}/mnist1d/teacher.py:tiny', '--workdir', path,
+             f'--config.data.name={SMALL}', f'--config.data.data_dir={data_dir}',
+             f'--config.num_steps={steps}', '--config.progress=false'])
+  return path
+
+
+@pytest.fixture(scope='session')
+def teacher_dir(tmp_path_factory, data_dir):
+  """A tiny trained MNIST-1D teacher workdir (100 steps), one per session."""
+  return _once(str(_shared_root(tmp_path_factory) / 'teacher'),
+               lambda p: train_teacher(p, data_dir, 100))
+
+
+@pytest.fixture(scope='session')
+def other_teacher_dir(tmp_path_factory, data_dir):
+  """Another tiny teacher (50 steps: other parameters), one per session."""
+  return _once(str(_shared_root(tmp_path_factory) / 'other_teacher'),
+               lambda p: train_teacher(p, data_dir, 50))

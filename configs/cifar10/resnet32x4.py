@@ -6,7 +6,7 @@ Reads `tfds.data_source('cifar10')`: needs the data prepared or internet once.
     kdjax train --config configs/cifar10/resnet32x4.py:tiny ...   # a smoke run (tests use mock data)
 """
 
-from kdjax.distill.defaults import base_config
+from kdjax.engine.config import base_config
 
 STEPS_PER_EPOCH = 50_000 // 64   # 781
 

@@ -3,7 +3,7 @@
     kdjax train --config configs/digits/student_baseline.py --workdir workdirs/digits_baseline
 """
 
-from kdjax.distill.defaults import base_config
+from kdjax.engine.config import base_config
 
 
 def get_config(arg=None):

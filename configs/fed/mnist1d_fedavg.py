@@ -10,8 +10,11 @@ Option groups take keys the file does not list, checked by what they configure:
 ``--config.partition.method=pathological --config.partition.classes_per_client=3``
 (the partitioners' options: ``alpha``, ``min_size``, ``classes_per_client``,
 ``shards_per_client``, ``distribution``, ``sigma``, ``exponent``, ``test_fraction``),
-``--config.model_options.dropout=0.1``, ``--config.feature_skew.kind=noise
+``--config.model.kwargs.dropout=0.1``, ``--config.feature_skew.kind=noise
 --config.feature_skew.strength=0.2`` (``shift``, ``noise``, ``scale``, ``rotate``).
+The clients' optimizer is ``config.optimizer`` (``sgd`` by default; ``adam`` and
+``adamw`` for the algorithms that do not assume SGD), ``batch_size`` their minibatch
+and ``local_epochs`` their passes per round.
 
 ``algorithm`` is one of fedavg, fedprox, scaffold, fednova, fedavgm, fedadam,
 fedyogi, fedbn, ditto, and the federated distillation methods fd, fedmd, dsfl,
@@ -23,44 +26,37 @@ different architectures; ``mesh`` shards the cohort's client axis over devices
 (``--config.mesh="[('clients', -1)]"``: all of them).
 """
 
-import ml_collections
+from kdjax.federated.config import base_config
 
 
 def get_config(arg=None):
-  c = ml_collections.ConfigDict()
-  c.dataset = 'mnist1d'
-  c.model = 'mlp'
-  c.model_options = ml_collections.ConfigDict({'hidden': (100, 100)})
+  c = base_config()               # the defaults: kdjax/federated/config.py
+  c.data.name = 'mnist1d'
+  c.model.name = 'mlp'
+  c.model.kwargs = {'hidden': (100, 100)}
   c.seed = 0
   c.num_clients = 100
   c.clients_per_round = 10
   c.num_rounds = 200
-  c.sampling = 'uniform'        # or 'size' (probability proportional to example count)
-  c.dropout = 0.0               # fraction of the cohort that fails to report
-  c.clients_per_chunk = 0       # 0: one vmap of the cohort; on CPU ~25 per chunk is faster for big cohorts
-  c.mesh = ()                   # e.g. [('clients', -1)]: shard the client axis over devices
-  c.client_models = ()          # heterogeneous architectures (configs/fed/mnist1d_hetero.py)
-  c.partition = ml_collections.ConfigDict({
-      'method': 'dirichlet', 'alpha': 0.5, 'min_size': 10, 'test_fraction': 0.2})
-  c.feature_skew = ml_collections.ConfigDict()   # e.g. {'kind': 'noise', 'strength': 0.1}
-  c.proxy_size = 0              # unlabeled proxy examples held out of train (FedDF needs > 0)
+  c.partition = {'method': 'dirichlet', 'alpha': 0.5, 'min_size': 10, 'test_fraction': 0.2}
   c.algorithm = 'fedavg'
-  c.algorithm_options = ml_collections.ConfigDict()
-  c.local = ml_collections.ConfigDict({'batch_size': 10, 'epochs': 2, 'lr': 0.05,
-                                       'momentum': 0.0})
+  c.optimizer.name = 'sgd'        # each client's optimizer, reset every round
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.momentum = 0.0
+  c.batch_size = 10               # a client's minibatch
+  c.local_epochs = 2
   c.eval_every = 10
   c.checkpoint_every = 50
-  c.rounds_per_call = 10        # rounds per jitted call (lax.scan), cut at evaluations and
-                                # checkpoints; the same results, fewer dispatches
-  c.plots = True
+  c.rounds_per_call = 10          # rounds per jitted call (lax.scan), cut at evaluations and
+                                  # checkpoints; the same results, fewer dispatches
   if arg == 'tiny':
     c.num_clients = 20
     c.clients_per_round = 5
     c.num_rounds = 6
     c.eval_every = 3
     c.checkpoint_every = 3
-    c.model_options.hidden = (32,)
-    c.local.epochs = 1
+    c.model.kwargs.hidden = (32,)
+    c.local_epochs = 1
   elif arg:
     raise ValueError(f'unknown variant {arg!r}; use tiny or nothing')
   return c

@@ -4,7 +4,8 @@
     kdjax fed run --config configs/fed/mnist1d_hetero.py:tiny --workdir /tmp/fedh \
         --config.algorithm=fedmd
 
-``client_models`` assigns each client an architecture (a seeded permutation of
+``client_models`` (each a model group: ``name``, ``kwargs``, and a ``fraction`` of
+the clients) assigns each client an architecture (a seeded permutation of
 the clients cut by ``fraction``); clients are grouped by architecture and
 vmapped within a group (``kdjax.federated.groups``). Only the distillation
 algorithms accept it: fd, fedmd, dsfl, feddf, edgefd, knfu, fedd2s (those with
@@ -23,9 +24,8 @@ def get_config(arg=None):
   c.algorithm = 'fedd2s'
   c.proxy_size = 500 if arg != 'tiny' else 200
   c.client_models = [
-      ml_collections.ConfigDict({'model': 'mlp', 'model_options': {'hidden': (32,)},
-                                 'fraction': 0.5}),
-      ml_collections.ConfigDict({'model': 'mlp', 'model_options': {'hidden': (64, 32)},
+      ml_collections.ConfigDict({'name': 'mlp', 'kwargs': {'hidden': (32,)}, 'fraction': 0.5}),
+      ml_collections.ConfigDict({'name': 'mlp', 'kwargs': {'hidden': (64, 32)},
                                  'fraction': 0.5}),
   ]
   return c

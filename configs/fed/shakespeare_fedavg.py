@@ -21,38 +21,29 @@ the data set's test split (the last 20% of the role's text). The global
 accuracy is measured on the whole test split (every role's held-out windows).
 """
 
-import ml_collections
+from kdjax.federated.config import base_config
 
 
 def get_config(arg=None):
-  c = ml_collections.ConfigDict()
-  c.dataset = 'shakespeare'
-  c.model = 'char_lstm'
-  c.model_options = ml_collections.ConfigDict({'embed_dim': 8, 'hidden': 64, 'layers': 1})
+  c = base_config()               # the defaults: kdjax/federated/config.py
+  c.data.name = 'shakespeare'
+  c.model.name = 'char_lstm'
+  c.model.kwargs = {'embed_dim': 8, 'hidden': 64, 'layers': 1}
   c.seed = 0
   c.num_clients = 200
   c.clients_per_round = 10
   c.num_rounds = 400
-  c.sampling = 'uniform'
-  c.dropout = 0.0
-  c.clients_per_chunk = 0
-  c.mesh = ()                   # e.g. [('clients', -1)]: shard the client axis over devices
-  c.client_models = ()          # heterogeneous architectures (see configs/fed/mnist1d_hetero.py)
-  c.partition = ml_collections.ConfigDict({
-      'method': 'natural', 'min_size': 40, 'max_size': 100})
-  c.feature_skew = ml_collections.ConfigDict()
-  c.proxy_size = 0
+  c.partition = {'method': 'natural', 'min_size': 40, 'max_size': 100}
   c.algorithm = 'fedavg'
-  c.algorithm_options = ml_collections.ConfigDict()
-  c.local = ml_collections.ConfigDict({'batch_size': 10, 'epochs': 1, 'lr': 0.8,
-                                       'momentum': 0.0})
+  c.optimizer.learning_rate = 0.8
+  c.batch_size = 10
+  c.local_epochs = 1
   c.eval_every = 25
   c.checkpoint_every = 50
   c.rounds_per_call = 25        # rounds per jitted call (see mnist1d_fedavg.py)
-  c.plots = True
   if arg == 'tiny':
-    c.dataset = 'shakespeare/tiny'
-    c.model_options = ml_collections.ConfigDict({'embed_dim': 8, 'hidden': 16, 'layers': 1})
+    c.data.name = 'shakespeare/tiny'
+    c.model.kwargs = {'embed_dim': 8, 'hidden': 16, 'layers': 1}
     c.num_clients = 8
     c.clients_per_round = 4
     c.num_rounds = 4
@@ -61,7 +52,7 @@ def get_config(arg=None):
     c.eval_every = 2
     c.checkpoint_every = 2
   elif arg == 'leaf':
-    c.model_options = ml_collections.ConfigDict({'embed_dim': 8, 'hidden': 256, 'layers': 2})
+    c.model.kwargs = {'embed_dim': 8, 'hidden': 256, 'layers': 2}
     c.partition.max_size = None
   elif arg:
     raise ValueError(f'unknown variant {arg!r}; use tiny, leaf or nothing')

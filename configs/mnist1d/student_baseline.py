@@ -3,7 +3,7 @@
     kdjax train --config configs/mnist1d/student_baseline.py --workdir workdirs/baseline
 """
 
-from kdjax.distill.defaults import base_config
+from kdjax.engine.config import base_config
 
 
 def get_config(arg=None):

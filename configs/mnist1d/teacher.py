@@ -4,7 +4,7 @@
     kdjax train --config configs/mnist1d/teacher.py:tiny --workdir /tmp/t   # seconds
 """
 
-from kdjax.distill.defaults import base_config
+from kdjax.engine.config import base_config
 
 
 def get_config(arg=None):

@@ -6,9 +6,10 @@ layout on disk, ``kdjax.cache.read`` joins it to a distill run
 """
 
 from kdjax.cache.build import build_cache
-from kdjax.cache.build import dataset_fingerprint
-from kdjax.cache.build import stream_dataset_fingerprint
+from kdjax.cache.fingerprint import dataset_fingerprint
+from kdjax.cache.fingerprint import stream_dataset_fingerprint
 from kdjax.cache.read import ChunkReader
+from kdjax.cache.read import RunCache
 from kdjax.cache.read import choose_reader
 from kdjax.cache.read import gather_rows
 from kdjax.cache.read import open_cache

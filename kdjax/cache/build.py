@@ -20,7 +20,6 @@ every forward pass and process ``p`` writes the chunks ``i`` with ``i mod P == p
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -30,54 +29,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kdjax import data as kdata
+from kdjax import teacher as teacher_lib
+from kdjax import workdir as workdir_lib
 from kdjax.cache import store
+from kdjax.cache.fingerprint import dataset_fingerprint
+from kdjax.engine.config import validate
 from kdjax.errors import UserError
+from kdjax.parallel import initialize_from_env
+from kdjax.parallel import make_mesh
 
 # Test hook: seconds to sleep after each written chunk (lets a test kill a build midway).
 _DELAY_ENV = 'KDJAX_CACHE_CHUNK_DELAY'
 _POOLS = ('none', 'mean', 'max')
-
-
-def dataset_fingerprint(name: str, split: str, arrays: dict[str, np.ndarray]) -> dict:
-  """Name, split, size and a sha256 over the split's preprocessed arrays (x, label, id)."""
-  h = hashlib.sha256()
-  for key in ('x', 'label', 'id'):
-    a = np.ascontiguousarray(arrays[key])
-    h.update(f'{key}:{a.dtype.str}:{a.shape}\n'.encode())
-    h.update(a.tobytes())
-  return {'name': name, 'split': split, 'num_examples': int(len(arrays['label'])),
-          'sha256': h.hexdigest()}
-
-
-def stream_dataset_fingerprint(name: str, split: str, *, data_dir=None,
-                               read_chunk: int = 4096) -> dict:
-  """``dataset_fingerprint`` of a split read in pieces (never the whole ``x`` in memory).
-
-  The same bytes go into the same hash in the same order as when the split is loaded
-  whole, so the two agree exactly; only ``label`` and ``id`` (one integer per example)
-  are kept whole. Costs one pass over the split (the stream feed checks a cache with it).
-  """
-  from kdjax.data import preprocess
-  from kdjax.data import sources
-  source = sources.load_source(name, split, data_dir=data_dir)
-  n = len(source)
-  keys = sources.record_keys(name, source[0])
-  h = hashlib.sha256()
-  small: dict[str, list[np.ndarray]] = {'label': [], 'id': []}
-  for start in range(0, n, read_chunk):
-    ids = np.arange(start, min(n, start + read_chunk))
-    part = preprocess(name, sources.stack_records(sources.read_records(source, ids), keys), ids)
-    x = np.ascontiguousarray(part['x'])
-    if start == 0:
-      h.update(f"x:{x.dtype.str}:{(n, *x.shape[1:])}\n".encode())
-    h.update(x.tobytes())
-    for key in small:
-      small[key].append(np.asarray(part[key]))
-  for key in ('label', 'id'):
-    a = np.ascontiguousarray(np.concatenate(small[key]))
-    h.update(f'{key}:{a.dtype.str}:{a.shape}\n'.encode())
-    h.update(a.tobytes())
-  return {'name': name, 'split': split, 'num_examples': int(n), 'sha256': h.hexdigest()}
 
 
 def parse_feature(spec: str | dict) -> dict:
@@ -129,10 +95,9 @@ def make_infer(apply, augment, *, seed: int, k: int, num_classes: int, dtype: st
   """``infer(variables, x, ids, epochs) -> {array name: [b, ...]}`` (pure; jit it)."""
 
   def infer(variables, x, ids, epochs):
-    params, state = variables
     x = augment(x, ids, epochs, seed=seed)
-    out, _ = apply(params, state, x, train=False)
-    logits = out.logits.astype(jnp.float32)
+    out = teacher_lib.outputs(apply, variables, x, needs=('teacher_logits', 'teacher_features'))
+    logits = out['teacher_logits'].astype(jnp.float32)
     rows = {'teacher_logsumexp': jax.nn.logsumexp(logits, axis=-1)}
     if k == num_classes:
       values = logits
@@ -142,10 +107,10 @@ def make_infer(apply, augment, *, seed: int, k: int, num_classes: int, dtype: st
     rows.update(quantize(values, dtype))
     rows['teacher_topk_indices'] = indices.astype(index_dtype)
     for feat in features:
-      if feat['name'] not in out.features:
+      if feat['name'] not in out['teacher_features']:
         raise UserError(f"the teacher has no feature {feat['name']!r}; it has "
-                        f"{sorted(out.features)}")
-      f = _pool(out.features[feat['name']].astype(jnp.float32), feat['pool'])
+                        f"{sorted(out['teacher_features'])}")
+      f = _pool(out['teacher_features'][feat['name']].astype(jnp.float32), feat['pool'])
       rows['feature.' + feat['name']] = f.astype(jnp.dtype(feat['dtype']))
     return rows
 
@@ -173,28 +138,32 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
   Returns:
     The manifest (also in ``cache_dir/manifest.json``).
   """
-  from kdjax import data as kdata
-  from kdjax.distill.teacher import load_teacher
-  from kdjax.parallel import initialize_from_env, make_mesh
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  initialize_from_env()
+  validate(config)
+  workdir_lib.check_creatable(cache_dir)
   if dtype not in store.DTYPES:
     raise UserError(f'cache dtype must be one of {", ".join(store.DTYPES)} (got {dtype!r})')
   if int(epochs) < 1:
     raise UserError(f'cache epochs must be positive (got {epochs})')
+  if k is not None and int(k) < 1:
+    raise UserError(f'cache k must be positive (got {k})')
+  if chunk_size is not None and int(chunk_size) < 1:
+    raise UserError(f'cache chunk size must be positive (got {chunk_size})')
   features = [parse_feature(f) for f in features]
-  mesh = make_mesh([tuple(axis) for axis in config.mesh])
+  initialize_from_env()
+  try:
+    mesh = make_mesh([tuple(axis) for axis in config.mesh])
+  except ValueError as e:
+    raise UserError(f'config.mesh: {e}') from None
   data_axis = mesh.axis_names[0]
   batch = int(config.batch_size)
   if batch % mesh.shape[data_axis]:
     raise UserError(f'batch_size {batch} does not divide over the {mesh.shape[data_axis]} devices')
   data_dir = config.data.data_dir or None
   spec = kdata.dataset_spec(config.data.name, data_dir=data_dir)
-  teacher = load_teacher(config.teacher.workdir, mesh, config.teacher.partition_rules)
+  teacher = teacher_lib.load_teacher(config.teacher.workdir, mesh, config.teacher.partition_rules)
   num_classes = spec.num_classes
-  if teacher.fns.num_classes != num_classes:
-    raise UserError(f'the teacher predicts {teacher.fns.num_classes} classes but '
+  if teacher.num_classes != num_classes:
+    raise UserError(f'the teacher predicts {teacher.num_classes} classes but '
                     f'{config.data.name} has {num_classes}')
   k = num_classes if k is None else int(k)
   if not 1 <= k <= num_classes:
@@ -219,7 +188,7 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
       'k': k, 'num_classes': num_classes, 'dtype': dtype, 'chunk_size': chunk_size,
       'features': features,
   }
-  infer = make_infer(teacher.fns.apply, augment, seed=int(config.seed), k=k,
+  infer = make_infer(teacher.apply, augment, seed=int(config.seed), k=k,
                      num_classes=num_classes, dtype=dtype, features=features,
                      index_dtype=index_dtype)
   repl = NamedSharding(mesh, P())

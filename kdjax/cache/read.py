@@ -19,8 +19,6 @@ Batch keys produced (see ``kdjax.losses.registry``): ``teacher_topk_logits`` (fl
 dequantized), ``teacher_topk_indices`` (int32), ``teacher_logsumexp``, and, when the
 loss needs them, dense ``teacher_logits`` (only from a cache with ``k`` = all classes)
 and ``teacher_features``.
-
-This module imports ``kdjax.distill`` only inside functions (the step imports it).
 """
 
 from __future__ import annotations
@@ -33,7 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax import data as kdata
+from kdjax import teacher as teacher_lib
 from kdjax.cache import store
+from kdjax.cache.fingerprint import dataset_fingerprint
+from kdjax.cache.fingerprint import stream_dataset_fingerprint
 from kdjax.errors import UserError
 
 _QUANT = ('teacher_topk_scale', 'teacher_topk_offset')
@@ -56,7 +58,6 @@ def open_cache(cache_dir: str) -> dict:
 def check_run(manifest: dict, config, *, num_classes: int, needs, cache_dir: str,
               teacher_fingerprint: str | None = None) -> None:
   """Raises a one-line ``UserError`` when the cache cannot feed this run."""
-  from kdjax import data as kdata
   where = f'the teacher cache {cache_dir}'
   if teacher_fingerprint is not None and teacher_fingerprint != manifest['teacher']['fingerprint']:
     raise UserError(f'{where} was built from another teacher (fingerprint '
@@ -89,7 +90,6 @@ def check_run(manifest: dict, config, *, num_classes: int, needs, cache_dir: str
 
 
 def check_dataset(manifest: dict, arrays: dict[str, np.ndarray], cache_dir: str) -> None:
-  from kdjax.cache.build import dataset_fingerprint
   ds = manifest['dataset']
   got = dataset_fingerprint(ds['name'], ds['split'], arrays)
   if got != ds:
@@ -100,7 +100,6 @@ def check_dataset(manifest: dict, arrays: dict[str, np.ndarray], cache_dir: str)
 def check_stream_dataset(manifest: dict, name: str, split: str, *, data_dir=None,
                          cache_dir: str) -> None:
   """``check_dataset`` for the stream feed: the split is hashed in pieces, not loaded whole."""
-  from kdjax.cache.build import stream_dataset_fingerprint
   ds = manifest['dataset']
   if stream_dataset_fingerprint(name, split, data_dir=data_dir) != ds:
     raise UserError(f'the teacher cache {cache_dir} was built from other data (the '
@@ -287,7 +286,7 @@ class ChunkReader:
     finally:
       while self._evicted:
         os.close(self._evicted.pop())
-    return {key: store._from_disk(buf, dtype)  # pylint: disable=protected-access
+    return {key: store.from_disk(buf, dtype)
             for key, (buf, dtype) in out.items()}
 
   def _read(self, jobs) -> None:
@@ -345,8 +344,12 @@ def choose_reader(manifest: dict, *, reader: str = 'auto', max_bytes: int = 1 <<
 
 
 class RunCache(NamedTuple):
+  """A finished cache opened for a run: the checks, and its rows in the forms the
+  feeds take (:class:`kdjax.engine.setup.CachedTeacher`)."""
+
   cache_dir: str
   manifest: dict
+  teacher_fingerprint: str | None = None
 
   @property
   def epochs(self) -> int:
@@ -356,30 +359,52 @@ class RunCache(NamedTuple):
   def nbytes(self) -> int:
     return cache_bytes(self.manifest)
 
+  def check(self, config, *, num_classes: int, needs) -> None:
+    check_run(self.manifest, config, num_classes=num_classes, needs=needs,
+              cache_dir=self.cache_dir, teacher_fingerprint=self.teacher_fingerprint)
+
+  def check_arrays(self, arrays: dict) -> None:
+    check_dataset(self.manifest, arrays, self.cache_dir)
+
+  def check_stream(self, config) -> None:
+    check_stream_dataset(self.manifest, config.data.name, config.data.train_split,
+                         data_dir=config.data.data_dir or None, cache_dir=self.cache_dir)
+
   def columns(self, needs) -> dict[str, Any]:
+    """The cache arrays ``[E, N, ...]`` the loss needs, keyed as batch entries."""
     return batch_columns(load_columns(self.cache_dir, self.manifest), needs)
+
+  def join(self, columns, epoch, positions) -> dict:
+    return gather_rows(columns, epoch, positions)
+
+  def reader(self, config) -> str:
+    """How the stream feed reads rows: ``'memory'`` (the columns loaded whole, when the
+    cache takes at most ``config.teacher.cache_memory_max_bytes``) or ``'chunks'`` (read
+    per batch from the chunk files); ``config.teacher.cache_reader`` may force one."""
+    return choose_reader(self.manifest, reader=str(config.teacher.cache_reader),
+                         max_bytes=int(config.teacher.cache_memory_max_bytes))
+
+  def host_rows(self, reader: str, needs):
+    """``rows(epochs, ids) -> entries`` (numpy) for the stream feed, read as ``reader``."""
+    if reader == 'memory':
+      columns = self.columns(needs)
+      return lambda epochs, ids: host_rows(columns, epochs, ids)
+    return self.chunk_reader(needs).rows
+
+  def sample(self, needs, n: int = 2) -> dict:
+    """The first ``n`` rows of epoch 0 as numpy entries (for loss initialization)."""
+    return self.chunk_reader(needs, threads=1).rows(np.zeros(n, np.int64), np.arange(n))
 
   def chunk_reader(self, needs, **kwargs) -> ChunkReader:
     return ChunkReader(self.cache_dir, self.manifest, needs, **kwargs)
 
 
-def sample_rows(columns: dict, n: int = 2) -> dict:
-  """The first ``n`` rows of epoch 0 as numpy batch entries (for loss initialization)."""
-  return host_rows(columns, np.zeros(n, np.int64), np.arange(n))
-
-
-def open_for_run(config, *, num_classes: int, needs, mesh=None) -> RunCache:
-  """Opens ``config.teacher.cache`` and checks it against the run.
-
-  When ``config.teacher.workdir`` is set, its teacher is restored (parameters only, no
-  forward pass) and its fingerprint must equal the cache's.
-  """
+def open_for_run(config) -> RunCache:
+  """Opens ``config.teacher.cache`` for a run (:meth:`RunCache.check` checks it against
+  the run). When ``config.teacher.workdir`` is set, its teacher's fingerprint is read
+  (parameters only, on the host) and must equal the cache's."""
   cache_dir = os.path.abspath(config.teacher.cache)
   manifest = open_cache(cache_dir)
-  fingerprint = None
-  if config.teacher.workdir:
-    from kdjax.distill.teacher import load_teacher
-    fingerprint = load_teacher(config.teacher.workdir, mesh, config.teacher.partition_rules).fingerprint
-  check_run(manifest, config, num_classes=num_classes, needs=needs, cache_dir=cache_dir,
-            teacher_fingerprint=fingerprint)
-  return RunCache(cache_dir, manifest)
+  fingerprint = (teacher_lib.read_fingerprint(config.teacher.workdir)
+                 if config.teacher.workdir else None)
+  return RunCache(cache_dir, manifest, fingerprint)

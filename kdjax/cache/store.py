@@ -83,7 +83,7 @@ def _to_disk(a: np.ndarray) -> np.ndarray:
   return a
 
 
-def _from_disk(a: np.ndarray, dtype: str) -> np.ndarray:
+def from_disk(a: np.ndarray, dtype: str) -> np.ndarray:
   if dtype == 'bfloat16':
     import ml_dtypes
     return a.view(ml_dtypes.bfloat16)
@@ -137,7 +137,7 @@ def chunk_checksum(cache_dir: str, name: str) -> tuple[str, int]:
 def read_chunk(cache_dir: str, name: str, dtypes: dict[str, str]) -> dict[str, np.ndarray]:
   """The arrays of one chunk; ``dtypes`` maps array names to their manifest dtype."""
   path = chunk_path(cache_dir, name)
-  return {key: _from_disk(np.load(os.path.join(path, key + '.npy'), allow_pickle=False), dtype)
+  return {key: from_disk(np.load(os.path.join(path, key + '.npy'), allow_pickle=False), dtype)
           for key, dtype in dtypes.items()}
 
 

@@ -194,3 +194,18 @@ def load_arrays(name: str, split: str, *,
     raw = stack_records(read_records(source, ids), keys)
     parts.append(preprocess_lib.preprocess(name, raw, ids))
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def role_names(name: str = 'shakespeare', *,
+               data_dir: str | os.PathLike | None = None) -> list[str]:
+  """``'PLAY/SPEAKER'`` of every role, indexed by the ``client`` feature.
+
+  Args:
+    name: the data set name with its config (``'shakespeare/tiny'``).
+    data_dir: as for :func:`kdjax.data.load_source`.
+
+  Returns:
+    The role names stored in the prepared data set's metadata.
+  """
+  src = load_source(name, 'train', data_dir=data_dir)
+  return list(src.dataset_info.metadata['role_names'])

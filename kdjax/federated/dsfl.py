@@ -22,7 +22,6 @@ import optax
 
 from kdjax.federated import base
 from kdjax.federated import public
-from kdjax.federated.fedmd import base_select
 from kdjax.federated.local import LocalTrainer
 
 
@@ -79,12 +78,9 @@ def dsfl(trainer: LocalTrainer, open_x, *, temperature: float = 0.1,
     return server, clients
 
   def client_update(server, client_state, data, rng):
-    p, ms = client_state['params'], client_state['model_state']
-    dp, dms = distill(p, ms, open_x, server.extra['soft_labels'], jax.random.fold_in(rng, 7))
-    ready = server.extra['ready']
-    p = jax.tree.map(lambda a, b: jnp.where(ready, a, b), dp, p)
-    ms = jax.tree.map(lambda a, b: base_select(ready, a, b), dms, ms)
-    res = trainer.train(p, ms, data, rng)
+    res = public.public_then_local(distill, trainer, client_state, open_x,
+                                   server.extra['soft_labels'], data, rng,
+                                   ready=server.extra['ready'])
     probs = jax.nn.softmax(public.public_logits(apply, res.params, res.model_state, open_x))
     return base.ClientOutput({'probs': probs}, jnp.ones((), jnp.float32),
                              {'params': res.params, 'model_state': res.model_state},

@@ -27,7 +27,6 @@ import optax
 
 from kdjax.federated import base
 from kdjax.federated import public
-from kdjax.federated.fedmd import base_select
 from kdjax.federated.local import LocalTrainer
 
 
@@ -120,14 +119,10 @@ def edgefd(trainer: LocalTrainer, proxy_x, *, num_clusters: int = 5, kmeans_iter
     return server, clients
 
   def client_update(server, client_state, data, rng):
-    p, ms = client_state['params'], client_state['model_state']
     seen = server.extra['seen']
-    dp, dms = distill(p, ms, proxy_x, server.extra['logits'], jax.random.fold_in(rng, 7),
-                      mask=seen)
-    ready = jnp.any(seen)
-    p = jax.tree.map(lambda a, b: jnp.where(ready, a, b), dp, p)
-    ms = jax.tree.map(lambda a, b: base_select(ready, a, b), dms, ms)
-    res = trainer.train(p, ms, data, rng)
+    res = public.public_then_local(distill, trainer, client_state, proxy_x,
+                                   server.extra['logits'], data, rng, ready=jnp.any(seen),
+                                   mask=seen)
     keep = in_distribution(data[0], data[2], proxy_x, num_clusters=num_clusters,
                            iters=kmeans_iters, quantile=quantile,
                            rng=jax.random.fold_in(rng, 8))

@@ -11,7 +11,8 @@ logits on the whole proxy set with its update (a real server would evaluate the
 received models itself; the bytes counted include those logits); the ensemble
 averages logits with the clients' example-count weights; the paper's early
 stopping on a validation set is replaced by a fixed ``server_steps``; proxy
-minibatches are drawn by a key derived from ``(seed, round)``.
+minibatches are drawn by a key derived from ``(seed, round)``. The server's
+distillation steps are kdjax's one train step (:func:`kdjax.federated.public.make_public_trainer`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from kdjax.federated import base
+from kdjax.federated import public
 from kdjax.federated.local import LocalTrainer
 
 
@@ -51,13 +53,11 @@ def feddf(trainer: LocalTrainer, proxy_x, *, server_steps: int = 50,
   >>> feddf(make_local_trainer(apply, batch_size=2), jnp.zeros((8, 3))).name
   'feddf'
   """
-  from kdjax.losses import kd
-
   proxy_x = jnp.asarray(proxy_x)
-  num_proxy = proxy_x.shape[0]
-  batch = min(int(server_batch_size), num_proxy)
   apply = trainer.apply
-  distill_tx = optax.adam(server_lr)
+  distill = public.make_public_trainer(apply, batch_size=server_batch_size, loss='kd',
+                                       temperature=temperature, tx=optax.adam(server_lr),
+                                       steps=int(server_steps))
   server_tx = optax.sgd(1.0)
 
   def init(params, model_state, num_clients):
@@ -77,24 +77,9 @@ def feddf(trainer: LocalTrainer, proxy_x, *, server_steps: int = 50,
     params, opt_state = base.server_step(server_tx, server.params, server.opt_state,
                                          mean['delta'])
     model_state = base.merge_float_leaves(server.model_state, mean['model_state'])
-    teacher = jax.lax.stop_gradient(mean['proxy_logits'])
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), info['round'])
-
-    def loss_fn(p, ms, idx, k):
-      out, new_ms = apply(p, ms, proxy_x[idx], train=True, rng=k)
-      return jnp.mean(kd(out.logits, teacher[idx], temperature=temperature)), new_ms
-
-    def step(carry, s):
-      p, ms, opt = carry
-      k = jax.random.fold_in(key, s)
-      idx = jax.random.choice(jax.random.fold_in(k, 0), num_proxy, (batch,), replace=False)
-      (_, new_ms), g = jax.value_and_grad(loss_fn, has_aux=True)(p, ms, idx,
-                                                                 jax.random.fold_in(k, 1))
-      updates, opt = distill_tx.update(g, opt, p)
-      return (optax.apply_updates(p, updates), new_ms, opt), None
-
-    (params, model_state, _), _ = jax.lax.scan(
-        step, (params, model_state, distill_tx.init(params)), jnp.arange(int(server_steps)))
+    params, model_state = distill(params, model_state, proxy_x,
+                                  jax.lax.stop_gradient(mean['proxy_logits']), key)
     return base.ServerState(params, model_state, opt_state, server.extra)
 
   return base.FedAlgorithm('feddf', init, client_update, server_update, base.global_model,

@@ -69,12 +69,9 @@ def fedmd(trainer: LocalTrainer, public_x, *, digest_epochs: int = 1,
     return server, clients
 
   def client_update(server, client_state, data, rng):
-    p, ms = client_state['params'], client_state['model_state']
-    dp, dms = digest(p, ms, public_x, server.extra['consensus'], jax.random.fold_in(rng, 7))
-    ready = server.extra['ready']
-    p = jax.tree.map(lambda a, b: jnp.where(ready, a, b), dp, p)
-    ms = jax.tree.map(lambda a, b: base_select(ready, a, b), dms, ms)
-    res = trainer.train(p, ms, data, rng)
+    res = public.public_then_local(digest, trainer, client_state, public_x,
+                                   server.extra['consensus'], data, rng,
+                                   ready=server.extra['ready'])
     logits = public.public_logits(apply, res.params, res.model_state, public_x)
     return base.ClientOutput({'logits': logits}, jnp.ones((), jnp.float32),
                              {'params': res.params, 'model_state': res.model_state},
@@ -90,9 +87,3 @@ def fedmd(trainer: LocalTrainer, public_x, *, digest_epochs: int = 1,
   return base.FedAlgorithm('fedmd', init, client_update, server_update, public.own_model,
                            download, has_global_model=False, heterogeneous=True)
 
-
-def base_select(pred, a, b):
-  """``where(pred, a, b)`` that leaves PRNG-key leaves as ``b``."""
-  if jnp.issubdtype(jnp.asarray(b).dtype, jax.dtypes.prng_key):
-    return b
-  return jnp.where(pred, a, b)

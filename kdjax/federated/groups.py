@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.engine.step import tree_where
 from kdjax.errors import UserError
 from kdjax.federated import base
 from kdjax.federated import simulator as sim
@@ -237,7 +238,7 @@ def make_grouped_round(algorithms: Sequence[base.FedAlgorithm], ids: Sequence[np
     for g, alg in enumerate(algorithms):
       mean = _mean(wsums, wtots, g, group_keys)
       new = alg.server_update(state.server[g], mean, info_counts)
-      new = jax.tree.map(lambda n, o: sim._where(wall > 0, n, o), new, state.server[g])
+      new = tree_where(wall > 0, new, state.server[g])
       servers.append(new)
       clients.append(jax.tree.map(lambda all_, s: all_.at[locals_[g]].set(s),
                                   state.clients[g], outs[g][3]))

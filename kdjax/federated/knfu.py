@@ -27,7 +27,6 @@ import optax
 
 from kdjax.federated import base
 from kdjax.federated import public
-from kdjax.federated.fedmd import base_select
 from kdjax.federated.local import LocalTrainer
 
 
@@ -123,12 +122,9 @@ def knfu(trainer: LocalTrainer, transfer_x, *, num_classes: int, beta: float = 1
     return base.ServerState(params, model_state, optax.EmptyState(), {}), clients
 
   def client_update(server, client_state, data, rng):
-    p, ms = client_state['params'], client_state['model_state']
-    ready = client_state['fused_ok']
-    dp, dms = distill(p, ms, transfer_x, client_state['fused'], jax.random.fold_in(rng, 7))
-    p = jax.tree.map(lambda a, b: jnp.where(ready, a, b), dp, p)
-    ms = jax.tree.map(lambda a, b: base_select(ready, a, b), dms, ms)
-    res = trainer.train(p, ms, data, rng)
+    res = public.public_then_local(distill, trainer, client_state, transfer_x,
+                                   client_state['fused'], data, rng,
+                                   ready=client_state['fused_ok'])
     label, mask = data[1], data[2]
     hist = jnp.sum(jax.nn.one_hot(jnp.maximum(label, 0), c)
                    * jnp.logical_and(mask, label >= 0)[:, None], 0)

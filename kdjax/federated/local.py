@@ -1,10 +1,11 @@
 """Local training of one client: epochs of minibatch steps as one ``lax.scan``.
 
 The trainer is a pure function of one client's padded data, so the simulator
-can ``vmap`` it over a cohort. The loss is kdjax's objective (by default
-``build_objective({'ce': {}})``, the same objective object the distill engine's
-step evaluates), plus an optional algorithm penalty (FedProx's proximal term,
-Ditto's regularizer) and an optional gradient correction (SCAFFOLD).
+can ``vmap`` it over a cohort. Each step is kdjax's one train step
+(:func:`kdjax.engine.make_train_step`): the objective (by default
+``build_objective({'ce': {}})``), plus an optional algorithm penalty (FedProx's
+proximal term, Ditto's regularizer), an optional per-batch loss (FD, FedD2S), and an
+optional gradient correction (SCAFFOLD, added before the optimizer).
 
 Batches: each local epoch orders the client's examples by a seeded random key,
 real examples first (padding gets key 2, above every uniform key), and cuts
@@ -23,6 +24,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from kdjax.engine.step import init_train_state
+from kdjax.engine.step import make_train_step
+from kdjax.losses import build_objective
 
 
 class LocalResult(NamedTuple):
@@ -86,15 +91,14 @@ def epoch_orders(rng: jax.Array, mask: jax.Array, epochs: int) -> jax.Array:
   return jax.vmap(one)(jax.random.split(rng, epochs))
 
 
-def step_key(rng: jax.Array, step) -> jax.Array:
-  """The model key of local step ``step`` (dropout masks), from the client key."""
-  return jax.random.fold_in(jax.random.fold_in(rng, 1), step)
-
-
 def make_local_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs: int = 1,
-                       lr: float = 0.1, momentum: float = 0.0,
-                       objective=None) -> LocalTrainer:
+                       lr: float = 0.1, momentum: float = 0.0, objective=None,
+                       tx: optax.GradientTransformation | None = None) -> LocalTrainer:
   """Builds the pure local trainer of one client.
+
+  Each local step is kdjax's one train step (:func:`kdjax.engine.make_train_step`) on a
+  minibatch of the client's packed data; a minibatch of padding only leaves the state
+  unchanged (``skip_empty``).
 
   Args:
     apply_fn: ``apply(params, state, x, *, train, rng) -> (ModelOutput, state)``
@@ -102,11 +106,13 @@ def make_local_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs:
     batch_size: local minibatch size ``B``; the packed example axis must be a
       multiple of it.
     epochs: local epochs.
-    lr: client SGD learning rate.
+    lr: client learning rate.
     momentum: client SGD momentum (0 for plain SGD). The optimizer state is
       reset at every round.
     objective: a stateless, parameter-free :class:`kdjax.losses.Objective`
       (default: cross-entropy, ``build_objective({'ce': {}})``).
+    tx: the client optimizer (default ``optax.sgd(lr, momentum)``); ``lr`` and
+      ``momentum`` must describe it for the algorithms that read them (SCAFFOLD, FedNova).
 
   Returns:
     A :class:`LocalTrainer`.
@@ -120,13 +126,13 @@ def make_local_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs:
   (2, 3.0)
   """
   if objective is None:
-    from kdjax.losses import build_objective
     objective = build_objective({'ce': {}})
   obj_params, obj_state = objective.init(jax.random.key(0), {})
   if jax.tree.leaves((obj_params, obj_state)):
     raise ValueError('federated local training needs a stateless objective without '
                      'trainable loss parameters')
-  tx = optax.sgd(lr, momentum if momentum else None)
+  if tx is None:
+    tx = optax.sgd(lr, momentum if momentum else None)
   batch_size, epochs = int(batch_size), int(epochs)
 
   def train(params, model_state, data, rng, *, penalty=None, correction=None,
@@ -139,68 +145,27 @@ def make_local_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs:
     nb = e // batch_size
     order = epoch_orders(jax.random.fold_in(rng, 0), mask, epochs).reshape(
         epochs * nb, batch_size)
+    opt = tx if correction is None else optax.chain(add_to_student(correction), tx)
+    aux = None if batch_loss is None else (
+        lambda out, batch: batch_loss(out.logits, batch['label'], batch['mask']))
+    step = make_train_step(apply_fn, objective, opt, penalty=penalty, aux_loss=aux,
+                           aux_grad_mask=batch_loss_mask, skip_empty=True, nonfinite='ignore')
+    state = init_train_state(params, model_state, opt, rng=jax.random.fold_in(rng, 1),
+                             loss_params=obj_params, loss_state=obj_state)
 
-    def loss_fn(p, ms, xb, yb, mb, key, step):
-      out, new_ms = apply_fn(p, ms, xb, train=True, rng=key)
-      inputs = {'student_logits': out.logits, 'labels': yb, 'where': mb, 'step': step}
-      loss, _, _ = objective.apply(obj_params, obj_state, inputs)
-      if penalty is not None:
-        loss = loss + penalty(p)
-      if batch_loss is not None:
-        loss = loss + batch_loss(out.logits, yb, mb)
-      return loss, (new_ms, out.logits)
+    def body(state, idx):
+      return step(state, {'x': x[idx], 'label': label[idx], 'mask': mask[idx]})
 
-    def split_loss_fn(p, ms, xb, yb, mb, key, step):
-      # (main loss, batch loss) separately, for a leafwise mask on the second's gradient.
-      out, new_ms = apply_fn(p, ms, xb, train=True, rng=key)
-      inputs = {'student_logits': out.logits, 'labels': yb, 'where': mb, 'step': step}
-      loss, _, _ = objective.apply(obj_params, obj_state, inputs)
-      if penalty is not None:
-        loss = loss + penalty(p)
-      return (loss, batch_loss(out.logits, yb, mb)), (new_ms, out.logits)
-
-    def masked_value_and_grad(p, ms, xb, yb, mb, key, step):
-      (main, extra), vjp, (new_ms, logits) = jax.vjp(
-          lambda q: split_loss_fn(q, ms, xb, yb, mb, key, step), p, has_aux=True)
-      (g_main,) = vjp((jnp.ones_like(main), jnp.zeros_like(extra)))
-      (g_extra,) = vjp((jnp.zeros_like(main), jnp.ones_like(extra)))
-      g = jax.tree.map(lambda a, b, m: a + jnp.asarray(m, b.dtype) * b, g_main, g_extra,
-                       batch_loss_mask)
-      return (main + extra, (new_ms, logits)), g
-
-    def body(carry, idx):
-      p, ms, opt, steps = carry
-      xb, yb, mb = x[idx], label[idx], mask[idx]
-      if batch_loss is not None and batch_loss_mask is not None:
-        (loss, (new_ms, logits)), g = masked_value_and_grad(
-            p, ms, xb, yb, mb, step_key(rng, steps), steps)
-      else:
-        (loss, (new_ms, logits)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            p, ms, xb, yb, mb, step_key(rng, steps), steps)
-      if correction is not None:
-        g = jax.tree.map(jnp.add, g, correction)
-      updates, new_opt = tx.update(g, opt, p)
-      new_p = optax.apply_updates(p, updates)
-      valid = jnp.any(mb)
-      keep = lambda new, old: jax.tree.map(lambda a, b: _select(valid, a, b), new, old)
-      carry = (keep(new_p, p), keep(new_ms, ms), keep(new_opt, opt),
-               steps + valid.astype(jnp.int32))
-      lab = jnp.logical_and(mb, yb >= 0).astype(jnp.float32)
-      n = jnp.sum(lab)
-      correct = jnp.sum((jnp.argmax(logits, -1) == yb).astype(jnp.float32) * lab)
-      return carry, (loss * n, correct, n)
-
-    init = (params, model_state, tx.init(params), jnp.zeros((), jnp.int32))
-    (params, model_state, _, steps), (ls, cs, ns) = jax.lax.scan(body, init, order)
-    n = jnp.sum(ns)
-    metrics = {'loss': (jnp.sum(ls), n), 'accuracy': (jnp.sum(cs), n)}
-    return LocalResult(params, model_state, steps, metrics)
+    state, metrics = jax.lax.scan(body, state, order)
+    summed = {k: jax.tree.map(jnp.sum, metrics[k]) for k in ('loss', 'accuracy')}
+    return LocalResult(state.params['student'], state.model_state, state.step, summed)
 
   return LocalTrainer(train, apply_fn, float(lr), float(momentum), batch_size, epochs)
 
 
-def _select(pred, new, old):
-  """``where(pred, new, old)``; PRNG-key leaves (RNG streams, never advanced here) keep ``old``."""
-  if jnp.issubdtype(jnp.asarray(old).dtype, jax.dtypes.prng_key):
-    return old
-  return jnp.where(pred, new, old)
+def add_to_student(correction) -> optax.GradientTransformation:
+  """Adds ``correction`` (student-parameter shaped) to the student's gradient (SCAFFOLD)."""
+  def update(updates, state, params=None):
+    del params
+    return dict(updates, student=jax.tree.map(jnp.add, updates['student'], correction)), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -10,13 +10,19 @@
 * ``partition.txt`` and ``partition.png``: the stats table and the heatmap;
 * ``accuracy.png`` (accuracy against round) and ``clients.png`` (per-client
   personalized accuracy at the end);
-* ``checkpoints/``: orbax checkpoints of the simulation state every
-  ``checkpoint_every`` rounds; a rerun with the same workdir resumes from the
-  latest one and produces the same result as an uninterrupted run;
+* ``tensorboard/``: the same figures as TensorBoard scalars;
+* ``checkpoints/``: orbax checkpoints (:mod:`kdjax.workdir`: async, the newest
+  ``keep_checkpoints`` kept, item ``state`` with the simulation state's own names)
+  every ``checkpoint_every`` rounds, and on SIGTERM (then exit 143); a rerun with
+  the same workdir resumes from the latest one and produces the same result as an
+  uninterrupted run;
 * ``config.json``: the run's config. A workdir holding checkpoints is resumed
   only by the same config up to :data:`RESUMABLE_FIELDS` (``num_rounds``, what
   is evaluated, checkpointed and plotted, ``rounds_per_call``); another config is
   refused.
+
+A round whose training loss is not finite stops the run (exit 3) with one line
+naming the round and the last good checkpoint; nothing after it is saved.
 
 Rounds go ``rounds_per_call`` at a time into one call (:meth:`RoundFn.rounds
 <kdjax.federated.simulator.RoundFn.rounds>`, a ``lax.scan``), cut so that every
@@ -30,26 +36,30 @@ Bytes are those of the pytrees exchanged in this simulation: down = cohort size
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdjax.errors import CHECKPOINT_READ_ERRORS
+from kdjax import data as kdata
+from kdjax import workdir as workdir_lib
+from kdjax.engine.config import base_config as engine_base_config
+from kdjax.engine.loop import Preemption
+from kdjax.engine.metrics import MetricsWriter
+from kdjax.engine.metrics import read_jsonl
+from kdjax.engine.optim import make_optimizer
+from kdjax.errors import Diverged
 from kdjax.errors import UserError
-from kdjax.errors import check_number
-from kdjax.errors import quiet_orphaned_reads
-from kdjax.errors import unreadable_checkpoint
 from kdjax.federated import packing
 from kdjax.federated import partition as partition_lib
 from kdjax.federated import simulator as sim
 from kdjax.federated.algorithms import make_algorithm
+from kdjax.federated.config import validate
 from kdjax.federated.local import make_local_trainer
+from kdjax.models import from_config
 
 
 def as_dict(d) -> dict:
@@ -61,70 +71,35 @@ def as_dict(d) -> dict:
   return dict(d)
 
 
-def json_ready(obj):
-  """``obj`` with every NaN float replaced by ``None`` (JSON ``null``).
-
-  ``json`` would write ``NaN``, which strict JSON readers refuse; a run without
-  local test splits has no personalized accuracy. (A sweep's IID α stays
-  ``Infinity``, as Python's ``json`` writes and reads it.)
-
-  >>> json_ready({'a': float('nan'), 'b': [1.5, float('inf')], 'c': 'x'})
-  {'a': None, 'b': [1.5, inf], 'c': 'x'}
-  """
-  if isinstance(obj, dict):
-    return {k: json_ready(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_ready(v) for v in obj]
-  if isinstance(obj, (float, np.floating)) and np.isnan(obj):
-    return None
-  return obj
+def _model(model_cfg, *, num_classes: int, input_shape, seed: int):
+  """``(apply, params, model_state)`` of a config's model group, made on the host."""
+  apply, init, _ = from_config(model_cfg, num_classes=num_classes, input_shape=input_shape,
+                               seed=seed)
+  params, model_state = init()
+  return apply, params, model_state
 
 
-def _check_int(key: str, value, low: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-    raise UserError(f'config.{key} must be an integer >= {low}, got {value!r}.')
+def client_optimizer(config: ml_collections.ConfigDict):
+  """Each client's optax optimizer from ``config.optimizer`` (constant rate, reset every
+  round); ``optax.sgd(learning_rate, momentum)`` by default."""
+  cfg = engine_base_config().optimizer
+  cfg.update(as_dict(config.optimizer))
+  cfg.schedule, cfg.warmup_steps = 'constant', 0
+  return make_optimizer(cfg, 1)
 
 
-def _check_number(key: str, value, ok, what: str) -> None:
-  check_number(value, ok, f'config.{key} must be {what}, got {value!r}.')
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses settings no simulation can run with, each with a one-line :class:`UserError`.
-
-  What only a later stage can judge (the cohort against the client count, the
-  partition against the data, the model and algorithm options) is checked there.
-  """
-  _check_int('num_clients', config.get('num_clients'), 1)
-  _check_int('num_rounds', config.get('num_rounds'), 0)
-  _check_int('eval_every', config.get('eval_every') or 0, 0)
-  _check_int('checkpoint_every', config.get('checkpoint_every') or 0, 0)
-  _check_int('rounds_per_call', config.get('rounds_per_call', 1), 1)
-  local = as_dict(config.get('local'))
-  _check_int('local.batch_size', local.get('batch_size'), 1)
-  _check_int('local.epochs', local.get('epochs', 1), 1)
-  _check_number('local.lr', local.get('lr', 0.05), lambda v: 0 < v < float('inf'),
-                'a positive number')
-  _check_number('local.momentum', local.get('momentum', 0.0), lambda v: 0 <= v < 1,
-                'in [0, 1)')
-
-
-def _functional_model(name: str, options, *, num_classes: int, input_shape, seed: int):
-  """``functional(create(name, ...))``; an unknown model or option is a :class:`UserError`."""
-  from kdjax.models import create
-  from kdjax.models import functional
-  try:
-    model = create(name, num_classes=num_classes, input_shape=input_shape, seed=seed,
-                   **as_dict(options))
-  except KeyError as e:
-    raise UserError(str(e.args[0]) if e.args else str(e)) from None
-  except TypeError as e:
-    raise UserError(f'model {name!r}: {e}.') from None
-  return functional(model)
+def make_trainer(config: ml_collections.ConfigDict, apply):
+  """The local trainer of a config: ``batch_size``, ``local_epochs``, ``optimizer``."""
+  opt = config.optimizer
+  return make_local_trainer(apply, batch_size=int(config.batch_size),
+                            epochs=int(config.local_epochs), lr=float(opt.learning_rate),
+                            momentum=float(opt.momentum), tx=client_optimizer(config))
 
 
 def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Loads data, partitions, packs, builds the model, trainer, algorithm and round.
+
+  Writes nothing: a bad config or data set is refused (:class:`UserError`) first.
 
   Returns:
     A dict with ``apply``, ``params``, ``model_state``, ``algorithm``,
@@ -132,14 +107,13 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
     (packed, on device), ``test_x`` / ``test_label`` (the global test split),
     ``partition`` and ``labels``.
   """
-  from kdjax.data import load_arrays
-
-  check_config(config)
-  train = load_arrays(config.dataset, 'train')
-  test = load_arrays(config.dataset, 'test')
+  validate(config)
+  data_dir = config.data.data_dir or None
+  train = kdata.load_arrays(config.data.name, 'train', data_dir=data_dir)
+  test = kdata.load_arrays(config.data.name, 'test', data_dir=data_dir)
   num_classes = int(max(train['label'].max(), test['label'].max())) + 1
   proxy_x = None
-  proxy_size = int(config.get('proxy_size', 0) or 0)
+  proxy_size = int(config.proxy_size)
   if proxy_size:
     # Unlabeled proxy data (FedDF): a seeded subset of the training split, held out
     # of the partition for every algorithm, so runs with and without it compare.
@@ -156,12 +130,12 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if method == 'natural':
     # Natural clients (Shakespeare roles): partition train + test together; each
     # client's local test split is its own windows of the data set's test split.
-    from kdjax.data import load_source
     n_train = len(train['label'])
     train = {k: np.concatenate([train[k], test[k]]) for k in train if k in test}
     part_opts.update(client_ids=train.get('client'),
                      test_mask=np.arange(len(train['label'])) >= n_train)
-    meta = load_source(config.dataset, 'train').dataset_info.metadata or {}
+    meta = kdata.load_source(config.data.name, 'train',
+                             data_dir=data_dir).dataset_info.metadata or {}
     part_opts.setdefault('names', meta.get('role_names'))
   part = partition_lib.make_partition(train['label'], config.num_clients, method,
                                       num_classes=num_classes, **part_opts)
@@ -172,23 +146,19 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
       skew = partition_lib.feature_skew(config.num_clients, seed=config.seed, **fs)
     except TypeError as e:
       raise UserError(f'config.feature_skew: {e}.') from None
-  local = as_dict(config.local)
   tr, te = packing.pack_partition(train['x'], train['label'], part,
-                                  batch_size=local['batch_size'], skew=skew)
+                                  batch_size=int(config.batch_size), skew=skew)
   data_parts = {
-      'train': jax.tree.map(jnp.asarray, tr), 'test': jax.tree.map(jnp.asarray, te),
-      'test_x': jnp.asarray(test['x']), 'test_label': jnp.asarray(test['label']),
+      'train': jax.tree.map(jax.numpy.asarray, tr), 'test': jax.tree.map(jax.numpy.asarray, te),
+      'test_x': jax.numpy.asarray(test['x']), 'test_label': jax.numpy.asarray(test['label']),
       'partition': part, 'labels': train['label'],
   }
   if config.get('client_models'):   # heterogeneous architectures (kdjax.federated.groups)
     return {**_setup_groups(config, num_classes=num_classes, input_shape=train['x'].shape[1:],
                             proxy_x=proxy_x), **data_parts}
-  apply, params, model_state = _functional_model(
-      config.model, config.get('model_options'), num_classes=num_classes,
-      input_shape=train['x'].shape[1:], seed=config.seed)
-  trainer = make_local_trainer(apply, batch_size=local['batch_size'],
-                               epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),
-                               momentum=local.get('momentum', 0.0))
+  apply, params, model_state = _model(config.model, num_classes=num_classes,
+                                      input_shape=train['x'].shape[1:], seed=config.seed)
+  trainer = make_trainer(config, apply)
   alg_options = as_dict(config.get('algorithm_options'))
   seeded_option = config.algorithm == 'feddf' and 'seed' not in alg_options
 
@@ -245,27 +215,17 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
   from kdjax.federated import groups
 
   specs = [as_dict(m) for m in config.client_models]
-  for spec in specs:
-    unknown = set(spec) - {'model', 'model_options', 'fraction'}
-    if unknown or 'model' not in spec:
-      raise UserError('each client_models entry needs a model (and optionally model_options '
-                      f'and fraction); got keys {sorted(spec)}.')
   ids = groups.assign_clients(config.num_clients, [float(s.get('fraction', 1.0)) for s in specs],
                               seed=config.seed)
-  local = as_dict(config.local)
   alg_options = as_dict(config.get('algorithm_options'))
   if config.algorithm == 'feddf':
     alg_options.setdefault('seed', config.seed)
   applies, params, states, algorithms = [], [], [], []
   for spec in specs:
-    apply, p, ms = _functional_model(spec['model'], spec.get('model_options'),
-                                     num_classes=num_classes, input_shape=input_shape,
-                                     seed=config.seed)
-    trainer = make_local_trainer(apply, batch_size=local['batch_size'],
-                                 epochs=local.get('epochs', 1), lr=local.get('lr', 0.05),
-                                 momentum=local.get('momentum', 0.0))
-    algorithms.append(make_algorithm(config.algorithm, trainer, proxy_x=proxy_x,
-                                     num_classes=num_classes, **alg_options))
+    apply, p, ms = _model(spec, num_classes=num_classes, input_shape=input_shape,
+                          seed=config.seed)
+    algorithms.append(make_algorithm(config.algorithm, make_trainer(config, apply),
+                                     proxy_x=proxy_x, num_classes=num_classes, **alg_options))
     applies.append(apply)
     params.append(p)
     states.append(ms)
@@ -306,127 +266,10 @@ def evaluate_state(parts: dict[str, Any], state: sim.SimState) -> dict[str, floa
   return out
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-def _to_saveable(state) -> dict[str, np.ndarray]:
-  leaves = jax.tree.leaves(state)
-  out = {}
-  for i, a in enumerate(leaves):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a = jax.random.key_data(a)
-    out[f'leaf_{i:05d}'] = np.asarray(a)
-  return out
-
-
-def _from_saved(template, saved: dict[str, np.ndarray]):
-  leaves, treedef = jax.tree.flatten(template)
-  if len(saved) != len(leaves):
-    raise UserError('the checkpoint in the workdir does not match this config '
-                    '(different algorithm or model); use a fresh --workdir.')
-  new = []
-  for i, t in enumerate(leaves):
-    a = jnp.asarray(saved[f'leaf_{i:05d}'])
-    if jnp.issubdtype(t.dtype, jax.dtypes.prng_key):
-      a = jax.random.wrap_key_data(a, impl=jax.random.key_impl(t))
-    if a.shape != t.shape:
-      raise UserError('the checkpoint in the workdir does not match this config '
-                      f'(leaf shape {a.shape} vs {t.shape}); use a fresh --workdir.')
-    new.append(a.astype(t.dtype) if not jnp.issubdtype(t.dtype, jax.dtypes.prng_key) else a)
-  return jax.tree.unflatten(treedef, new)
-
-
-def _manager(workdir: str):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-
-def save_checkpoint(manager, state: sim.SimState) -> None:
-  import orbax.checkpoint as ocp
-  step = int(state.round)
-  manager.save(step, args=ocp.args.StandardSave(_to_saveable(state)), force=True)
-  manager.wait_until_finished()
-
-
-def restore_checkpoint(manager, template: sim.SimState) -> sim.SimState | None:
-  import orbax.checkpoint as ocp
-  step = manager.latest_step()
-  if step is None:
-    return None
-  quiet_orphaned_reads()  # before: a failed restore's other reads may report at once
-  try:
-    saved = manager.restore(step, args=ocp.args.StandardRestore(_to_saveable(template)))
-  except CHECKPOINT_READ_ERRORS as e:
-    raise unreadable_checkpoint(os.path.join(str(manager.directory), str(step)), e) from None
-  return _from_saved(template, saved)
-
-
-# --------------------------------------------------------------------------- workdir config
-
 # What a workdir's results do not depend on: a run resumed from its checkpoints may
 # change how long it goes on and what it reports, nothing else.
-RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'checkpoint_every', 'plots',
-                    'rounds_per_call')
-
-
-def _flat(tree, prefix: str = '') -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f'{prefix}.{k}' if prefix else str(k)))
-  return out
-
-
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
-                         has_results: bool, ignore=RESUMABLE_FIELDS) -> None:
-  """Writes ``WORKDIR/config.json``, or refuses a workdir holding another config's results.
-
-  Args:
-    workdir: the run directory.
-    config: this run's config.
-    has_results: the workdir holds results this run would continue or reuse
-      (checkpoints; a sweep's finished cell).
-    ignore: top-level fields allowed to differ.
-
-  Raises:
-    UserError: ``has_results`` and the stored config differs in another field
-      (or there is none: a workdir from before configs were stored).
-
-  >>> import tempfile
-  >>> d = tempfile.mkdtemp()
-  >>> check_workdir_config(d, ml_collections.ConfigDict({'seed': 0, 'num_rounds': 5}),
-  ...                      has_results=False)
-  >>> check_workdir_config(d, ml_collections.ConfigDict({'seed': 0, 'num_rounds': 9}),
-  ...                      has_results=True)
-  >>> check_workdir_config(d, ml_collections.ConfigDict({'seed': 1, 'num_rounds': 9}),
-  ...                      has_results=True)
-  Traceback (most recent call last):
-  kdjax.errors.UserError: ... holds results of another config (it differs in seed: 0 here, 1 now); ...
-  """
-  from kdjax.distill.checkpoint import config_to_dict
-  path = os.path.join(workdir, 'config.json')
-  new = config_to_dict(config)
-  if has_results:
-    if not os.path.exists(path):
-      raise UserError(f'{workdir} holds results but no config.json (an older kdjax wrote '
-                      'it?); use a new --workdir, or delete that one to start over.')
-    with open(path) as f:
-      old = json.load(f)
-    a, b = _flat(old), _flat(new)
-    diff = [k for k in sorted(set(a) | set(b))
-            if k.split('.')[0] not in ignore and a.get(k) != b.get(k)]
-    if diff:
-      shown = '; '.join(f'{k}: {a.get(k)!r} here, {b.get(k)!r} now' for k in diff[:3])
-      more = f' and {len(diff) - 3} more' if len(diff) > 3 else ''
-      raise UserError(f'{workdir} holds results of another config (it differs in {shown}'
-                      f'{more}); use a new --workdir, or delete that one to start over.')
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(new, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+                    'plots', 'progress', 'rounds_per_call')
 
 
 # --------------------------------------------------------------------------- the run
@@ -438,45 +281,41 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: a federated config (see ``configs/fed/mnist1d_fedavg.py``).
     workdir: output directory (created; resumed from if it holds checkpoints).
-    progress: show a progress bar.
+    progress: show a progress bar (and ``config.progress``).
 
   Returns:
     The summary dict (also written to ``summary.json``).
+
+  Raises:
+    UserError: a bad config, data set or workdir (nothing written).
+    Diverged: a round's training loss was not finite.
   """
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_creatable(workdir)
   parts = setup(config)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  has_checkpoints = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
-  check_workdir_config(workdir, config, has_results=has_checkpoints)
+  has_checkpoints = workdir_lib.has_checkpoints(workdir)
+  workdir = workdir_lib.prepare(workdir, config, has_results=has_checkpoints,
+                                ignore=RESUMABLE_FIELDS)
   part, labels = parts['partition'], parts['labels']
   with open(os.path.join(workdir, 'partition.txt'), 'w') as f:
     f.write(partition_lib.format_stats(part, labels) + '\n')
-  if config.get('plots', True):
+  if config.plots:
     partition_lib.plot_heatmap(part, labels, os.path.join(workdir, 'partition.png'))
   algorithm = parts['algorithm']
   if 'init_state' in parts:
     state = parts['init_state']()
   else:
     state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
-  ckpt_every = int(config.get('checkpoint_every', 0) or 0)
+  ckpt_every = int(config.checkpoint_every)
   # Checkpoints are restored even when this run writes none (checkpoint_every=0).
-  manager = _manager(workdir) if ckpt_every or has_checkpoints else None
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if manager is not None:
-    restored = restore_checkpoint(manager, state)
-    if restored is not None:
-      state = restored
+  manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
+  start = workdir_lib.latest_step(workdir) if has_checkpoints else None
+  if start is not None:
+    state, _ = workdir_lib.restore(manager, start, state)
   client_mesh = parts.get('mesh')
   state = sim.replicate(state, client_mesh)
   train_data = sim.replicate(parts['train'], client_mesh)
   start = int(state.round)
-  if start == 0 and os.path.exists(metrics_path):
-    os.remove(metrics_path)
-  elif start and os.path.exists(metrics_path):   # drop rounds after the checkpoint
-    with open(metrics_path) as f:
-      kept = [l for l in f if json.loads(l)['round'] <= start]
-    with open(metrics_path, 'w') as f:
-      f.writelines(kept)
+  writer = MetricsWriter(workdir, resume_step=start or None, step_key='round')
 
   if 'groups' in parts:   # per architecture group
     from kdjax.federated import groups
@@ -490,47 +329,57 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
         jax.tree.map(lambda a: a[0], parts['train']), jax.random.key(0)).update
     bytes_update = sim.tree_bytes(update_shape)
     bytes_down = sim.tree_bytes(algorithm.download(state.server))
-  eval_every = max(int(config.get('eval_every', 1) or 1), 1)
-
   num_rounds = int(config.num_rounds)
-  segments = sim.round_segments(start, num_rounds, int(config.get('rounds_per_call', 1)),
-                                eval_every, ckpt_every if manager is not None else 0)
+  eval_every = int(config.eval_every) or max(num_rounds, 1)
+  segments = sim.round_segments(start, num_rounds, int(config.rounds_per_call), eval_every,
+                                ckpt_every)
   bar = None
-  if progress:
+  if progress and config.progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=num_rounds - start, desc=f'fed {config.algorithm}', unit='round',
                leave=False)
-  history, last_eval = [], {}
+  last_eval = {}
   # rounds_per_sec times the calls whose length already compiled (each new length compiles).
   compiled, elapsed, timed_rounds = set(), 0.0, 0
-  with open(metrics_path, 'a') as out:
-    for first, count in segments:
-      t_call = time.perf_counter()
-      # `count` rounds in one call (config.rounds_per_call)
-      state, infos = sim.run_rounds(parts['round_fn'], state, train_data, count)
-      for r, info in enumerate(infos, first):
-        row = _round_row(config, parts, info, r, bytes_update, bytes_down,
-                         group_up, group_down)
-        if r + 1 == first + count and ((r + 1) % eval_every == 0 or r + 1 == num_rounds):
-          last_eval = evaluate_state(parts, state)
-          row.update(last_eval)
-          if bar is not None:
-            bar.set_postfix(acc=f'{last_eval["global_accuracy"]:.3f}')
-        history.append(row)
-        out.write(json.dumps(json_ready(row)) + '\n')
-      out.flush()
-      if bar is not None:
-        bar.update(count)
-      end = first + count
-      if manager is not None and ckpt_every and end % ckpt_every == 0:
-        save_checkpoint(manager, state)
-      if count in compiled:
-        jax.block_until_ready(state)
-        elapsed += time.perf_counter() - t_call
-        timed_rounds += count
-      compiled.add(count)
-  if bar is not None:
-    bar.close()
+  try:
+    with Preemption() as preempt:
+      for first, count in segments:
+        t_call = time.perf_counter()
+        # `count` rounds in one call (config.rounds_per_call)
+        state, infos = sim.run_rounds(parts['round_fn'], state, train_data, count)
+        for r, info in enumerate(infos, first):
+          row = _round_row(config, parts, info, r, bytes_update, bytes_down,
+                           group_up, group_down)
+          if not np.isfinite(row['train_loss']):
+            writer.write(r + 1, row)
+            raise _diverged(manager, r + 1, row['train_loss'])
+          if r + 1 == first + count and ((r + 1) % eval_every == 0 or r + 1 == num_rounds):
+            last_eval = evaluate_state(parts, state)
+            row.update(last_eval)
+            if bar is not None:
+              bar.set_postfix(acc=f'{last_eval["global_accuracy"]:.3f}')
+          writer.write(r + 1, row)
+        if bar is not None:
+          bar.update(count)
+        end = first + count
+        if (ckpt_every and end % ckpt_every == 0) or preempt.requested:
+          workdir_lib.save(manager, end, state, {'round': end})
+        if preempt.requested:
+          manager.wait_until_finished()
+          print(f'preempted: saved round {end}; run the same command again to resume',
+                flush=True)
+          raise SystemExit(143)
+        if count in compiled:
+          jax.block_until_ready(state)
+          elapsed += time.perf_counter() - t_call
+          timed_rounds += count
+        compiled.add(count)
+  finally:
+    if bar is not None:
+      bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
   jax.block_until_ready(state)
   if not last_eval:
     last_eval = evaluate_state(parts, state)
@@ -549,12 +398,20 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
       'client_mesh': parts.get('client_mesh'),   # {axis: devices} when the cohort is sharded
       **last_eval,
   }
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(json_ready(summary), f, indent=2, default=float)
-  if config.get('plots', True):
-    _plot(workdir, metrics_path, np.asarray(pc), np.asarray(pn))
+  workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
+  if config.plots:
+    _plot(workdir, writer.path, np.asarray(pc), np.asarray(pn))
   return summary
 
+
+def _diverged(manager, round_: int, loss: float) -> Diverged:
+  manager.wait_until_finished()
+  good = manager.latest_step()
+  ckpt = None if good is None else os.path.join(str(manager.directory), str(good))
+  where = (f'the last good checkpoint is {ckpt}: rerun the same command to resume from it'
+           if ckpt else 'no checkpoint was saved before it')
+  return Diverged(f'the training loss is not finite at round {round_} (loss {loss:.4g}); '
+                  f'{where}. Lower optimizer.learning_rate', step=round_, checkpoint=ckpt)
 
 
 def _round_row(config, parts, info, r: int, bytes_update: int, bytes_down: int,
@@ -578,12 +435,11 @@ def _plot(workdir: str, metrics_path: str, pc, pn) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  with open(metrics_path) as f:
-    rows = [json.loads(l) for l in f]
-  ev = [r for r in rows if 'global_accuracy' in r]
+  rows = read_jsonl(metrics_path)
+  ev = [r for r in rows if r.get('global_accuracy') is not None]
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ax.plot([r['round'] for r in ev], [r['global_accuracy'] for r in ev], label='global')
-  ax.plot([r['round'] for r in ev], [r['personalized_accuracy_mean'] for r in ev],
+  ax.plot([r['round'] for r in ev], [r.get('personalized_accuracy_mean') for r in ev],
           label='personalized mean')
   ax.set_xlabel('round')
   ax.set_ylabel('accuracy')

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.engine.step import accuracy
+from kdjax.engine.step import tree_where
 from kdjax.errors import UserError
 from kdjax.federated import base
 from kdjax.federated.packing import ClientData
@@ -278,7 +280,7 @@ def _seeded_round(algorithm, *, num_clients, k, sampling, dropout, chunk, shard)
     new_server = algorithm.server_update(server, mean, info_counts)
     # Nobody reported: the server keeps its state (no optimizer step on a zero update).
     any_rep = wtot > 0
-    new_server = jax.tree.map(lambda n, o: _where(any_rep, n, o), new_server, server)
+    new_server = tree_where(any_rep, new_server, server)
     clients = jax.tree.map(lambda all_, new: all_.at[cohort].set(new), state.clients,
                            new_states)
     if algorithm.personalize is not None:
@@ -359,7 +361,7 @@ def cohort_pass(algorithm: base.FedAlgorithm, server, ids, state_ids, reported, 
     rep = reported.astype(jnp.float32)
     metrics = jax.tree.map(lambda m: jnp.sum(m * rep), out.metrics)
     new_states = jax.tree.map(
-        lambda new, old: _where(reported.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+        lambda new, old: tree_where(reported.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
         out.client_state, cstates)
     return wsum, jnp.sum(w), metrics, new_states
 
@@ -374,12 +376,6 @@ def cohort_pass(algorithm: base.FedAlgorithm, server, ids, state_ids, reported, 
   metrics = jax.tree.map(lambda a: jnp.sum(a, 0), mets)
   new_states = jax.tree.map(lambda a: a.reshape((k,) + a.shape[2:]), states)
   return wsum, wtot, metrics, new_states
-
-
-def _where(pred, a, b):
-  if jnp.issubdtype(jnp.asarray(b).dtype, jax.dtypes.prng_key):
-    return b
-  return jnp.where(pred, a, b)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -404,8 +400,7 @@ def _count_correct(apply_fn, params, model_state, x, label, batch: int):
   def one(args):
     xb, yb = args
     out, _ = apply_fn(params, model_state, xb, train=False)
-    valid = (yb >= 0).astype(jnp.float32)
-    return (jnp.sum((jnp.argmax(out.logits, -1) == yb) * valid), jnp.sum(valid))
+    return accuracy(out.logits, yb, yb >= 0)
 
   c, v = jax.lax.map(one, (x.reshape(nb, b, *x.shape[1:]), label.reshape(nb, b)))
   return jnp.sum(c), jnp.sum(v)

@@ -50,10 +50,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kdjax import workdir as workdir_lib
+from kdjax.engine.metrics import MetricsWriter
+from kdjax.engine.metrics import read_jsonl
 from kdjax.errors import UserError
+from kdjax.federated.config import validate
 from kdjax.federated.run import as_dict
-from kdjax.federated.run import check_workdir_config
-from kdjax.federated.run import json_ready
 
 ROW_KEYS = ('alpha', 'algorithm', 'seed', 'rounds', 'global_accuracy',
             'personalized_accuracy_mean', 'personalized_accuracy_std',
@@ -149,10 +151,7 @@ def cell_config(config: ml_collections.ConfigDict, alpha: float, algorithm: str,
 # --------------------------------------------------------------------------- one cell
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(json_ready(obj), f, indent=2, default=float)
-  os.replace(tmp, path)
+  workdir_lib.write_json(path, obj)
 
 
 def _prepare(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], Any, int, int, float]:
@@ -312,16 +311,15 @@ def _write_cell(config, workdir: str, rows, reported, pc, pn, *, bytes_update: i
   num_rounds = int(config.num_rounds)
   pc, pn = np.asarray(pc, np.float64), np.asarray(pn, np.float64)
   reported = [int(n) for n in reported]
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
-    for row, n in zip(rows, reported):
-      (ls, ln), (acs, acn) = row['train_loss'], row['train_accuracy']
-      row = {'round': row['round'], 'train_loss': float(ls) / max(float(ln), 1.0),
-             'train_accuracy': float(acs) / max(float(acn), 1.0), 'num_reported': n,
-             'bytes_up': n * bytes_update,
-             'bytes_down': int(config.clients_per_round) * bytes_down,
-             **{k: v for k, v in row.items()
-                if k not in ('round', 'train_loss', 'train_accuracy')}}
-      f.write(json.dumps(json_ready(row)) + '\n')
+  writer = MetricsWriter(workdir, step_key='round')
+  for row, n in zip(rows, reported):
+    (ls, ln), (acs, acn) = row['train_loss'], row['train_accuracy']
+    writer.write(row['round'], {
+        'train_loss': float(ls) / max(float(ln), 1.0),
+        'train_accuracy': float(acs) / max(float(acn), 1.0), 'num_reported': n,
+        'bytes_up': n * bytes_update, 'bytes_down': int(config.clients_per_round) * bytes_down,
+        **{k: v for k, v in row.items() if k not in ('round', 'train_loss', 'train_accuracy')}})
+  writer.close()
   final = rows[-1]
   has = pn > 0
   _write_json(os.path.join(workdir, 'clients.json'),
@@ -351,8 +349,7 @@ def _run_cell_via_run_simulation(config, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   out = run_lib.run_simulation(config, workdir, progress=False)
   wall = time.perf_counter() - t0
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(l) for l in f]
+  rows = read_jsonl(os.path.join(workdir, workdir_lib.METRICS))
   bytes_up = int(sum(r['bytes_up'] for r in rows))
   bytes_dn = int(sum(r['bytes_down'] for r in rows))
   summary = {
@@ -389,7 +386,15 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
     raise UserError('a sweep config needs a grid group (grid.alpha, grid.algorithm, '
                     'grid.seeds); see configs/fed/mnist1d_sweep.py.')
   alphas, algorithms, seeds = validate_grid(config.grid)
+  base = copy.deepcopy(config)
+  with base.unlocked():
+    del base['grid']
+  validate(base)                 # the base config, then every cell's, before anything is written
   cells = [(a, g, s) for a in alphas for g in algorithms for s in seeds]
+  configs = {cell: cell_config(config, *cell) for cell in cells}
+  for cfg in configs.values():
+    validate(cfg)
+  workdir_lib.check_creatable(workdir)
   os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
   bar = None
   if progress:
@@ -403,17 +408,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
       for seed in seeds:
         cdir = os.path.join(workdir, 'cells', cell_name(alpha, algorithm, seed))
         done = os.path.join(cdir, 'summary.json')
-        cfg = cell_config(config, alpha, algorithm, seed)
+        cfg = configs[alpha, algorithm, seed]
         if os.path.exists(done):
           # A finished cell is reused only if it ran this cell's config (how many
-          # rounds went in one call does not change its results).
-          check_workdir_config(cdir, cfg, has_results=True, ignore=('rounds_per_call',))
-          with open(done) as f:
-            summaries[alpha, algorithm, seed] = json.load(f)
+          # rounds went in one call, and whether it showed progress, do not change it).
+          workdir_lib.prepare(cdir, cfg, has_results=True, ignore=('rounds_per_call', 'progress'))
+          summaries[alpha, algorithm, seed] = workdir_lib.read_json(done, what='cell summary')
           if bar is not None:
             bar.update(1)
         else:
-          check_workdir_config(cdir, cfg, has_results=False)
+          workdir_lib.prepare(cdir, cfg, has_results=False)
           todo.append((seed, cfg, cdir))
       if bar is not None and todo:
         bar.set_postfix_str(f'{alpha_name(alpha)}_{algorithm}')

@@ -10,6 +10,7 @@ from kdjax.losses.registry import Term
 from kdjax.losses.registry import build_objective
 from kdjax.losses.registry import catalog
 from kdjax.losses.registry import get
+from kdjax.losses.registry import reduce_value
 from kdjax.losses.registry import register
 from kdjax.losses.schedules import make_schedule
 

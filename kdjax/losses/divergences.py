@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses import registry
-from kdjax.losses.logits import _kl_from_log_probs
-from kdjax.losses.logits import _log_softmax_pair
-from kdjax.losses.logits import _mask_value
-from kdjax.losses.logits import _prepare
-from kdjax.losses.logits import _rows
+from kdjax.losses._logit_helpers import kl_from_log_probs
+from kdjax.losses._logit_helpers import log_softmax_pair
+from kdjax.losses._logit_helpers import mask_value
+from kdjax.losses._logit_helpers import prepare
+from kdjax.losses._logit_helpers import rows
 
 Array = jax.Array
 
@@ -43,8 +43,8 @@ def _mixture_log_probs(log_p, log_q, weight_p):
 
 def _gjsd_interior(log_p, log_q, beta, axis):
   log_m = _mixture_log_probs(log_p, log_q, beta)
-  return (beta * _kl_from_log_probs(log_p, log_m, axis)
-          + (1.0 - beta) * _kl_from_log_probs(log_q, log_m, axis))
+  return (beta * kl_from_log_probs(log_p, log_m, axis)
+          + (1.0 - beta) * kl_from_log_probs(log_q, log_m, axis))
 
 
 def gjsd_from_log_probs(log_p, log_q, beta, axis: int = -1) -> Array:
@@ -57,17 +57,17 @@ def gjsd_from_log_probs(log_p, log_q, beta, axis: int = -1) -> Array:
     if not 0.0 <= beta <= 1.0:
       raise ValueError(f'beta must be in [0, 1], got {beta}')
     if beta == 0.0:
-      return _kl_from_log_probs(log_p, log_q, axis)
+      return kl_from_log_probs(log_p, log_q, axis)
     if beta == 1.0:
-      return _kl_from_log_probs(log_q, log_p, axis)
+      return kl_from_log_probs(log_q, log_p, axis)
     return _gjsd_interior(log_p, log_q, beta, axis)
   # A traced beta (a schedule): compute the three branches, pick without NaNs.
   beta = jnp.asarray(beta, log_p.dtype)
   at_zero, at_one = beta <= 0.0, beta >= 1.0
   safe_beta = jnp.where(at_zero | at_one, 0.5, beta)
   interior = _gjsd_interior(log_p, log_q, safe_beta, axis)
-  forward = _kl_from_log_probs(log_p, log_q, axis)
-  reverse = _kl_from_log_probs(log_q, log_p, axis)
+  forward = kl_from_log_probs(log_p, log_q, axis)
+  reverse = kl_from_log_probs(log_q, log_p, axis)
   return jnp.where(at_zero, forward, jnp.where(at_one, reverse, interior))
 
 
@@ -109,9 +109,9 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
   >>> print(generalized_jsd(s, t, beta=0.5).round(4), generalized_jsd(s, t, beta=0.0).round(4))
   [0.0324] [0.1156]
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
-  return _mask_value(where, temperature**2 * gjsd_from_log_probs(log_p, log_q, beta, axis))
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
+  return mask_value(where, temperature**2 * gjsd_from_log_probs(log_p, log_q, beta, axis))
 
 
 def js_divergence(student_logits, teacher_logits, *, temperature=1.0, where=None,
@@ -179,10 +179,10 @@ def skew_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, where
   >>> print(f'{float(skew_kl(s, t, alpha=0.0)[0]):.4f} {float(skew_kl(s, t, alpha=0.1)[0]):.4f}')
   0.1156 0.0974
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
   log_m = _mixture_log_probs(log_p, log_q, alpha)
-  return _mask_value(where, temperature**2 * _kl_from_log_probs(log_p, log_m, axis))
+  return mask_value(where, temperature**2 * kl_from_log_probs(log_p, log_m, axis))
 
 
 def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0,
@@ -215,11 +215,11 @@ def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.
   >>> print(skew_reverse_kl(s, t, alpha=0.0).round(4))
   [0.1601]
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
   alpha = jnp.asarray(alpha, log_q.dtype)
   log_m = _mixture_log_probs(log_p, log_q, 1.0 - alpha)
-  return _mask_value(where, temperature**2 * _kl_from_log_probs(log_q, log_m, axis))
+  return mask_value(where, temperature**2 * kl_from_log_probs(log_q, log_m, axis))
 
 
 def tvd(student_logits, teacher_logits, *, temperature=1.0, where=None,
@@ -249,9 +249,9 @@ def tvd(student_logits, teacher_logits, *, temperature=1.0, where=None,
   >>> print(tvd(s, t).round(4))
   [0.5]
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, _ = _log_softmax_pair(s, t, temperature, axis)
-  return _mask_value(where, 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=axis))
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, _ = log_softmax_pair(s, t, temperature, axis)
+  return mask_value(where, 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=axis))
 
 
 def _pairwise_cost(p, q, cost: str):
@@ -307,10 +307,10 @@ def sinkhorn_kd(student_logits, teacher_logits, *, temperature=1.0, epsilon=0.1,
   >>> print(round(float(sinkhorn_kd(s, s[::-1], epsilon=0.01)), 4))  # same set, permuted
   0.0
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, _ = _log_softmax_pair(s, t, temperature, axis)
-  q, w = _rows(jnp.exp(log_q), where, axis)
-  p, _ = _rows(jnp.exp(log_p), where, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, _ = log_softmax_pair(s, t, temperature, axis)
+  q, w = rows(jnp.exp(log_q), where, axis)
+  p, _ = rows(jnp.exp(log_p), where, axis)
   c = _pairwise_cost(p, q, cost)
   n = c.shape[0]
   if w is None:

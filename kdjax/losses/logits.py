@@ -15,6 +15,17 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses import registry
+from kdjax.losses._logit_helpers import entropy_from_log_probs
+from kdjax.losses._logit_helpers import example_shape
+from kdjax.losses._logit_helpers import kl_from_log_probs
+from kdjax.losses._logit_helpers import log_softmax_pair
+from kdjax.losses._logit_helpers import mask_inputs
+from kdjax.losses._logit_helpers import mask_value
+from kdjax.losses._logit_helpers import norm_axis
+from kdjax.losses._logit_helpers import prepare
+from kdjax.losses._logit_helpers import rows
+from kdjax.losses._logit_helpers import upcast
+from kdjax.losses._logit_helpers import where_per_example
 
 Array = jax.Array
 
@@ -43,62 +54,10 @@ TGEO_2023 = ('Hu, Wu, Li, Ma, Chen, Yan, Wang, Liu. Less or More From Teacher: E
 # --------------------------------------------------------------------------- helpers
 
 
-def _float(x) -> Array:
-  """Upcasts to at least float32 (float64 stays float64)."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _norm_axis(axis: int, ndim: int) -> int:
-  if not -ndim <= axis < ndim:
-    raise ValueError(f'axis {axis} is out of range for logits of rank {ndim}')
-  return axis % ndim
-
-
-def _example_shape(shape, axis: int):
-  return tuple(d for i, d in enumerate(shape) if i != axis)
-
-
-def _where_per_example(where, shape, axis: int):
-  """``where`` broadcast to the per-example shape (``shape`` without ``axis``)."""
-  if where is None:
-    return None
-  return jnp.broadcast_to(jnp.asarray(where, bool), _example_shape(shape, axis))
-
-
-def _mask_inputs(where, axis: int, *arrays):
-  """Replaces masked rows by zeros (first half of the double-where trick).
-
-  ``where`` has the per-example shape; each array has the class axis at ``axis``.
-  """
-  if where is None:
-    return arrays
-  w = jnp.expand_dims(where, axis)
-  return tuple(jnp.where(w, a, jnp.zeros((), a.dtype)) for a in arrays)
-
-
-def _mask_value(where, value: Array) -> Array:
-  """Zeroes masked values (second half of the double-where trick)."""
-  if where is None:
-    return value
-  return jnp.where(where, value, jnp.zeros((), value.dtype))
-
-
-def _prepare(student_logits, teacher_logits, where, axis):
-  """Upcasts, normalizes ``axis``, broadcasts ``where`` and masks the inputs."""
-  s, t = _float(student_logits), _float(teacher_logits)
-  if s.shape != t.shape:
-    raise ValueError(f'student logits {s.shape} and teacher logits {t.shape} differ in shape')
-  axis = _norm_axis(axis, s.ndim)
-  where = _where_per_example(where, s.shape, axis)
-  s, t = _mask_inputs(where, axis, s, t)
-  return s, t, where, axis
-
-
 def _labels_where(labels, where, shape, axis):
   """Validity of each example: ``labels >= 0`` and ``where``; safe labels."""
   labels = jnp.asarray(labels)
-  ex_shape = _example_shape(shape, axis)
+  ex_shape = example_shape(shape, axis)
   if labels.shape != ex_shape:
     raise ValueError(f'labels of shape {labels.shape} do not match logits {shape} '
                      f'without axis {axis} ({ex_shape})')
@@ -110,23 +69,6 @@ def _labels_where(labels, where, shape, axis):
 
 def _one_hot(labels, num_classes, axis, dtype):
   return jnp.moveaxis(jax.nn.one_hot(labels, num_classes, dtype=dtype), -1, axis)
-
-
-def _kl_from_log_probs(log_p, log_q, axis):
-  """``sum p (log p - log q)``; terms with ``p == 0`` are exactly zero."""
-  p = jnp.exp(log_p)
-  return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=axis)
-
-
-def _entropy_from_log_probs(log_p, axis):
-  p = jnp.exp(log_p)
-  return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=axis)
-
-
-def _log_softmax_pair(s, t, temperature, axis):
-  temperature = jnp.asarray(temperature, s.dtype)
-  return (jax.nn.log_softmax(s / temperature, axis=axis),
-          jax.nn.log_softmax(t / temperature, axis=axis), temperature)
 
 
 # --------------------------------------------------------------------------- ce
@@ -164,17 +106,17 @@ def ce(student_logits, labels, *, label_smoothing: float = 0.0, where=None,
   >>> print(ce(logits, jnp.array([0, -1])).round(4))
   [0.2395 0.    ]
   """
-  s = _float(student_logits)
-  axis = _norm_axis(axis, s.ndim)
+  s = upcast(student_logits)
+  axis = norm_axis(axis, s.ndim)
   valid, safe_labels = _labels_where(labels, where, s.shape, axis)
-  (s,) = _mask_inputs(valid, axis, s)
+  (s,) = mask_inputs(valid, axis, s)
   log_q = jax.nn.log_softmax(s, axis=axis)
   num_classes = s.shape[axis]
   target = _one_hot(safe_labels, num_classes, axis, s.dtype)
   if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
     eps = jnp.asarray(label_smoothing, s.dtype)
     target = (1.0 - eps) * target + eps / num_classes
-  return _mask_value(valid, -jnp.sum(target * log_q, axis=axis))
+  return mask_value(valid, -jnp.sum(target * log_q, axis=axis))
 
 
 # --------------------------------------------------------------------------- kd
@@ -212,9 +154,9 @@ def kd(student_logits, teacher_logits, *, temperature=1.0, where=None,
   >>> print(kd(s, t).round(4), kd(s, s).round(4))
   [0.1156] [0.]
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
-  return _mask_value(where, temperature**2 * _kl_from_log_probs(log_p, log_q, axis))
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
+  return mask_value(where, temperature**2 * kl_from_log_probs(log_p, log_q, axis))
 
 
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, where=None,
@@ -248,9 +190,9 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, where=None,
   >>> print(reverse_kl(s, t).round(4))
   [0.1601]
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
-  return _mask_value(where, temperature**2 * _kl_from_log_probs(log_q, log_p, axis))
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
+  return mask_value(where, temperature**2 * kl_from_log_probs(log_q, log_p, axis))
 
 
 # --------------------------------------------------------------------------- dkd
@@ -302,10 +244,10 @@ def dkd(student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0, temperat
   >>> print(f'{float(dkd(s, t, jnp.array([0]), alpha=1.0, beta=1.0, temperature=1.0)[0]):.4f}')
   0.1738
   """
-  s, t = _float(student_logits), _float(teacher_logits)
-  axis = _norm_axis(axis, s.ndim)
+  s, t = upcast(student_logits), upcast(teacher_logits)
+  axis = norm_axis(axis, s.ndim)
   valid, safe_labels = _labels_where(labels, where, s.shape, axis)
-  s, t = _mask_inputs(valid, axis, s, t)
+  s, t = mask_inputs(valid, axis, s, t)
   temperature = jnp.asarray(temperature, s.dtype)
   zs, zt = s / temperature, t / temperature
   onehot = _one_hot(safe_labels, s.shape[axis], axis, jnp.int32) > 0
@@ -316,7 +258,7 @@ def dkd(student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0, temperat
   log_q_hat = zs - jnp.expand_dims(lse_s_rest, axis)
   terms = jnp.exp(log_p_hat) * (log_p_hat - log_q_hat)
   nckd = jnp.sum(jnp.where(onehot, 0.0, terms), axis=axis)
-  return _mask_value(valid, temperature**2 * (alpha * tckd + beta * nckd))
+  return mask_value(valid, temperature**2 * (alpha * tckd + beta * nckd))
 
 
 # --------------------------------------------------------------------------- dist
@@ -368,19 +310,10 @@ def dist_inter_class(student_logits, teacher_logits, *, temperature=1.0, where=N
   >>> print(f'{float(dist_inter_class(s, 3.0 * s + 1.0)[0]):.4f}')  # same ranking, corr < 1
   0.0243
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
   rho = _centered_cosine(jnp.exp(log_q), jnp.exp(log_p), axis)
-  return _mask_value(where, temperature**2 * (1.0 - rho))
-
-
-def _rows(x, where, axis):
-  """``[N, classes]`` rows (leading dims flattened) and ``[N, 1]`` float weights."""
-  x = jnp.moveaxis(x, axis, -1)
-  rows = x.reshape(-1, x.shape[-1])
-  if where is None:
-    return rows, None
-  return rows, where.reshape(-1, 1).astype(rows.dtype)
+  return mask_value(where, temperature**2 * (1.0 - rho))
 
 
 def dist_intra_class(student_logits, teacher_logits, *, temperature=1.0, where=None,
@@ -414,10 +347,10 @@ def dist_intra_class(student_logits, teacher_logits, *, temperature=1.0, where=N
   >>> print(dist_intra_class(s, s).round(4))
   0.0
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
-  q, w = _rows(jnp.exp(log_q), where, axis)
-  p, _ = _rows(jnp.exp(log_p), where, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
+  q, w = rows(jnp.exp(log_q), where, axis)
+  p, _ = rows(jnp.exp(log_p), where, axis)
   rho = _centered_cosine(q, p, 0, w)
   return temperature**2 * jnp.mean(1.0 - rho)
 
@@ -508,10 +441,10 @@ def logit_standardized_kd(student_logits, teacher_logits, *, temperature=2.0, wh
   >>> print(logit_standardized_kd(s, 5.0 * s + 2.0).round(4))  # same after z-scoring
   [0.]
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
   zs, zt = standardize_logits(s, axis), standardize_logits(t, axis)
-  log_q, log_p, temperature = _log_softmax_pair(zs, zt, temperature, axis)
-  return _mask_value(where, temperature**2 * _kl_from_log_probs(log_p, log_q, axis))
+  log_q, log_p, temperature = log_softmax_pair(zs, zt, temperature, axis)
+  return mask_value(where, temperature**2 * kl_from_log_probs(log_p, log_q, axis))
 
 
 # --------------------------------------------------------------------------- bdkd
@@ -554,14 +487,14 @@ def bdkd(student_logits, teacher_logits, *, temperature=1.0, where=None, axis: i
   >>> print(f'{float(bdkd(s, t)[0]):.4f}')
   0.1447
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
-  h_p = _entropy_from_log_probs(log_p, axis)
-  h_q = _entropy_from_log_probs(log_q, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
+  h_p = entropy_from_log_probs(log_p, axis)
+  h_q = entropy_from_log_probs(log_q, axis)
   w = jax.lax.stop_gradient((h_p + eps) / (h_p + h_q + 2 * eps))
-  value = w * _kl_from_log_probs(log_p, log_q, axis) + (1 - w) * _kl_from_log_probs(
+  value = w * kl_from_log_probs(log_p, log_q, axis) + (1 - w) * kl_from_log_probs(
       log_q, log_p, axis)
-  return _mask_value(where, temperature**2 * value)
+  return mask_value(where, temperature**2 * value)
 
 
 # --------------------------------------------------------------------------- pld
@@ -604,7 +537,7 @@ def pld(student_logits, teacher_logits, labels=None, *, temperature=1.0, where=N
   >>> print(pld(s, t).round(4))  # one-hot teacher: cross-entropy log 3
   [1.0986]
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
   s, t = jnp.moveaxis(s, axis, -1), jnp.moveaxis(t, axis, -1)
   if labels is not None:
     labels = jnp.asarray(labels)
@@ -621,7 +554,7 @@ def pld(student_logits, teacher_logits, labels=None, *, temperature=1.0, where=N
   weights = jnp.take_along_axis(jax.nn.softmax(t / temperature, axis=-1), order, axis=-1)
   tail_lse = jax.lax.cumlogsumexp(s_sorted, axis=s_sorted.ndim - 1, reverse=True)
   value = jnp.sum(weights * (tail_lse - s_sorted), axis=-1)
-  return _mask_value(where, value)
+  return mask_value(where, value)
 
 
 # --------------------------------------------------------------------------- tf_kd
@@ -665,16 +598,16 @@ def tf_kd(student_logits, labels, *, correct_prob=0.9, temperature=1.0, where=No
   >>> print(tf_kd(s, jnp.array([0]), correct_prob=0.9).round(4))
   [0.]
   """
-  s = _float(student_logits)
-  axis = _norm_axis(axis, s.ndim)
+  s = upcast(student_logits)
+  axis = norm_axis(axis, s.ndim)
   valid, safe_labels = _labels_where(labels, where, s.shape, axis)
-  (s,) = _mask_inputs(valid, axis, s)
+  (s,) = mask_inputs(valid, axis, s)
   num_classes = s.shape[axis]
   a = jnp.asarray(correct_prob, s.dtype)
   onehot = _one_hot(safe_labels, num_classes, axis, s.dtype) > 0
   log_v = jnp.where(onehot, jnp.log(a), jnp.log1p(-a) - jnp.log(num_classes - 1.0))
-  log_q, log_v_t, temperature = _log_softmax_pair(s, log_v, temperature, axis)
-  return _mask_value(valid, temperature**2 * _kl_from_log_probs(log_v_t, log_q, axis))
+  log_q, log_v_t, temperature = log_softmax_pair(s, log_v, temperature, axis)
+  return mask_value(valid, temperature**2 * kl_from_log_probs(log_v_t, log_q, axis))
 
 
 # --------------------------------------------------------------------------- adaptive
@@ -732,10 +665,10 @@ def adaptive_weight_kd(student_logits, teacher_logits, labels, *, temperature=4.
   """
   if weighting not in ('geometry', 'teacher_confidence'):
     raise ValueError(f"weighting must be 'geometry' or 'teacher_confidence', got {weighting!r}")
-  s, t = _float(student_logits), _float(teacher_logits)
-  axis = _norm_axis(axis, s.ndim)
-  where = _where_per_example(where, s.shape, axis)
-  s, t = _mask_inputs(where, axis, s, t)
+  s, t = upcast(student_logits), upcast(teacher_logits)
+  axis = norm_axis(axis, s.ndim)
+  where = where_per_example(where, s.shape, axis)
+  s, t = mask_inputs(where, axis, s, t)
   labels = jnp.asarray(labels)
   labeled = labels >= 0
   safe_labels = jnp.where(labeled, labels, 0)
@@ -748,11 +681,11 @@ def adaptive_weight_kd(student_logits, teacher_logits, labels, *, temperature=4.
   else:
     w = jnp.sum(p1 * onehot, axis=axis)
   w = jax.lax.stop_gradient(jnp.where(labeled, w, 1.0))
-  log_q, log_p, temperature = _log_softmax_pair(s, t, temperature, axis)
-  soft = temperature**2 * _kl_from_log_probs(log_p, log_q, axis)
+  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
+  soft = temperature**2 * kl_from_log_probs(log_p, log_q, axis)
   hard = -jnp.sum(onehot * jax.nn.log_softmax(s, axis=axis), axis=axis)
   hard = jnp.where(labeled, hard, 0.0)
-  return _mask_value(where, w * soft + (1.0 - w) * hard)
+  return mask_value(where, w * soft + (1.0 - w) * hard)
 
 
 # --------------------------------------------------------------------------- registry

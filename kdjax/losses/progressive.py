@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses import registry
-from kdjax.losses.logits import _float
-from kdjax.losses.logits import _kl_from_log_probs
-from kdjax.losses.logits import _log_softmax_pair
-from kdjax.losses.logits import _mask_value
-from kdjax.losses.logits import _prepare
+from kdjax.losses._logit_helpers import upcast
+from kdjax.losses._logit_helpers import kl_from_log_probs
+from kdjax.losses._logit_helpers import log_softmax_pair
+from kdjax.losses._logit_helpers import mask_value
+from kdjax.losses._logit_helpers import prepare
 from kdjax.losses.logits import kd
 
 Array = jax.Array
@@ -69,11 +69,11 @@ def taid(student_logits, teacher_logits, *, interpolation, temperature=1.0, wher
   >>> print(taid(s, t, interpolation=0.0).round(4), taid(s, t, interpolation=1.0).round(4))
   [0.] [0.1156]
   """
-  s, t, where, axis = _prepare(student_logits, teacher_logits, where, axis)
+  s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
   mix = jnp.asarray(interpolation, s.dtype)
   target = (1.0 - mix) * jax.lax.stop_gradient(s) + mix * t
-  log_q, log_p, temperature = _log_softmax_pair(s, target, temperature, axis)
-  return _mask_value(where, temperature**2 * _kl_from_log_probs(log_p, log_q, axis))
+  log_q, log_p, temperature = log_softmax_pair(s, target, temperature, axis)
+  return mask_value(where, temperature**2 * kl_from_log_probs(log_p, log_q, axis))
 
 
 class TAIDState(NamedTuple):
@@ -200,7 +200,7 @@ gradient_reversal.defvjp(_gradient_reversal_fwd, _gradient_reversal_bwd)
 def ctkd_temperature(param, *, t_min: float = 1.0, t_max: float = 21.0) -> Array:
   r"""The learnable temperature, kept in range: :math:`T = T_{\min} + (T_{\max} -
   T_{\min})\,\sigma(\theta)`."""
-  return t_min + (t_max - t_min) * jax.nn.sigmoid(_float(param))
+  return t_min + (t_max - t_min) * jax.nn.sigmoid(upcast(param))
 
 
 def ctkd_temperature_param(t_init: float, *, t_min: float = 1.0, t_max: float = 21.0) -> float:

@@ -46,9 +46,9 @@ from kdjax.losses import registry
 from kdjax.losses.divergences import gjsd_from_log_probs
 from kdjax.losses.logits import HINTON_2015
 from kdjax.losses.logits import MINILLM_2024
-from kdjax.losses.logits import _float
-from kdjax.losses.logits import _kl_from_log_probs
-from kdjax.losses.logits import _mask_value
+from kdjax.losses._logit_helpers import upcast
+from kdjax.losses._logit_helpers import kl_from_log_probs
+from kdjax.losses._logit_helpers import mask_value
 from kdjax.losses.divergences import FDIV_2023
 from kdjax.losses.divergences import GKD_2024
 
@@ -100,8 +100,8 @@ def _prepare_sparse(student_logits, topk_logits, topk_indices, temperature, miss
                     teacher_logsumexp, where):
   if missing_mass not in MODES:
     raise ValueError(f'missing_mass must be one of {MODES}, got {missing_mass!r}')
-  s = _float(student_logits)
-  z = jax.lax.stop_gradient(_float(topk_logits))
+  s = upcast(student_logits)
+  z = jax.lax.stop_gradient(upcast(topk_logits))
   idx = jnp.asarray(topk_indices)
   num_classes, k = s.shape[-1], z.shape[-1]
   if z.shape != idx.shape or z.shape[:-1] != s.shape[:-1] or k > num_classes:
@@ -122,7 +122,7 @@ def _prepare_sparse(student_logits, topk_logits, topk_indices, temperature, miss
     if teacher_logsumexp is None:
       raise ValueError(f"missing_mass={missing_mass!r} needs teacher_logsumexp (the cache "
                        "stores it); pass it or use missing_mass='renormalize'")
-    lse1 = jax.lax.stop_gradient(jnp.broadcast_to(_float(teacher_logsumexp), s.shape[:-1]))
+    lse1 = jax.lax.stop_gradient(jnp.broadcast_to(upcast(teacher_logsumexp), s.shape[:-1]))
     top1 = jax.nn.logsumexp(z, axis=-1)
     if where is not None:
       lse1 = jnp.where(where, lse1, top1 + 1.0)
@@ -149,7 +149,7 @@ def _gather(x, idx):
 
 def _forward_kl(log_q, teacher: _Teacher) -> Array:
   log_q_topk = _gather(log_q, teacher.indices)
-  value = _kl_from_log_probs(teacher.log_p_topk, log_q_topk, -1)
+  value = kl_from_log_probs(teacher.log_p_topk, log_q_topk, -1)
   if teacher.mode == 'uniform':
     u_log = teacher.log_tail
     u = jnp.exp(u_log)
@@ -162,7 +162,7 @@ def _reverse_kl(log_q, teacher: _Teacher) -> Array:
   support = teacher.support()
   if teacher.mode == 'uniform':
     log_p = teacher.dense_log_probs(0.0)
-    return _kl_from_log_probs(log_q, log_p, -1)
+    return kl_from_log_probs(log_q, log_p, -1)
   log_p = teacher.dense_log_probs(0.0)
   if teacher.mode == 'renormalize':
     lse_support = jax.nn.logsumexp(log_q, axis=-1, where=support, keepdims=True)
@@ -212,7 +212,7 @@ def sparse_kd(student_logits, teacher_topk_logits, teacher_topk_indices, *, temp
   log_q, teacher, where, temperature = _prepare_sparse(
       student_logits, teacher_topk_logits, teacher_topk_indices, temperature, missing_mass,
       teacher_logsumexp, where)
-  return _mask_value(where, temperature**2 * _forward_kl(log_q, teacher))
+  return mask_value(where, temperature**2 * _forward_kl(log_q, teacher))
 
 
 def sparse_reverse_kl(student_logits, teacher_topk_logits, teacher_topk_indices, *,
@@ -259,7 +259,7 @@ def sparse_reverse_kl(student_logits, teacher_topk_logits, teacher_topk_indices,
   log_q, teacher, where, temperature = _prepare_sparse(
       student_logits, teacher_topk_logits, teacher_topk_indices, temperature, missing_mass,
       teacher_logsumexp, where)
-  return _mask_value(where, temperature**2 * _reverse_kl(log_q, teacher))
+  return mask_value(where, temperature**2 * _reverse_kl(log_q, teacher))
 
 
 def sparse_generalized_jsd(student_logits, teacher_topk_logits, teacher_topk_indices, *,
@@ -322,7 +322,7 @@ def sparse_generalized_jsd(student_logits, teacher_topk_logits, teacher_topk_ind
     interior = gjsd_from_log_probs(log_p, log_q, jnp.where(at_zero | at_one, 0.5, beta))
     value = jnp.where(at_zero, _forward_kl(log_q, teacher),
                       jnp.where(at_one, _reverse_kl(log_q, teacher), interior))
-  return _mask_value(where, temperature**2 * value)
+  return mask_value(where, temperature**2 * value)
 
 
 def sparse_tvd(student_logits, teacher_topk_logits, teacher_topk_indices, *, temperature=1.0,
@@ -364,7 +364,7 @@ def sparse_tvd(student_logits, teacher_topk_logits, teacher_topk_indices, *, tem
       student_logits, teacher_topk_logits, teacher_topk_indices, temperature, missing_mass,
       teacher_logsumexp, where)
   p = jnp.exp(teacher.dense_log_probs(-jnp.inf))
-  return _mask_value(where, 0.5 * jnp.sum(jnp.abs(p - jnp.exp(log_q)), axis=-1))
+  return mask_value(where, 0.5 * jnp.sum(jnp.abs(p - jnp.exp(log_q)), axis=-1))
 
 
 # --------------------------------------------------------------------------- registry

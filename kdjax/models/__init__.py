@@ -13,6 +13,7 @@ from kdjax.models.base import functional
 from kdjax.models.cnn import CNN
 from kdjax.models.mlp import MLP
 from kdjax.models.registry import create
+from kdjax.models.registry import from_config
 from kdjax.models.registry import names
 from kdjax.models.registry import register
 from kdjax.models.rnn import CharRNN

@@ -122,3 +122,53 @@ def create(
       dtype=dtype,
       **kwargs,
   )
+
+
+def from_config(cfg: Any, *, num_classes: int, input_shape: Sequence[int], seed: int = 0
+                ) -> tuple[Callable[..., Any], Callable[[], tuple[Any, Any]], Any]:
+  """A model from a config group (``name``, ``kwargs``, ``dtype``), built abstractly.
+
+  Args:
+    cfg: ``config.model`` (a ``ConfigDict`` or mapping with ``name`` and optionally
+      ``kwargs`` and ``dtype``).
+    num_classes: classifier outputs.
+    input_shape: one example's shape.
+    seed: initialisation seed.
+
+  Returns:
+    ``(apply, init, abstract)``: the pure ``apply`` of :func:`~kdjax.models.functional`;
+    ``init() -> (params, state)``, pure and traceable, so ``jax.jit(init,
+    out_shardings=...)`` makes the parameters directly in their shardings; and the
+    ``(params, state)`` shapes as ``jax.ShapeDtypeStruct`` (nothing allocated).
+
+  Raises:
+    UserError: an unknown model name or model options it does not take.
+
+  >>> apply, init, (params, state) = from_config(
+  ...     {'name': 'mlp', 'kwargs': {'hidden': (8,)}}, num_classes=3, input_shape=(4,))
+  >>> params['head']['kernel'].shape
+  (8, 3)
+  """
+  from kdjax.errors import UserError
+  from kdjax.models.base import functional
+  get = cfg.get if hasattr(cfg, 'get') else (lambda k, d=None: getattr(cfg, k, d))
+  name = get('name')
+  kwargs = get('kwargs') or {}
+  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, 'to_dict') else kwargs)
+  dtype = jnp.dtype(get('dtype') or 'float32')
+
+  def build() -> nnx.Module:
+    return create(name, num_classes=num_classes, input_shape=tuple(input_shape), seed=seed,
+                  dtype=dtype, **kwargs)
+
+  try:
+    apply, params, state = functional(nnx.eval_shape(build))
+  except KeyError as e:
+    raise UserError(str(e.args[0]) if e.args else str(e)) from None
+  except (TypeError, ValueError) as e:
+    raise UserError(f'model {name!r} with options {kwargs}: {str(e).splitlines()[0]}') from None
+
+  def init():
+    return functional(build())[1:]
+
+  return apply, init, (params, state)

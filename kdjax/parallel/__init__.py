@@ -1,5 +1,6 @@
-"""Meshes, sharding rules and multi-host start-up."""
+"""Meshes, sharding rules, multi-host start-up and the compilation cache."""
 
+from kdjax.parallel.compile_cache import enable_compilation_cache
 from kdjax.parallel.distributed import initialize_from_env
 from kdjax.parallel.mesh import batch_sharding
 from kdjax.parallel.mesh import make_mesh

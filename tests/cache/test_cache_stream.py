@@ -35,7 +35,7 @@ def test_stream_batches_join_the_rows_the_live_teacher_computes(teacher_dir, cac
   import jax.numpy as jnp
   from kdjax import data as kdata
   from kdjax.cache import read
-  from kdjax.distill.teacher import load_teacher
+  from kdjax.teacher import load_teacher
   from kdjax.parallel import make_mesh
 
   manifest = read.open_cache(cache_dir)
@@ -50,7 +50,7 @@ def test_stream_batches_join_the_rows_the_live_teacher_computes(teacher_dir, cac
   @jax.jit
   def live_logits(variables, x, ids, epochs):
     params, state = variables
-    out, _ = teacher.fns.apply(params, state, augment(x, ids, epochs, seed=0), train=False)
+    out, _ = teacher.apply(params, state, augment(x, ids, epochs, seed=0), train=False)
     return out.logits
 
   it = kdata.make_train_iterator(SMALL, split='train', batch_size=128, seed=0, data_dir=data_dir,
@@ -82,7 +82,7 @@ def test_stream_feed_from_cache_equals_live_teacher(tmp_path, teacher_dir, cache
   numbers. Once with the cache loaded whole, once read per batch from its chunk files
   (``auto`` with a 1-byte threshold).
   """
-  from kdjax.distill.loop import train_and_evaluate
+  from kdjax.distill.train import train_and_evaluate
   stream = [*distill_args, '--config.data.feed=stream', f'--config.num_steps={STREAM_STEPS}']
   a = train_and_evaluate(_config(stream, f'--config.teacher.workdir={teacher_dir}'),
                          str(tmp_path / 'live'))
@@ -103,11 +103,11 @@ def test_stream_feed_from_cache_equals_live_teacher(tmp_path, teacher_dir, cache
 
 def test_stream_fingerprint_equals_the_whole_split_fingerprint(teacher_dir, data_dir):
   from kdjax import data as kdata
-  from kdjax.cache import build
-  whole = build.dataset_fingerprint(SMALL, 'train', kdata.load_arrays(SMALL, 'train',
+  from kdjax.cache import fingerprint as fp
+  whole = fp.dataset_fingerprint(SMALL, 'train', kdata.load_arrays(SMALL, 'train',
                                                                     data_dir=data_dir))
   for piece in (1000, 4096, 777):
-    assert build.stream_dataset_fingerprint(SMALL, 'train', data_dir=data_dir,
+    assert fp.stream_dataset_fingerprint(SMALL, 'train', data_dir=data_dir,
                                             read_chunk=piece) == whole
 
 
@@ -134,7 +134,7 @@ def test_cache_of_other_data_is_refused_by_the_stream_feed(tmp_path, other_data_
 
 def test_cache_of_other_data_is_refused_by_the_device_feed(tmp_path, other_data_cache,
                                                            distill_args):
-  from kdjax.distill.loop import train_and_evaluate
+  from kdjax.distill.train import train_and_evaluate
   from kdjax.errors import UserError
   config = _config(distill_args, '--config.data.feed=device',
                    f'--config.teacher.cache={other_data_cache}')
@@ -150,7 +150,7 @@ def test_cache_of_other_data_is_refused_by_the_device_feed(tmp_path, other_data_
 def test_stream_feed_refuses_a_cache_of_another_split_or_augmentation(tmp_path, cache_dir,
                                                                      distill_args, override,
                                                                      message):
-  from kdjax.distill.loop import train_and_evaluate
+  from kdjax.distill.train import train_and_evaluate
   from kdjax.errors import UserError
   config = _config(distill_args, '--config.data.feed=stream', override,
                    f'--config.teacher.cache={cache_dir}')
@@ -160,7 +160,7 @@ def test_stream_feed_refuses_a_cache_of_another_split_or_augmentation(tmp_path, 
 
 
 def test_chunk_reader_with_the_device_feed_is_refused(tmp_path, cache_dir, distill_args):
-  from kdjax.distill.loop import train_and_evaluate
+  from kdjax.distill.train import train_and_evaluate
   from kdjax.errors import UserError
   config = _config(distill_args, '--config.data.feed=device', f'--config.teacher.cache={cache_dir}',
                    '--config.teacher.cache_reader=chunks')

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kdjax.cache import build
+from kdjax.cache import fingerprint as fp
 from kdjax.cache import read
 from kdjax.cache import store
 from kdjax.errors import UserError
@@ -39,13 +40,10 @@ def test_topk_rows_match_numpy_and_keep_logsumexp():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(6, 9)).astype(np.float32)
 
-  class Out:
-    pass
+  from kdjax.models import ModelOutput
 
   def apply(params, state, x, train):
-    out = Out()
-    out.logits, out.features = jnp.asarray(x), {'h': jnp.asarray(x)[:, None, :] * 2}
-    return out, state
+    return ModelOutput(jnp.asarray(x), {'h': jnp.asarray(x)[:, None, :] * 2}), state
 
   ident = lambda x, ids, epochs, seed: x
   infer = build.make_infer(apply, ident, seed=0, k=3, num_classes=9, dtype='float32',
@@ -163,7 +161,7 @@ def test_matching_manifest_is_accepted():
 def test_dataset_hash_mismatch_is_refused():
   arrays = {'x': np.zeros((4, 3), np.float32), 'label': np.arange(4, dtype=np.int32),
             'id': np.arange(4, dtype=np.int32)}
-  manifest = {'dataset': build.dataset_fingerprint('d', 'train', arrays)}
+  manifest = {'dataset': fp.dataset_fingerprint('d', 'train', arrays)}
   read.check_dataset(manifest, arrays, '/c')
   arrays['x'][2, 1] = 1.0
   with pytest.raises(UserError, match='other data'):

@@ -5,6 +5,7 @@ import pytest
 
 from kdjax import data as kd
 from kdjax.data import preprocessing
+from kdjax.data import sources
 from kdjax.data.builders import shakespeare as shk
 
 TINY = 'shakespeare/tiny'
@@ -142,7 +143,7 @@ def test_tiny_records_equal_an_independent_recomputation(tiny):
   assert spec.input_shape == (20,) and spec.num_classes == 76
   names, texts = shk.build_roles(('hamlet_gut', 'midsummer_nights_dream_gut'))
   kept = [(n, t) for n, t in zip(names, texts) if len(t) > 20]
-  assert shk.role_names(TINY, data_dir=tiny) == [n for n, _ in kept]
+  assert sources.role_names(TINY, data_dir=tiny) == [n for n, _ in kept]
   want = {'train': [], 'test': []}
   for role, (_, t) in enumerate(kept):
     starts = list(range(0, len(t) - 20, 20))

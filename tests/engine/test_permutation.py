@@ -1,15 +1,14 @@
-"""The fused steps' epoch shuffles: ``packed_permutation`` against numpy and for uniformity."""
+"""The device feed's epoch shuffles: ``packed_permutation`` against numpy and for uniformity."""
 
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.distill import step as step_mod
-from kdjax.distill.step import epoch_permutations, packed_permutation
+from kdjax.engine import feed as step_mod
+from kdjax.engine.feed import epoch_permutations, packed_permutation
 
 
 # Rounds by hand: 3 * bits of randomness in all, 32 - bits random bits a round

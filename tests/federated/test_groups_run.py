@@ -14,7 +14,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'fed',
                       'mnist1d_hetero.py')
 TINY = ['--config.num_clients=8', '--config.clients_per_round=4', '--config.num_rounds=2',
         '--config.eval_every=2', '--config.checkpoint_every=0', '--config.plots=False',
-        '--config.proxy_size=40', '--config.local.epochs=1']
+        '--config.proxy_size=40', '--config.local_epochs=1']
 C = 10   # MNIST-1D classes
 P = 40   # proxy examples
 

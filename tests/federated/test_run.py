@@ -139,24 +139,28 @@ def test_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize('override,match', [
     ('--config.clients_per_round=50', 'clients_per_round'),
-    ('--config.partition.alpha=0', 'alpha must be > 0'),
+    ('--config.partition.alpha=0', 'config.partition.alpha must be positive'),
     ('--config.num_clients=5000', '5000 clients but only'),
-    ('--config.algorithm=fedsgd', 'unknown federated algorithm'),
+    ('--config.algorithm=fedsgd', 'config.algorithm must be one of'),
     ("--config.mesh=[('clients', 3)]", 'config.mesh'),
     ("--config.mesh=[('a', 1), ('b', 1)]", 'config.mesh must be one axis'),
-    ('--config.local.batch_size=0', 'config.local.batch_size must be an integer >= 1'),
-    ('--config.local.epochs=0', 'config.local.epochs must be an integer >= 1'),
-    ('--config.local.lr=-0.1', 'config.local.lr must be a positive number'),
-    ('--config.local.momentum=1.0', 'config.local.momentum must be in [0, 1)'),
+    ('--config.batch_size=0', 'config.batch_size must be an integer >= 1'),
+    ('--config.local_epochs=0', 'config.local_epochs must be an integer >= 1'),
+    ('--config.optimizer.learning_rate=-0.1', 'config.optimizer.learning_rate must be positive'),
+    ('--config.optimizer.momentum=1.0', 'config.optimizer.momentum must be in [0, 1)'),
     ('--config.num_rounds=-1', 'config.num_rounds must be an integer >= 0'),
     ('--config.checkpoint_every=-2', 'config.checkpoint_every must be'),
     ('--config.rounds_per_call=0', 'config.rounds_per_call must be an integer >= 1'),
-    ('--config.model=mlpp', "Unknown model 'mlpp'"),
-    ('--config.model_options.widht=3', "model 'mlp'"),
+    ('--config.model.name=mlpp', "Unknown model 'mlpp'"),
+    ('--config.model.kwargs.widht=3', "model 'mlp'"),
     ('--config.partition.alpah=0.3', "partition 'dirichlet' has no option 'alpah'"),
     ('--config.feature_skew.kind=blur', 'feature skew kind'),
     ('--config.feature_skew.knid=noise', 'config.feature_skew'),
-    ('--config.algorithm_options.mu=0.1', "algorithm 'fedavg'"),
+    ('--config.algorithm_options.mu=0.1', "fedavg has no option 'mu'"),
+    # The names of older versions, refused with the new one.
+    ('--config.local.lr=0.1', 'config.local.lr is now config.optimizer.learning_rate'),
+    ('--config.dataset=mnist1d', 'config.dataset is now config.data.name'),
+    ('--config.model_options.hidden=(8,)', 'config.model_options is now config.model.kwargs'),
 ])
 def test_fed_run_user_errors_exit_2(tmp_path, capsys, override, match):
   code = cli.main(['fed', 'run', '--config', CONFIG + ':tiny', '--workdir',
@@ -164,6 +168,7 @@ def test_fed_run_user_errors_exit_2(tmp_path, capsys, override, match):
   err = capsys.readouterr().err.strip()
   assert code == 2
   assert match in err and len(err.splitlines()) == 1
+  assert not os.path.exists(tmp_path / 'w')   # refused before anything is written
 
 
 def test_option_groups_take_new_keys_from_the_command_line(tmp_path, capsys):
@@ -185,7 +190,7 @@ def test_option_groups_take_new_keys_from_the_command_line(tmp_path, capsys):
              '--config.partition.classes_per_client=3')['partition']
   assert path['method'] == 'pathological' and path['options']['classes_per_client'] == 3
   # A model option that draws dropout masks: the model state carries a PRNG key.
-  dropout = run('dropout', '--config.model_options.dropout=0.2')
+  dropout = run('dropout', '--config.model.kwargs.dropout=0.2')
   assert 0.0 <= dropout['global_accuracy'] <= 1.0
   rot = run('rot', "--config.feature_skew.kind=rotate", '--config.feature_skew.strength=5')
   assert rot['personalized_accuracy_mean'] != run('flat')['personalized_accuracy_mean']

@@ -163,7 +163,7 @@ def test_back_to_back_sharded_rounds_on_cpu_do_not_deadlock():
 
 
 HETERO_TINY = ['--config.num_clients=8', '--config.num_rounds=2', '--config.eval_every=2',
-               '--config.proxy_size=40', '--config.local.epochs=1', '--config.algorithm=fedd2s']
+               '--config.proxy_size=40', '--config.local_epochs=1', '--config.algorithm=fedd2s']
 
 
 def test_grouped_round_with_config_mesh_matches_the_single_device_run(tmp_path):

@@ -45,12 +45,16 @@ def test_tiny_sweep_writes_every_cell_and_the_report(swept):
   assert len(rows) == 8
   assert [(r['algorithm'], r['seed']) for r in rows[:4]] == [
       ('fedavg', 0), ('fedavg', 1), ('fedprox', 0), ('fedprox', 1)]
-  assert rows[0]['alpha'] == 0.5 and math.isinf(rows[-1]['alpha'])
+  # Strict JSON: the IID cells' infinite alpha is null, and the row says so.
+  assert rows[0]['alpha'] == 0.5 and rows[-1]['alpha'] is None
+  assert rows[-1]['nonfinite'] == ['alpha'] and 'nonfinite' not in rows[0]
   with open(os.path.join(swept, 'results.csv')) as f:
     csv_rows = list(csv.DictReader(f))
   assert len(csv_rows) == 8
   for r, c in zip(rows, csv_rows):
-    name = sweep.cell_name(r['alpha'], r['algorithm'], r['seed'])
+    alpha = math.inf if r['alpha'] is None else r['alpha']
+    assert float(c['alpha']) == alpha
+    name = sweep.cell_name(alpha, r['algorithm'], r['seed'])
     s = _summary(swept, name)
     for key in ('global_accuracy', 'personalized_accuracy_mean',
                 'personalized_accuracy_worst10', 'bytes_total', 'wall_time_s'):
@@ -64,7 +68,7 @@ def test_tiny_sweep_writes_every_cell_and_the_report(swept):
       cl = json.load(f)
     assert np.mean(cl['accuracy']) == pytest.approx(s['personalized_accuracy_mean'], abs=1e-9)
     # The partition the cell ran: Dirichlet at finite alpha, IID at inf.
-    assert s['partition']['method'] == ('iid' if math.isinf(r['alpha']) else 'dirichlet')
+    assert s['partition']['method'] == ('iid' if math.isinf(alpha) else 'dirichlet')
 
 
 def test_summary_table_equals_the_cells_summary_json(swept):
@@ -112,10 +116,10 @@ def test_finished_cells_of_another_config_are_refused_not_reported(swept, tmp_pa
   before = {n: os.path.getmtime(os.path.join(workdir, 'cells', n, 'summary.json'))
             for n in os.listdir(os.path.join(workdir, 'cells'))}
   base = ['fed', 'sweep', '--config', TINY, '--workdir', workdir, '--no-progress']
-  assert cli.main(base + ['--config.local.lr=0.3']) == 2
+  assert cli.main(base + ['--config.optimizer.learning_rate=0.3']) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1
-  assert 'holds results of another config' in err and 'local.lr: 0.1 here, 0.3 now' in err
+  assert 'holds results of another config' in err and 'optimizer.learning_rate: 0.1 here, 0.3 now' in err
   # A smaller grid of the same config reuses its finished cells untouched.
   assert cli.main(base + ["--config.grid.algorithm=['fedprox']", '--config.grid.alpha=[0.5]']) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['cells'] == 2

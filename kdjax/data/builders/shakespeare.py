@@ -55,7 +55,7 @@ its split is a stable example id.
 Features: ``x`` int32 ``[seq_len]``, ``label`` (``ClassLabel(76)``), ``client``
 int32 (the role index), and the role names in ``DatasetInfo.metadata``
 (``role_names``: ``'PLAY/SPEAKER'`` strings indexed by ``client``; see
-:func:`role_names`).
+:func:`kdjax.data.sources.role_names`).
 
 References:
   Caldas et al., "LEAF: A Benchmark for Federated Settings", arXiv:1812.01097,
@@ -398,18 +398,3 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
                     'client': np.int32(role)}
         key += 1
 
-
-def role_names(name: str = 'shakespeare', *,
-               data_dir: str | os.PathLike | None = None) -> list[str]:
-  """``'PLAY/SPEAKER'`` of every role, indexed by the ``client`` feature.
-
-  Args:
-    name: the data set name with its config (``'shakespeare/tiny'``).
-    data_dir: as for :func:`kdjax.data.load_source`.
-
-  Returns:
-    The role names stored in the prepared data set's metadata.
-  """
-  from kdjax.data import sources  # pylint: disable=g-import-not-at-top
-  src = sources.load_source(name, 'train', data_dir=data_dir)
-  return list(src.dataset_info.metadata['role_names'])

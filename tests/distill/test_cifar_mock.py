@@ -7,12 +7,11 @@ Exercises the grain (stream) feed, its checkpointed iterator state, and resume.
 import json
 import os
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from kdjax.config import load_config
-from kdjax.distill.loop import train_and_evaluate
+from kdjax.distill.train import train_and_evaluate
 
 pytestmark = pytest.mark.slow
 

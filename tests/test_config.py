@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from kdjax.config import apply_override, load_config, split_overrides
-from kdjax.distill.defaults import base_config
+from kdjax.engine.config import base_config
 from kdjax.errors import UserError
 
 
@@ -61,6 +61,6 @@ def test_load_config_file(tmp_path):
                                   'cifar10/resnet32x4.py', 'cifar10/resnet8x4_kd.py'])
 def test_shipped_configs_have_tiny(name):
   import os
-  root = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
+  root = os.path.join(os.path.dirname(__file__), '..', 'configs')
   c = load_config(os.path.join(root, name) + ':tiny')
   assert isinstance(c, ml_collections.ConfigDict) and c.num_steps <= 200

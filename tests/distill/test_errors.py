@@ -79,7 +79,7 @@ def test_workdir_of_another_config_is_refused(cli, paths, base, teacher_dir):
   before = _hash_tree(teacher_dir)
   out = cli(['train', '--config', f"{paths['configs']}/mnist1d/student_baseline.py:tiny",
              '--workdir', teacher_dir, *base], check=False)
-  _assert_user_error(out, 'holds checkpoints of another config', 'model')
+  _assert_user_error(out, 'holds results of another config', 'model.name')
   assert _hash_tree(teacher_dir) == before
 
 
@@ -125,10 +125,12 @@ def test_unknown_loss(cli, paths, base, tmp_path):
 def test_class_count_mismatch(monkeypatch, paths, data_dir, teacher_dir, tmp_path):
   """A student data set with another label space than the teacher's is refused."""
   from kdjax.config import load_config
-  from kdjax.distill import loop
+  from kdjax.distill.train import train_and_evaluate
   from kdjax.errors import UserError
+  import sys
   import types
-  real = loop.kdata
+  setup_lib = sys.modules['kdjax.engine.setup']
+  real = setup_lib.kdata
 
   def five_classes(name, *, data_dir=None):
     return real.dataset_spec(name, data_dir=data_dir)._replace(num_classes=5)
@@ -136,12 +138,12 @@ def test_class_count_mismatch(monkeypatch, paths, data_dir, teacher_dir, tmp_pat
   # Only the student's view of the data set changes; the teacher keeps its own.
   fake = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith('__')})
   fake.dataset_spec = five_classes
-  monkeypatch.setattr(loop, 'kdata', fake)
+  monkeypatch.setattr(setup_lib, 'kdata', fake)
   config = load_config(f"{paths['configs']}/mnist1d/kd.py:tiny", [
       ('teacher.workdir', teacher_dir), ('data.name', paths['small']), ('data.data_dir', data_dir)])
   with pytest.raises(UserError, match='the teacher predicts 10 classes but .* has 5'):
-    loop.train_and_evaluate(config, str(tmp_path / 'w'))
-  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+    train_and_evaluate(config, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
 
 
 def test_quiet_orphaned_reads_drops_only_the_closed_loop_noise(monkeypatch):

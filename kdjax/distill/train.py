@@ -1,0 +1,116 @@
+"""``train_and_evaluate(config, workdir)``: the run behind ``kdjax train`` and ``kdjax distill``.
+
+Setup (:func:`kdjax.engine.setup`), the workdir (its ``config.json`` and orbax
+checkpoints, :mod:`kdjax.workdir`), the loop (:func:`kdjax.engine.train_loop`), then
+``summary.json`` and a learning-curve PNG. A rerun of the same command resumes from
+the last checkpoint to the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from kdjax import cache as cache_lib
+from kdjax import workdir as workdir_lib
+from kdjax.engine import metrics as metrics_lib
+from kdjax.engine.config import IDENTITY_FIELDS
+from kdjax.engine.loop import train_loop
+from kdjax.engine.setup import setup
+from kdjax.errors import Diverged
+from kdjax.errors import UserError
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       require_teacher: bool = False) -> dict[str, Any]:
+  """Trains (and distills, when the loss reads a teacher) and returns the summary.
+
+  Raises:
+    UserError: a bad config, data set, teacher, cache or workdir (nothing written).
+    Diverged: a non-finite loss or gradient norm (``summary.json`` says where).
+  """
+  workdir = os.path.abspath(workdir)
+  workdir_lib.check_creatable(workdir)
+  cache = cache_lib.open_for_run(config) if config.teacher.cache else None
+  run = setup(config, cache=cache, log=_log)
+  if require_teacher and not run.distills:
+    raise UserError('`kdjax distill` needs a loss that uses the teacher (e.g. kd); '
+                    'use `kdjax train` for training from labels')
+  start = workdir_lib.latest_step(workdir)
+  workdir_lib.prepare(workdir, config, has_results=start is not None, identity=IDENTITY_FIELDS)
+
+  manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
+  position: dict = {}
+  if start is None:
+    state = run.init()
+  else:
+    state, position = workdir_lib.restore(manager, start, run.abstract_state)
+    run.feed.restore(position)
+    _log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  progress = _progress(config, start=start or 0)
+  t_run = time.time()
+  try:
+    result = train_loop(state, start=start or 0, schedule=run.schedule, calls=run.calls,
+                        feed=run.feed, evaluate=run.evaluate, manager=manager, writer=writer,
+                        batch_size=int(config.batch_size), log_window=position.get('log_window'),
+                        progress=progress, log=_log)
+  except Diverged as e:
+    _write_summary(workdir, {'step': e.step, 'diverged': True, 'last_checkpoint': e.checkpoint,
+                             'error': str(e)})
+    raise
+  finally:
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+
+  train, evaluation = result.train, result.eval
+  if not result.steps_run:
+    # Nothing left to train (a rerun of a finished run): report the run as it stands.
+    # Every process evaluates (a collective); the train figures are the ones logged at
+    # this step, where this process can read them.
+    evaluation = run.evaluate(result.state)
+    train = metrics_lib.logged(writer.path, 'train', result.step)
+  teacher = run.teacher
+  summary = {
+      'step': result.step,
+      'eval_accuracy': evaluation.get('accuracy'),
+      'eval_loss': evaluation.get('loss'),
+      'train_loss': train.get('loss'),
+      'train_accuracy': train.get('accuracy'),
+      'examples_per_sec': result.examples_per_sec or train.get('examples_per_sec'),
+      'skipped_steps': result.skipped,
+      'wall_seconds': time.time() - t_run,
+      'resumed_from': start,
+      'feed': run.feed_kind,
+      'num_devices': jax.device_count(),
+      'teacher_devices': int(config.teacher.devices),
+      'teacher_step': teacher.step if teacher else None,
+      'teacher_fingerprint': teacher.fingerprint if teacher else None,
+  }
+  _write_summary(workdir, summary)
+  if jax.process_index() == 0:
+    metrics_lib.plot_learning_curves(workdir)
+  return summary
+
+
+def _write_summary(workdir: str, summary: dict) -> None:
+  if jax.process_index() == 0:
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
+
+
+def _progress(config, *, start: int):
+  from tqdm.auto import tqdm
+  disable = (not config.progress) or jax.process_index() != 0
+  return tqdm(total=int(config.num_steps), initial=start, disable=disable, unit='step',
+              dynamic_ncols=True, mininterval=1.0)

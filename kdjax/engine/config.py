@@ -1,0 +1,205 @@
+"""The config of a training run: the defaults every file in ``configs/`` starts from, and
+the checks that refuse a bad one before anything is written.
+
+Every field here can be overridden on the command line
+(``--config.optimizer.learning_rate=3e-3``); unknown keys and wrong types are
+refused, and :func:`validate` refuses values out of range, each in one line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import ml_collections
+
+from kdjax.config import check_int
+from kdjax.config import check_number
+from kdjax.config import check_numbers_in
+from kdjax.errors import UserError
+
+NONFINITE = ('stop', 'skip')
+FEEDS = ('auto', 'device', 'stream')
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+SCHEDULES = ('constant', 'cosine', 'step')
+CACHE_READERS = ('auto', 'memory', 'chunks')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 1000
+  c.batch_size = 256               # global batch, over all devices and hosts
+  c.log_every = 50
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.steps_per_call = 50            # steps fused in one jitted call (lax.scan)
+  c.progress = True
+  # A step whose loss or gradient norm is not finite: 'stop' the run there (exit 3,
+  # nothing saved after the last good checkpoint) or 'skip' its update and count it.
+  c.nonfinite = 'stop'
+
+  c.mesh = [('data', -1)]          # -1: every device (the teacher's apart); fixed sizes take the first
+  c.partition_rules = [('.*', None)]  # (regex over parameter paths, None | spec | 'fsdp')
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'mnist1d'
+  c.data.data_dir = ''             # '' -> $KDJAX_DATA_DIR or ~/.cache/kdjax/tensorflow_datasets
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.feed = 'auto'             # 'device' (whole split on device), 'stream' (grain), 'auto'
+  c.data.device_max_bytes = 1 << 30
+  c.data.augment = ml_collections.ConfigDict({'kind': 'none'})
+  c.data.eval_batch_size = 1000
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'mlp'
+  c.model.kwargs = ml_collections.ConfigDict()
+  c.model.dtype = 'float32'
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adam'        # adam | adamw | sgd
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = 'cosine'  # constant | cosine | step
+  c.optimizer.decay_steps = [0]    # 'step': where the rate is multiplied by decay_factor
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.warmup_steps = 0
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.momentum = 0.9
+  c.optimizer.grad_clip_norm = 0.0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.terms = ml_collections.ConfigDict({'ce': {'weight': 1.0}})
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.workdir = ''           # a finished `kdjax train` workdir
+  c.teacher.partition_rules = [('.*', None)]
+  c.teacher.cache = ''             # a `kdjax cache build` directory
+  # Stream feed: load the cache whole up to this size, else read rows per batch from its
+  # chunk files ('auto'); 'memory' or 'chunks' force one (kdjax.cache.read.choose_reader).
+  c.teacher.cache_reader = 'auto'
+  c.teacher.cache_memory_max_bytes = 1 << 30
+  # Devices set apart for a live teacher (the last ones; the student's mesh takes the
+  # rest). 0: the teacher runs inside the student's step. >0 (device feed, one process):
+  # the teacher's forward for the next call runs on its own devices while the student's
+  # call runs (kdjax.engine.feed.TeacherAhead); same result either way.
+  c.teacher.devices = 0
+  return c
+
+
+# Fields that define what a checkpoint means. A workdir whose saved config differs in
+# any of them holds another run's checkpoints and is refused.
+IDENTITY_FIELDS = ('seed', 'batch_size', 'data.name', 'data.train_split', 'data.augment',
+                   'model', 'optimizer', 'loss', 'teacher.workdir', 'teacher.cache')
+
+
+def _one_of(config, dotted: str, allowed) -> None:
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  if node not in allowed:
+    raise UserError(f'config.{dotted} must be one of {", ".join(allowed)} (got {node!r})')
+
+
+def _mapping(value) -> dict:
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value or {})
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config no run can use, in one line (:class:`UserError`), before anything
+  is read or written. What needs the data or the devices (a batch larger than the
+  split, a mesh larger than the machine) is checked by the setup."""
+  check_int(config, 'seed', 0)
+  for field in ('num_steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every',
+                'keep_checkpoints', 'steps_per_call'):
+    check_int(config, field, 1)
+  _one_of(config, 'nonfinite', NONFINITE)
+  _check_mesh(config.mesh)
+  _check_rules(config.partition_rules, 'partition_rules')
+  _one_of(config, 'data.feed', FEEDS)
+  check_int(config, 'data.device_max_bytes', 0)
+  check_int(config, 'data.eval_batch_size', 1)
+  _check_augment(config.data.augment)
+  check_numbers_in(_mapping(config.model.kwargs), 'config.model.kwargs', lambda v: v >= 0,
+                   '>= 0')
+  try:
+    jnp.dtype(config.model.dtype)
+  except TypeError:
+    raise UserError(f'config.model.dtype must name a dtype such as float32 or bfloat16 '
+                    f'(got {config.model.dtype!r})') from None
+  _check_optimizer(config)
+  _check_terms(config.loss.terms)
+  _check_rules(config.teacher.partition_rules, 'teacher.partition_rules')
+  _one_of(config, 'teacher.cache_reader', CACHE_READERS)
+  check_int(config, 'teacher.cache_memory_max_bytes', 0)
+  check_int(config, 'teacher.devices', 0)
+
+
+def _check_optimizer(config) -> None:
+  _one_of(config, 'optimizer.name', OPTIMIZERS)
+  _one_of(config, 'optimizer.schedule', SCHEDULES)
+  check_number(config, 'optimizer.learning_rate', lambda v: v > 0, 'positive')
+  check_number(config, 'optimizer.decay_factor', lambda v: v > 0, 'positive')
+  check_int(config, 'optimizer.warmup_steps', 0)
+  check_number(config, 'optimizer.weight_decay', lambda v: v >= 0, '>= 0')
+  check_number(config, 'optimizer.momentum', lambda v: 0 <= v < 1, 'in [0, 1)')
+  check_number(config, 'optimizer.grad_clip_norm', lambda v: v >= 0, '>= 0')
+  steps = config.optimizer.decay_steps
+  if not isinstance(steps, (list, tuple)) or any(
+      isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+    raise UserError(f'config.optimizer.decay_steps must be a list of steps >= 0 (got {steps!r})')
+
+
+def _check_mesh(mesh) -> None:
+  ok = isinstance(mesh, (list, tuple)) and len(mesh) > 0 and all(
+      isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str)
+      and isinstance(a[1], int) and not isinstance(a[1], bool) and (a[1] == -1 or a[1] >= 1)
+      for a in mesh)
+  if not ok:
+    raise UserError(f"config.mesh must be a list of (axis name, size >= 1 or -1) pairs such "
+                    f"as [('data', -1)] (got {mesh!r})")
+
+
+def _check_rules(rules, field: str) -> None:
+  if not isinstance(rules, (list, tuple)):
+    raise UserError(f'config.{field} must be a list of (regex, spec) pairs (got {rules!r})')
+  for rule in rules:
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise UserError(f'config.{field}: {rule!r} is not a (regex, spec) pair')
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise UserError(f'config.{field}: {rule[0]!r} is not a regex ({e})') from None
+
+
+def _check_augment(augment) -> None:
+  from kdjax.data import DataError
+  from kdjax.data import normalize_spec
+  spec = augment.to_dict() if hasattr(augment, 'to_dict') else augment
+  if isinstance(spec, Mapping):
+    check_numbers_in(dict(spec), 'config.data.augment', lambda v: v >= 0, '>= 0')
+  try:
+    normalize_spec(spec)
+  except DataError as e:
+    raise UserError(f'config.data.augment: {e}') from None
+
+
+def _check_terms(terms) -> None:
+  terms = _mapping(terms)
+  if not terms:
+    raise UserError('config.loss.terms is empty: name at least one loss term, e.g. ce')
+  for name, options in terms.items():
+    if options is None:
+      continue
+    if not isinstance(options, Mapping):
+      raise UserError(f'config.loss.terms.{name} must be a mapping of options (got {options!r})')
+    where = f'config.loss.terms.{name}'
+    for key, value in options.items():
+      if key == 'axis' or isinstance(value, Mapping):   # an axis, or a schedule
+        continue
+      if key == 'temperature':
+        check_numbers_in({key: value}, where, lambda v: v > 0, '> 0')
+      else:
+        check_numbers_in({key: value}, where, lambda v: v >= 0, '>= 0')

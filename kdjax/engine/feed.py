@@ -1,0 +1,352 @@
+"""Feeds: ready batches for the train call, one interface whatever the source.
+
+A :class:`Feed` answers two questions, one on each side of ``jax.jit``:
+
+* host side, ``feed.inputs(step, n)``: the arrays the call that runs steps
+  ``step .. step + n - 1`` needs, placed on the mesh;
+* inside the call, ``feed.batches(inputs, n)``: a function ``i -> batch`` (traced) that
+  makes step ``step + i``'s ready batch: the source's examples, augmented as a pure
+  function of ``(seed, example id, epoch)``, and the teacher's entries (live, cached, or
+  computed one call ahead on devices of the teacher's own).
+
+Sources (where the examples come from):
+
+* :class:`DeviceSource`: the whole training split on the devices; step ``s`` takes the
+  examples ``perm_e[(s mod E)·B : (s mod E + 1)·B]`` of epoch ``e = s // E`` (``E``
+  steps per epoch, the rest of each epoch dropped), gathered on device; the data
+  position is the step itself. Cache columns ``[epochs, N, ...]`` may ride along.
+* :class:`StreamSource`: a grain iterator (splits too large for the devices); ``n``
+  batches are read on the host, joined with their cache rows if any, stacked and put
+  on the mesh; the iterator state is the data position.
+
+:class:`TeacherAhead` runs a live teacher on devices of its own, one call ahead of the
+student's: the student's call takes the teacher's entries and the positions its call
+used, so the two agree batch for batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kdjax import teacher as teacher_lib
+
+Batch = dict[str, Any]
+
+
+class Source(Protocol):
+  """Where a feed's examples come from (see the module docstring)."""
+
+  def inputs(self, step: int, n: int) -> Any: ...
+  def shardings(self) -> Any: ...
+  def batches(self, inputs, n: int, positions=None) -> Callable[[jax.Array], Batch]: ...
+  def position(self, step: int) -> dict: ...
+  def restore(self, position: dict) -> None: ...
+
+
+def put_global(tree, sharding):
+  """Host numpy -> global arrays; every process passes the same (replicated) data."""
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
+                      tree)
+
+
+# --------------------------------------------------------------------------- shuffles
+
+def epoch_permutations(seed: int, first_epoch, num_epochs: int, num_examples: int):
+  """``[num_epochs, num_examples]`` shuffles for epochs ``first_epoch, ...`` (see
+  :func:`packed_permutation`)."""
+  base = jax.random.key(seed)
+  epochs = first_epoch + jnp.arange(num_epochs)
+  return jax.vmap(lambda e: packed_permutation(jax.random.fold_in(base, e), num_examples))(epochs)
+
+
+# Below this many random bits per sort key, packed_permutation would need too many
+# rounds; it then takes jax.random.permutation (n above 2**24).
+_MIN_FREE_BITS = 8
+
+
+def packed_permutation(key: jax.Array, n: int) -> jax.Array:
+  """A uniformly random permutation of ``range(n)`` (int32), as rounds of one-operand sorts.
+
+  Each round draws ``32 - b`` random bits per position (``b`` = bits of ``n - 1``),
+  packs them above the position, sorts the packed uint32 words (unique, so one
+  operand and no payload) and reorders by the positions read back from the low bits;
+  ties in the random bits keep the previous round's (random) order. Rounds are
+  added until they hold ``3·b`` random bits in all, the criterion
+  ``jax.random.permutation`` applies to its 32-bit key rounds. Same distribution,
+  different draws: on XLA:CPU a key-value sort is far slower than a one-operand
+  sort (five shuffles of 4,000 positions: 7.9 ms with ``jax.random.permutation``,
+  1.95 ms this way, jax 0.10.2, one core; 1.5x at a million positions:
+  ``benchmarks/shuffle.py``), and a device-fed call shuffles every epoch it spans.
+  For ``n > 2**24`` it is ``jax.random.permutation``.
+
+  >>> p = packed_permutation(jax.random.key(0), 10)
+  >>> sorted(p.tolist()) == list(range(10))
+  True
+  """
+  bits = max(1, (n - 1).bit_length())
+  free = 32 - bits
+  if free < _MIN_FREE_BITS:
+    return jax.random.permutation(key, n)
+  rounds = -(-3 * bits // free)
+  positions = jnp.arange(n, dtype=jnp.uint32)
+  order = positions
+  for r in range(rounds):
+    draws = jax.random.bits(jax.random.fold_in(key, r), (n,), jnp.uint32) >> bits
+    packed = jax.lax.sort((draws << bits) | positions, is_stable=False)
+    order = jnp.take(order, packed & jnp.uint32((1 << bits) - 1))
+  return order.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------- sources
+
+class DeviceSource:
+  """The whole training split on the devices (see the module docstring).
+
+  Args:
+    arrays: the split: ``x``, ``label``, ``id`` (numpy, every process the same).
+    batch_size: the global batch.
+    seed: the shuffle seed.
+    mesh: the devices; the first axis shards the batch.
+    columns: cache columns ``[epochs, N, ...]`` kept on device with the data.
+    join: ``join(columns, epoch, positions) -> entries`` (jittable): the rows of cached
+      epoch ``epoch mod epochs``; the batch's ``epoch`` becomes ``epoch mod epochs``, so
+      the augmentation is the one the cached teacher saw.
+  """
+
+  def __init__(self, arrays: dict, *, batch_size: int, seed: int, mesh: jax.sharding.Mesh,
+               columns: dict | None = None,
+               join: Callable[[Any, Any, Any], dict] | None = None):
+    self.num_examples = int(len(arrays['label']))
+    self.batch_size = int(batch_size)
+    self.steps_per_epoch = self.num_examples // self.batch_size
+    if self.steps_per_epoch < 1:
+      raise ValueError(f'batch size {batch_size} is larger than the {self.num_examples} '
+                       'training examples')
+    self.seed = int(seed)
+    self.repl = NamedSharding(mesh, P())
+    self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+    data = {k: arrays[k] for k in ('x', 'label', 'id')}
+    if columns is not None:
+      data['cache'] = columns
+      self.num_cached = int(jax.tree.leaves(columns)[0].shape[0])
+    self.join = join
+    self.data = put_global(data, self.repl)
+
+  def inputs(self, step: int, n: int) -> dict:
+    del n
+    return {'data': self.data, 'step': np.int32(step)}
+
+  def shardings(self) -> dict:
+    return {'data': jax.tree.map(lambda _: self.repl, self.data), 'step': self.repl}
+
+  def batches(self, inputs, n: int, positions=None) -> Callable[[jax.Array], Batch]:
+    data, first = inputs['data'], inputs['step']
+    spe, b = self.steps_per_epoch, self.batch_size
+    if positions is None:
+      first_epoch = first // spe
+      perms = epoch_permutations(self.seed, first_epoch, (n + spe - 1) // spe + 1,
+                                 self.num_examples)
+
+    def batch_at(i):
+      step = first + i
+      epoch = step // spe
+      if positions is None:
+        idx = jax.lax.dynamic_slice(perms[epoch - first_epoch], ((step % spe) * b,), (b,))
+      else:
+        idx = positions[i]
+      batch = {k: jnp.take(data[k], idx, axis=0) for k in ('x', 'label', 'id')}
+      batch['epoch'] = jnp.full((b,), epoch, jnp.int32)
+      batch['mask'] = jnp.ones((b,), bool)
+      batch['position'] = idx
+      if 'cache' in data:
+        batch.update(self.join(data['cache'], epoch, idx))
+        batch['epoch'] = jnp.full((b,), epoch % self.num_cached, jnp.int32)
+      return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+
+    return batch_at
+
+  def position(self, step: int) -> dict:
+    return {'feed': 'device', 'step': int(step)}
+
+  def restore(self, position: dict) -> None:
+    del position   # the step is the position
+
+
+class StreamSource:
+  """Batches read by a grain iterator on the host, ``n`` per call (module docstring).
+
+  Args:
+    iterator: a grain iterator of per-process batches (``kdjax.data.make_train_iterator``).
+    mesh: the devices; the first axis shards the batch.
+    rows: ``rows(epochs, ids) -> entries`` (numpy): the teacher cache rows of a batch.
+    num_cached: the cache's epochs (a batch's ``epoch`` becomes ``epoch mod num_cached``).
+  """
+
+  KEYS = ('x', 'label', 'id', 'epoch', 'mask')
+
+  def __init__(self, iterator, *, mesh: jax.sharding.Mesh,
+               rows: Callable[[np.ndarray, np.ndarray], dict] | None = None,
+               num_cached: int | None = None):
+    self.iterator = iterator
+    self.rows, self.num_cached = rows, num_cached
+    self.sharding = NamedSharding(mesh, P(None, mesh.axis_names[0]))
+    self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+
+  def _next(self) -> dict:
+    batch = next(self.iterator)
+    out = {k: np.asarray(batch[k]) for k in self.KEYS}
+    if self.rows is not None:
+      out.update(self.rows(out['epoch'], out['id']))
+      out['epoch'] = out['epoch'] % self.num_cached
+    return out
+
+  def inputs(self, step: int, n: int) -> dict:
+    del step
+    batches = [self._next() for _ in range(n)]
+    stacked = jax.tree.map(lambda *a: np.stack(a), *batches)
+    return put_global(stacked, self.sharding)
+
+  def shardings(self):
+    return self.sharding
+
+  def batches(self, inputs, n: int, positions=None) -> Callable[[jax.Array], Batch]:
+    del n
+    if positions is not None:
+      raise ValueError('a stream feed cannot take batch positions')
+    return lambda i: jax.lax.with_sharding_constraint(
+        jax.tree.map(lambda a: a[i], inputs), self.batch_sharding)
+
+  def position(self, step: int) -> dict:
+    return {'feed': 'stream', 'step': int(step), 'iterator': self.iterator.get_state()}
+
+  def restore(self, position: dict) -> None:
+    if position.get('iterator') is not None:
+      self.iterator.set_state(position['iterator'])
+
+
+# --------------------------------------------------------------------------- the feed
+
+class Feed:
+  """Ready batches: a source's examples, augmented, with the teacher's entries.
+
+  Args:
+    source: a :class:`DeviceSource` or :class:`StreamSource`.
+    augment: ``augment(x, ids, epochs, *, seed)`` (``kdjax.data.make_augment``).
+    seed: the augmentation seed.
+    teacher: a live :class:`kdjax.teacher.Teacher` run inside the call, or None (no
+      teacher, or cached entries from the source).
+    needs: the teacher entries the objective reads.
+    ahead: a :class:`TeacherAhead` that computes the teacher's entries on its own
+      devices (``teacher`` is then None).
+  """
+
+  def __init__(self, source: Source, *, augment: Callable, seed: int,
+               teacher: teacher_lib.Teacher | None = None, needs=teacher_lib.OUTPUT_KEYS,
+               ahead: 'TeacherAhead | None' = None):
+    self.source, self.augment, self.seed = source, augment, int(seed)
+    self.teacher, self.needs, self.ahead = teacher, tuple(needs), ahead
+
+  def inputs(self, step: int, n: int) -> dict:
+    inputs = {'source': self.source.inputs(step, n)}
+    if self.teacher is not None:
+      inputs['teacher'] = self.teacher.variables
+    if self.ahead is not None:
+      inputs['ahead'] = self.ahead.entries(step, n)
+    return inputs
+
+  def shardings(self) -> dict:
+    out = {'source': self.source.shardings()}
+    if self.teacher is not None:
+      out['teacher'] = jax.tree.map(lambda a: a.sharding, self.teacher.variables)
+    if self.ahead is not None:
+      out['ahead'] = self.ahead.sharding
+    return out
+
+  def batches(self, inputs, n: int) -> Callable[[jax.Array], Batch]:
+    ahead = inputs.get('ahead')
+    raw = self.source.batches(inputs['source'], n,
+                              positions=None if ahead is None else ahead['position'])
+
+    def batch_at(i):
+      batch = raw(i)
+      batch['x'] = self.augment(batch['x'], batch['id'], batch['epoch'], seed=self.seed)
+      if ahead is not None:
+        batch.update({k: jax.tree.map(lambda a: a[i], v) for k, v in ahead.items()
+                      if k != 'position'})
+      elif self.teacher is not None:
+        batch.update(teacher_lib.outputs(self.teacher.apply, inputs['teacher'], batch['x'],
+                                         self.needs))
+      return batch
+
+    return batch_at
+
+  def position(self, step: int) -> dict:
+    return self.source.position(step)
+
+  def restore(self, position: dict) -> None:
+    self.source.restore(position)
+
+
+class TeacherAhead:
+  """A live teacher on devices of its own, one call ahead of the student.
+
+  ``entries(step, n)`` returns the teacher's entries for steps ``step .. step + n - 1``
+  (each ``[n, batch, ...]``) and the positions of their examples in the split
+  (``position``), computed ahead when the previous call asked, and dispatches the
+  teacher's call for the chunk ``next_chunk(step + n)`` (``(first, count)`` or None),
+  which then runs on the teacher's devices while the student's call runs on its own.
+  The entries are the same as a teacher inside the student's call would compute.
+
+  Args:
+    arrays: the training split (``x``, ``label``, ``id``), as for :class:`DeviceSource`.
+    teacher: the teacher, loaded on ``teacher_mesh``.
+    teacher_mesh: the teacher's devices.
+    student_mesh: the student's devices (the entries are moved there, batch-sharded).
+    batch_size, seed: as the student's :class:`DeviceSource`.
+    augment: the augmentation (the teacher sees the student's augmented inputs).
+    needs: the entries the objective reads.
+    next_chunk: ``next_chunk(step) -> (first, count) | None``: the student's next call.
+  """
+
+  def __init__(self, arrays: dict, teacher: teacher_lib.Teacher, *,
+               teacher_mesh: jax.sharding.Mesh, student_mesh: jax.sharding.Mesh,
+               batch_size: int, seed: int, augment: Callable, needs,
+               next_chunk: Callable[[int], tuple[int, int] | None]):
+    source = DeviceSource(arrays, batch_size=batch_size, seed=seed, mesh=teacher_mesh)
+    self.feed = Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs)
+    self.next_chunk = next_chunk
+    self.sharding = NamedSharding(student_mesh, P(None, student_mesh.axis_names[0]))
+    self._calls: dict[int, Callable] = {}
+    self._pending: dict[tuple[int, int], Any] = {}
+
+  def _call(self, first: int, n: int):
+    if n not in self._calls:
+      feed = self.feed
+
+      def run(inputs):
+        batch_at = feed.batches(inputs, n)
+
+        def body(_, i):
+          batch = batch_at(i)
+          return None, {k: v for k, v in batch.items()
+                        if k.startswith('teacher_') or k == 'position'}
+
+        return jax.lax.scan(body, None, jnp.arange(n))[1]
+
+      self._calls[n] = jax.jit(run, in_shardings=(feed.shardings(),))
+    return self._calls[n](self.feed.inputs(first, n))
+
+  def entries(self, step: int, n: int):
+    out = self._pending.pop((step, n), None)
+    self._pending.clear()
+    if out is None:
+      out = self._call(step, n)
+    nxt = self.next_chunk(step + n)
+    if nxt is not None:
+      self._pending[nxt] = self._call(*nxt)
+    return jax.device_put(out, self.sharding)

@@ -1,0 +1,206 @@
+"""The loop of a training run: calls of several steps, evaluation, checkpoints, logs.
+
+``train_loop`` reads top to bottom. Each iteration asks the feed for the inputs of the
+next call (:mod:`kdjax.engine.feed`), runs the jitted call (:class:`TrainCalls`: a
+``lax.scan`` of the one train step over the feed's batches), then, with the call's
+per-step metrics on the host: stops at a non-finite loss, logs, evaluates,
+checkpoints, and stops on preemption. A call ends where an evaluation or a
+checkpoint falls (and after ``steps_per_call`` steps); logging reads the per-step
+metrics, so it needs no cut, and a resumed run logs exactly what an uninterrupted
+one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kdjax import workdir as workdir_lib
+from kdjax.engine.feed import Feed
+from kdjax.engine.metrics import Accumulator
+from kdjax.engine.metrics import MetricsWriter
+from kdjax.errors import Diverged
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When things happen, in steps (all positive)."""
+
+  num_steps: int
+  steps_per_call: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+
+  def next_stop(self, step: int) -> int:
+    """Where the call starting at ``step`` ends: an evaluation, a checkpoint, the call
+    size or the end, whichever comes first."""
+    every = (self.eval_every, self.checkpoint_every, self.steps_per_call)
+    return min(min((step // e + 1) * e for e in every), self.num_steps)
+
+  def chunk(self, step: int) -> tuple[int, int] | None:
+    """``(step, length)`` of the call starting at ``step`` (None past the end)."""
+    return None if step >= self.num_steps else (step, self.next_stop(step) - step)
+
+
+class TrainCalls:
+  """``calls(state, inputs, n) -> (state, metrics)``: ``n`` train steps in one jitted call.
+
+  A ``lax.scan`` of ``step`` over ``feed.batches(inputs, n)``; the state is donated and
+  keeps ``state_shardings``; every metric comes back stacked ``[n]``, replicated. Each
+  ``n`` compiles once.
+  """
+
+  def __init__(self, step: Callable, feed: Feed, *, state_shardings, mesh):
+    self.step, self.feed, self.state_shardings = step, feed, state_shardings
+    self.repl = NamedSharding(mesh, P())
+    self._jitted: dict[int, Callable] = {}
+
+  def jitted(self, n: int) -> Callable:
+    if n not in self._jitted:
+      step, feed = self.step, self.feed
+
+      def call(state, inputs):
+        batch_at = feed.batches(inputs, n)
+        return jax.lax.scan(lambda st, i: step(st, batch_at(i)), state, jnp.arange(n))
+
+      self._jitted[n] = jax.jit(call, in_shardings=(self.state_shardings, feed.shardings()),
+                                out_shardings=(self.state_shardings, self.repl),
+                                donate_argnums=0)
+    return self._jitted[n]
+
+  def __call__(self, state, inputs, n: int):
+    return self.jitted(n)(state, inputs)
+
+
+@dataclasses.dataclass
+class LoopResult:
+  """Where a loop ended: the state, its step, the last logged train and eval figures,
+  examples per second over calls that did not compile, and how many steps ran."""
+
+  state: Any
+  step: int
+  train: dict
+  eval: dict
+  examples_per_sec: float | None
+  steps_run: int
+  skipped: int
+
+
+class Preemption:
+  """SIGTERM becomes a flag the loop reads between calls (checkpoint, then exit 143)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True when every floating leaf of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)
+            if jnp.issubdtype(a.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def train_loop(state, *, start: int, schedule: Schedule, calls: TrainCalls, feed: Feed,
+               evaluate: Callable[[Any], dict], manager, writer: MetricsWriter,
+               batch_size: int, log_window: dict | None = None, progress=None,
+               log: Callable[[str], None] = print) -> LoopResult:
+  """Trains from ``start`` to ``schedule.num_steps`` (see the module docstring).
+
+  Raises:
+    Diverged: a step's loss or gradient norm was not finite (``nonfinite='stop'``), or
+      the state was not finite at a checkpoint; nothing after the last good checkpoint
+      is saved.
+    SystemExit: 143 after a preemption (SIGTERM, or orbax's multi-host signal), once the
+      checkpoint of the current step is saved.
+  """
+  step, last_train, last_eval = start, {}, {}
+  window = Accumulator(log_window)
+  compiled, timed_examples, timed_seconds, skipped = set(), 0, 0.0, 0
+  with Preemption() as preempt:
+    while step < schedule.num_steps:
+      first, n = schedule.chunk(step)
+      t0 = time.perf_counter()
+      state, metrics = calls(state, feed.inputs(first, n), n)
+      metrics = jax.device_get(metrics)                    # waits for the call
+      if n in compiled:                                    # calls that compiled are not timed
+        timed_examples += n * batch_size
+        timed_seconds += time.perf_counter() - t0
+      compiled.add(n)
+      for i in range(n):
+        one = {k: (s[i], c[i]) for k, (s, c) in metrics.items()}
+        flag, _ = one.pop('nonfinite', (0.0, 0.0))
+        skipped += int(one.get('skipped', (0, 0))[0])
+        window.add(one)
+        step = first + i + 1
+        if flag:
+          last_train = _log_train(writer, step, window, timed_examples, timed_seconds)
+          raise _diverged(manager, step, one)
+        if step % schedule.log_every == 0 or step == schedule.num_steps:
+          last_train = _log_train(writer, step, window, timed_examples, timed_seconds)
+          window.reset()
+      if progress is not None:
+        progress.update(step - progress.n)
+        progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}")
+      if step % schedule.eval_every == 0 or step == schedule.num_steps:
+        last_eval = evaluate(state)
+        writer.write(step, last_eval, split='eval')
+      preempted = preempt.requested or (jax.process_count() > 1
+                                        and bool(manager.reached_preemption(step)))
+      if step % schedule.checkpoint_every == 0 or step == schedule.num_steps or preempted:
+        if not bool(all_finite((state.params, state.opt_state))):
+          raise _diverged(manager, step, {}, what='the train state')
+        workdir_lib.save(manager, step, state,
+                         dict(feed.position(step), log_window=window.totals))
+      if preempted:
+        manager.wait_until_finished()
+        log(f'preempted: saved step {step}; run the same command again to resume')
+        raise SystemExit(143)
+  eps = timed_examples / timed_seconds if timed_seconds else None
+  return LoopResult(state, step, last_train, last_eval, eps, step - start, skipped)
+
+
+def _log_train(writer, step, window, timed_examples, timed_seconds) -> dict:
+  values = window.means()
+  if timed_seconds:
+    values['examples_per_sec'] = timed_examples / timed_seconds
+  writer.write(step, values, split='train')
+  return values
+
+
+def _diverged(manager, step: int, metrics: dict, *, what: str = 'the loss') -> Diverged:
+  manager.wait_until_finished()
+  good = manager.latest_step()
+  ckpt = None if good is None else os.path.join(str(manager.directory), str(good))
+  details = ', '.join(f'{name} {float(s) / float(c):.4g}' for name, (s, c) in metrics.items()
+                      if name in ('loss', 'grad_norm') and c)
+  details = f' ({details.replace("grad_norm", "gradient norm")})' if details else ''
+  where = (f'the last good checkpoint is {ckpt}: rerun the same command to resume from it'
+           if ckpt else 'no checkpoint was saved before it')
+  return Diverged(f'{what} is not finite at step {step}{details}; {where}. Lower '
+                  'optimizer.learning_rate, or set --config.nonfinite=skip to skip such steps',
+                  step=step, checkpoint=ckpt)

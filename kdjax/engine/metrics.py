@@ -1,0 +1,154 @@
+"""Metrics: ``(sum, count)`` accumulation and the writers (JSONL, TensorBoard, PNG).
+
+Every run writes ``WORKDIR/metrics.jsonl`` (one strict-JSON object per line: a
+non-finite value is ``null`` and the row names it in ``nonfinite``) and TensorBoard
+events under ``WORKDIR/tensorboard``, through one :class:`MetricsWriter`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from kdjax import workdir as workdir_lib
+
+
+class Accumulator:
+  """Sums ``(sum, count)`` pairs; ``means()`` gives ``sum / count``.
+
+  >>> acc = Accumulator()
+  >>> acc.add({'loss': (3.0, 2.0)}); acc.add({'loss': (1.0, 2.0)})
+  >>> acc.means()
+  {'loss': 1.0}
+  """
+
+  def __init__(self, totals: Mapping[str, list] | None = None):
+    self.totals: dict[str, list[float]] = {k: list(v) for k, v in (totals or {}).items()}
+
+  def add(self, metrics: Mapping[str, tuple]) -> None:
+    metrics = jax.device_get(metrics)
+    for name, (s, c) in metrics.items():
+      acc = self.totals.setdefault(name, [0.0, 0.0])
+      acc[0] += float(s)
+      acc[1] += float(c)
+
+  def means(self) -> dict[str, float]:
+    return {k: s / c for k, (s, c) in self.totals.items() if c > 0}
+
+  def reset(self) -> None:
+    self.totals.clear()
+
+
+class MetricsWriter:
+  """Writes ``metrics.jsonl`` and TensorBoard events under the workdir (process 0 only).
+
+  Args:
+    workdir: the run's directory.
+    resume_step: the step (or round) a resumed run restarts from: rows logged after it
+      by the killed run are dropped, so the file ends as an uninterrupted run's would;
+      None: a new run (the file is started afresh).
+    step_key: the name of the row's step field (``'step'``, or ``'round'`` for
+      federated runs).
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, step_key: str = 'step'):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, workdir_lib.METRICS)
+    self.step_key = step_key
+    self.enabled = jax.process_index() == 0
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(self.path):
+      keep = [row for row in read_jsonl(self.path)
+              if resume_step is not None and row.get(step_key, 0) <= resume_step]
+      with open(self.path + '.tmp', 'w') as f:
+        for row in keep:
+          f.write(json.dumps(row) + '\n')
+      os.replace(self.path + '.tmp', self.path)
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    except ImportError:  # pragma: no cover - tensorboardX is a dependency
+      self._tb = None
+
+  def write(self, step: int, values: Mapping[str, float], *, split: str | None = None) -> None:
+    """One row: ``{step_key: step, 'split': split, **values}`` (``split`` omitted if None)."""
+    if not self.enabled:
+      return
+    row = {self.step_key: int(step)}
+    if split is not None:
+      row['split'] = split
+    row.update(values)
+    with open(self.path, 'a') as f:
+      f.write(workdir_lib.dumps(row) + '\n')
+    if self._tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) \
+            and math.isfinite(float(v)):
+          self._tb.add_scalar(f'{split}/{k}' if split else k, float(v), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+      self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The rows of a ``metrics.jsonl``; a line cut by a kill ends the file there."""
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          break
+  return out
+
+
+def logged(path: str, split: str, step: int) -> dict[str, float]:
+  """What ``metrics.jsonl`` at ``path`` holds for ``split`` at ``step`` (``{}``: nothing, or no
+  file: only process 0 writes it)."""
+  if not os.path.exists(path):
+    return {}
+  rows = [r for r in read_jsonl(path) if r.get('split') == split and r.get('step') == step]
+  return {k: v for k, v in rows[-1].items() if k not in ('step', 'split')} if rows else {}
+
+
+def plot_learning_curves(workdir: str, title: str = '') -> str | None:
+  """Draws train loss and eval accuracy against the step into ``learning_curves.png``."""
+  path = os.path.join(workdir, workdir_lib.METRICS)
+  if not os.path.exists(path) or jax.process_index() != 0:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  records = read_jsonl(path)
+  train = [(r['step'], r['loss']) for r in records
+           if r.get('split') == 'train' and r.get('loss') is not None]
+  evals = [(r['step'], r['accuracy']) for r in records
+           if r.get('split') == 'eval' and r.get('accuracy') is not None]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+  if train:
+    ax1.plot(*np.asarray(train).T)
+    if all(v > 0 for _, v in train):
+      ax1.set_yscale('log')
+  ax1.set_xlabel('step'); ax1.set_ylabel('train loss')
+  if evals:
+    ax2.plot(*np.asarray(evals).T, marker='o')
+  ax2.set_xlabel('step'); ax2.set_ylabel('eval accuracy')
+  fig.suptitle(title or os.path.basename(os.path.abspath(workdir)))
+  fig.tight_layout()
+  out = os.path.join(workdir, 'learning_curves.png')
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out

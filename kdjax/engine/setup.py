@@ -1,0 +1,328 @@
+"""Setup: everything a training run needs, built from its config, top to bottom.
+
+``setup(config)`` returns a :class:`Setup`: the mesh, the data set, the objective, the
+teacher (live, cached or none), the student, the optimizer, the feed, the train
+state's shapes and shardings (the parameters are made directly in them), the one
+train step and its jitted calls, the evaluator and the schedule. It reads data and
+checkpoints but writes nothing: a bad config is refused before a workdir exists.
+``kdjax train`` / ``kdjax distill`` (:mod:`kdjax.distill.train`), the benchmarks and
+the tests all start here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+
+from kdjax import data as kdata
+from kdjax import teacher as teacher_lib
+from kdjax.engine.config import validate
+from kdjax.engine.evaluate import make_evaluator
+from kdjax.engine.feed import DeviceSource
+from kdjax.engine.feed import Feed
+from kdjax.engine.feed import StreamSource
+from kdjax.engine.feed import TeacherAhead
+from kdjax.engine.loop import Schedule
+from kdjax.engine.loop import TrainCalls
+from kdjax.engine.optim import make_optimizer
+from kdjax.engine.state import TrainState
+from kdjax.engine.step import init_train_state
+from kdjax.engine.step import make_train_step
+from kdjax.errors import UserError
+from kdjax.losses import build_objective
+from kdjax.models import from_config
+from kdjax.parallel import initialize_from_env
+from kdjax.parallel import make_mesh
+from kdjax.parallel import shardings_from_rules
+
+TEACHER_NEEDS = frozenset(teacher_lib.OUTPUT_KEYS)
+CACHE_NEEDS = frozenset({'teacher_topk_logits', 'teacher_topk_indices'})
+
+
+class CachedTeacher(Protocol):
+  """A teacher cache as a run reads it (``kdjax.cache.read.RunCache`` is one)."""
+
+  epochs: int
+  nbytes: int
+
+  def check(self, config, *, num_classes: int, needs) -> None: ...
+  def check_arrays(self, arrays: dict) -> None: ...
+  def check_stream(self, config) -> None: ...
+  def columns(self, needs) -> dict: ...
+  def join(self, columns, epoch, positions) -> dict: ...
+  def reader(self, config) -> str: ...
+  def host_rows(self, reader: str, needs) -> Callable[[np.ndarray, np.ndarray], dict]: ...
+  def sample(self, needs) -> dict: ...
+
+
+class Data(NamedTuple):
+  """A data set already in memory (notebooks, benchmarks): its spec and its training and
+  evaluation splits as ``{'x', 'label', 'id'}`` numpy arrays (fed from the devices)."""
+
+  spec: kdata.DatasetSpec
+  train: dict
+  eval: dict
+
+
+class Setup(NamedTuple):
+  """What :func:`setup` builds (see the module docstring)."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  spec: kdata.DatasetSpec
+  objective: Any
+  teacher: teacher_lib.Teacher | None
+  cache: CachedTeacher | None
+  apply: Callable[..., Any]
+  tx: Any
+  feed: Feed
+  feed_kind: str
+  step: Callable
+  calls: TrainCalls
+  state_shardings: Any
+  abstract_state: TrainState
+  init: Callable[[], TrainState]
+  evaluate: Callable[[TrainState], dict]
+  schedule: Schedule
+
+  @property
+  def distills(self) -> bool:
+    """Whether the objective reads a teacher (live or cached)."""
+    return bool(self.objective.needs & (TEACHER_NEEDS | CACHE_NEEDS))
+
+
+def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = None,
+          teacher: teacher_lib.Teacher | None = None, data: Data | None = None,
+          log: Callable[[str], None] = print) -> Setup:
+  """Builds a run from ``config`` (see the module docstring).
+
+  Args:
+    config: a training config (:func:`kdjax.engine.config.base_config`).
+    cache: the teacher cache of ``config.teacher.cache``, opened by the caller
+      (``kdjax.cache.open_for_run``); it replaces the live teacher.
+    teacher: a teacher already made (notebooks, benchmarks), placed here by
+      ``config.teacher.partition_rules``; default: ``config.teacher.workdir``'s, when the
+      objective needs one.
+    data: a data set in memory instead of ``config.data`` (the device feed).
+    log: where one-line notes go (process 0 prints them).
+
+  Raises:
+    UserError: a config, data set, teacher or cache this run cannot use.
+  """
+  # ---- the config, the processes and the devices
+  validate(config)
+  initialize_from_env()
+  mesh, teacher_mesh = _meshes(config)
+  batch_size = int(config.batch_size)
+
+  # ---- the data set
+  data_dir = config.data.data_dir or None
+  spec = data.spec if data is not None else kdata.dataset_spec(config.data.name, data_dir=data_dir)
+  num_train = (len(data.train['label']) if data is not None
+               else _split_size(spec, config.data.train_split))
+  if num_train is not None and batch_size > num_train:
+    raise UserError(f'batch_size {batch_size} is larger than the {num_train} examples of '
+                    f'{config.data.name}:{config.data.train_split}; lower config.batch_size')
+
+  # ---- the objective, and the teacher it reads: live, cached or none
+  objective = _objective(config)
+  needs = objective.needs
+  if cache is not None:
+    cache.check(config, num_classes=spec.num_classes, needs=needs)
+  elif needs & CACHE_NEEDS:
+    raise UserError('sparse (top-k) losses read the teacher cache: build one with `kdjax cache '
+                    'build` and pass --config.teacher.cache=DIR')
+  live = cache is None and (bool(needs & TEACHER_NEEDS) or bool(config.teacher.workdir))
+  if live and teacher is None:
+    teacher = teacher_lib.load_teacher(config.teacher.workdir, teacher_mesh or mesh,
+                                       config.teacher.partition_rules)
+  elif live:
+    teacher = teacher._replace(variables=jax.device_put(teacher.variables, shardings_from_rules(
+        teacher.variables, config.teacher.partition_rules, teacher_mesh or mesh)))
+  if not live:
+    teacher = None
+  if teacher is not None and teacher.num_classes != spec.num_classes:
+    raise UserError(f'the teacher predicts {teacher.num_classes} classes but {config.data.name} '
+                    f'has {spec.num_classes}; use a teacher trained on the same label space')
+
+  # ---- the student and its optimizer
+  apply, init_params, _ = from_config(config.model, num_classes=spec.num_classes,
+                                      input_shape=spec.input_shape, seed=int(config.seed))
+  tx = make_optimizer(config.optimizer, int(config.num_steps))
+  schedule = Schedule(int(config.num_steps), int(config.steps_per_call), int(config.log_every),
+                      int(config.eval_every), int(config.checkpoint_every))
+
+  # ---- the feed: device-resident split or grain stream; cache rows; teacher's devices
+  augment = kdata.make_augment(_plain(config.data.augment))
+  kind = 'device' if data is not None else _feed_kind(config, spec, cache)
+  if teacher_mesh is not None and (kind != 'device' or teacher is None or not needs & TEACHER_NEEDS):
+    raise UserError('config.teacher.devices > 0 needs a live teacher (no teacher cache) and '
+                    "the device feed (config.data.feed='device'); set it to 0")
+  feed = _feed(config, kind, mesh=mesh, cache=cache, needs=needs, augment=augment,
+               teacher=teacher, teacher_mesh=teacher_mesh, schedule=schedule, log=log,
+               arrays=data.train if data is not None else None)
+
+  # ---- the state: shapes, shardings by rule, and an init that makes it in them
+  init = _init_fn(apply, init_params, objective, tx, config=config, spec=spec,
+                  teacher=teacher, cache=cache, needs=needs)
+  abstract = jax.eval_shape(init)
+  state_shardings = shardings_from_rules(abstract, config.partition_rules, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+  make_state = jax.jit(init, out_shardings=state_shardings)
+
+  # ---- the one step, its calls, and the evaluator
+  step = make_train_step(apply, objective, tx, nonfinite=str(config.nonfinite))
+  calls = TrainCalls(step, feed, state_shardings=state_shardings, mesh=mesh)
+  eval_arrays = (data.eval if data is not None else
+                 kdata.load_arrays(config.data.name, config.data.eval_split, data_dir=data_dir))
+  evaluate_params = make_evaluator(apply, eval_arrays, mesh,
+                                   batch_size=int(config.data.eval_batch_size))
+  return Setup(config, mesh, spec, objective, teacher, cache, apply, tx, feed, kind, step,
+               calls, state_shardings, abstract, make_state,
+               lambda state: evaluate_params(state.params['student'], state.model_state),
+               schedule)
+
+
+def _meshes(config) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh | None]:
+  """``(student mesh, teacher mesh or None)``; ``config.teacher.devices`` sets the last
+  devices apart for the teacher."""
+  k = int(config.teacher.devices)
+  devices = jax.devices()
+  teacher_mesh = None
+  if k:
+    if k >= len(devices):
+      raise UserError(f'config.teacher.devices={k}: must be in 0..{len(devices) - 1} (there are '
+                      f'{len(devices)} devices and the student needs at least one)')
+    if jax.process_count() > 1:
+      raise UserError('config.teacher.devices > 0 runs in one process only; set it to 0 for '
+                      'multi-process runs')
+    teacher_mesh = make_mesh([('data', -1)], devices=devices[-k:])
+    devices = devices[:-k]
+  axes = [tuple(axis) for axis in config.mesh]
+  wanted = math.prod(size for _, size in axes)
+  if wanted > 0 and wanted < len(devices) and jax.process_count() == 1:
+    devices = devices[:wanted]   # a mesh of fixed size takes the first devices
+  try:
+    mesh = make_mesh(axes, devices=devices)
+  except ValueError as e:
+    raise UserError(f'config.mesh: {e}') from None
+  data_axis = mesh.axis_names[0]
+  batch = int(config.batch_size)
+  if batch % mesh.shape[data_axis]:
+    raise UserError(f'batch_size {batch} does not divide over the {mesh.shape[data_axis]} '
+                    f'devices of mesh axis {data_axis!r}; pick a multiple')
+  if teacher_mesh is not None and batch % teacher_mesh.size:
+    raise UserError(f'batch_size {batch} does not divide over the teacher\'s '
+                    f'{teacher_mesh.size} devices (config.teacher.devices); pick a multiple')
+  return mesh, teacher_mesh
+
+
+def _objective(config):
+  terms = config.loss.terms
+  terms = terms.to_dict() if hasattr(terms, 'to_dict') else dict(terms)
+  try:
+    return build_objective(terms)
+  except (KeyError, ValueError) as e:
+    raise UserError(f'config.loss.terms: {e.args[0] if e.args else e}') from None
+
+
+def _plain(value: Any) -> Any:
+  return value.to_dict() if hasattr(value, 'to_dict') else value
+
+
+def _split_size(spec: kdata.DatasetSpec, split: str) -> int | None:
+  """Examples in a split expression such as ``'train+transfer'`` (None if sliced)."""
+  total = 0
+  for part in split.split('+'):
+    part = part.strip()
+    if part not in spec.splits:
+      if '[' in part:
+        return None
+      raise UserError(f'{spec.name} has no split {part!r}; its splits: '
+                      f'{", ".join(sorted(spec.splits))}')
+    total += spec.splits[part]
+  return total
+
+
+def _feed_kind(config, spec, cache) -> str:
+  """``config.data.feed``; ``auto``: the device feed when the split (and the cache) fit in
+  ``config.data.device_max_bytes``."""
+  kind = config.data.feed
+  if kind != 'auto':
+    return kind
+  n = _split_size(spec, config.data.train_split)
+  if n is None:
+    return 'stream'
+  nbytes = n * 4 * math.prod(spec.input_shape) + (cache.nbytes if cache is not None else 0)
+  return 'device' if nbytes <= int(config.data.device_max_bytes) else 'stream'
+
+
+def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_mesh,
+          schedule: Schedule, log, arrays=None) -> Feed:
+  data_dir = config.data.data_dir or None
+  seed, batch_size = int(config.seed), int(config.batch_size)
+  if kind == 'device':
+    if arrays is None:
+      arrays = kdata.load_arrays(config.data.name, config.data.train_split, data_dir=data_dir)
+    columns = None
+    if cache is not None:
+      if config.teacher.cache_reader == 'chunks':
+        raise UserError("config.teacher.cache_reader='chunks' needs the stream feed (the device "
+                        "feed keeps the cache on device); add --config.data.feed=stream")
+      cache.check_arrays(arrays)
+      columns = cache.columns(needs)
+      log(f'teacher cache: {cache.nbytes / 2**20:.1f} MiB, on device with the data')
+    source = DeviceSource(arrays, batch_size=batch_size, seed=seed, mesh=mesh, columns=columns,
+                          join=cache.join if cache is not None else None)
+    if teacher_mesh is not None:
+      ahead = TeacherAhead(arrays, teacher, teacher_mesh=teacher_mesh, student_mesh=mesh,
+                           batch_size=batch_size, seed=seed, augment=augment, needs=needs,
+                           next_chunk=schedule.chunk)
+      return Feed(source, augment=augment, seed=seed, needs=needs, ahead=ahead)
+    return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs)
+  iterator = kdata.make_train_iterator(
+      config.data.name, split=config.data.train_split, batch_size=batch_size, seed=seed,
+      data_dir=data_dir, shard_index=jax.process_index(), shard_count=jax.process_count())
+  rows = None
+  if cache is not None:
+    cache.check_stream(config)
+    reader = cache.reader(config)
+    rows = cache.host_rows(reader, needs)
+    log(f'teacher cache: {cache.nbytes / 2**20:.1f} MiB, ' + (
+        'loaded whole' if reader == 'memory' else 'rows read per batch from its chunk files'))
+  source = StreamSource(iterator, mesh=mesh, rows=rows,
+                        num_cached=cache.epochs if cache is not None else None)
+  return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs)
+
+
+def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache, needs):
+  """``init() -> TrainState`` (pure; jitted with the state's shardings).
+
+  The objective's learned parts (projectors, queues) are initialized from a
+  two-example sample: the student's outputs, and the teacher's (live, computed once
+  on its devices, or a cache row).
+  """
+  seed = int(config.seed)
+  x = np.zeros((2, *spec.input_shape), np.float32)
+  extra = cache.sample(needs) if cache is not None else {}
+  if teacher is not None:
+    forward = jax.jit(lambda v: teacher_lib.outputs(teacher.apply, v, x))
+    extra = jax.device_get(forward(teacher.variables))
+
+  def init() -> TrainState:
+    params, model_state = init_params()
+    out, _ = apply(params, model_state, x, train=False)
+    sample = {'student_logits': out.logits, 'student_features': out.features,
+              'student_attentions': out.attentions, 'labels': np.zeros(2, np.int32),
+              'where': np.ones(2, bool), 'step': 0, **extra}
+    key = jax.random.key(seed)
+    loss_params, loss_state = objective.init(jax.random.fold_in(key, 1), sample)
+    return init_train_state(params, model_state, tx, rng=jax.random.fold_in(key, 2),
+                            loss_params=loss_params, loss_state=loss_state)
+
+  return init
