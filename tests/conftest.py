@@ -63,9 +63,12 @@ def _once(path: str, make) -> str:
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  """One TFDS data dir for the run tests (prepared once; the builders file-lock)."""
+  """One TFDS data dir for the run tests, with MNIST-1D (small) prepared once (the
+  builders file-lock), so no test sees TFDS's preparation progress on its stderr."""
   path = os.environ.get('KDJAX_TEST_DATA_DIR') or str(_shared_root(tmp_path_factory) / 'kdjax_data')
   os.makedirs(path, exist_ok=True)
+  from kdjax.data import dataset_spec
+  dataset_spec(SMALL, data_dir=path)
   return path
 
 

@@ -185,9 +185,6 @@ def test_cache_build_flags_out_of_range_exit_2(tmp_path, capsys, args, field):
 
 
 def test_a_batch_larger_than_the_split(tmp_path, capsys, data_dir, paths):
-  from kdjax.data import dataset_spec
-  dataset_spec(paths['small'], data_dir=data_dir)   # prepared first: TFDS prints its progress
-  capsys.readouterr()
   workdir = str(tmp_path / 'run')
   code = kdjax_main(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny",
                    '--workdir', workdir, f"--config.data.name={paths['small']}",

@@ -15,7 +15,6 @@ from kdjax.losses.registry import register
 from kdjax.losses.schedules import make_schedule
 
 # --- response (logit) losses: kdjax/losses/logits.py, sparse.py, sequence.py
-# (helper "logits" edits only this block)
 from kdjax.losses import divergences
 from kdjax.losses import logits
 from kdjax.losses import progressive
@@ -57,7 +56,6 @@ from kdjax.losses.sparse import sparse_reverse_kl
 from kdjax.losses.sparse import sparse_tvd
 
 # --- feature and relation losses: kdjax/losses/features.py, relations.py
-# (helper "features" edits only this block)
 from kdjax.losses import features
 from kdjax.losses import minilm
 from kdjax.losses import projectors

@@ -114,8 +114,8 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
   ]
 
   # TFDS 4.9.10 finds a builder's file through the `importlib_resources`
-  # package, which it only declares for Python < 3.9 (tensorflow/datasets
-  # issue 11212); pointing at this file directly needs nothing extra.
+  # package, which it only declares for Python < 3.9 (tensorflow/datasets#11212);
+  # pointing at this file directly needs nothing extra.
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:
