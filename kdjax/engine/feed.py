@@ -42,6 +42,8 @@ class Source(Protocol):
   """Where a feed's examples come from (see the module docstring)."""
 
   def inputs(self, step: int, n: int) -> Any: ...
+  repl: NamedSharding   # replicated over the source's mesh
+
   def shardings(self) -> Any: ...
   def batches(self, inputs, n: int, positions=None) -> Callable[[jax.Array], Batch]: ...
   def position(self, step: int) -> dict: ...
@@ -56,9 +58,9 @@ def put_global(tree, sharding):
 
 # --------------------------------------------------------------------------- shuffles
 
-def epoch_permutations(seed: int, first_epoch, num_epochs: int, num_examples: int):
+def epoch_permutations(seed, first_epoch, num_epochs: int, num_examples: int):
   """``[num_epochs, num_examples]`` shuffles for epochs ``first_epoch, ...`` (see
-  :func:`packed_permutation`)."""
+  :func:`packed_permutation`); ``seed`` may be traced."""
   base = jax.random.key(seed)
   epochs = first_epoch + jnp.arange(num_epochs)
   return jax.vmap(lambda e: packed_permutation(jax.random.fold_in(base, e), num_examples))(epochs)
@@ -139,17 +141,18 @@ class DeviceSource:
 
   def inputs(self, step: int, n: int) -> dict:
     del n
-    return {'data': self.data, 'step': np.int32(step)}
+    return {'data': self.data, 'step': np.int32(step), 'seed': np.int32(self.seed)}
 
   def shardings(self) -> dict:
-    return {'data': jax.tree.map(lambda _: self.repl, self.data), 'step': self.repl}
+    return {'data': jax.tree.map(lambda _: self.repl, self.data), 'step': self.repl,
+            'seed': self.repl}
 
   def batches(self, inputs, n: int, positions=None) -> Callable[[jax.Array], Batch]:
     data, first = inputs['data'], inputs['step']
     spe, b = self.steps_per_epoch, self.batch_size
     if positions is None:
       first_epoch = first // spe
-      perms = epoch_permutations(self.seed, first_epoch, (n + spe - 1) // spe + 1,
+      perms = epoch_permutations(inputs['seed'], first_epoch, (n + spe - 1) // spe + 1,
                                  self.num_examples)
 
     def batch_at(i):
@@ -196,6 +199,7 @@ class StreamSource:
     self.rows, self.num_cached = rows, num_cached
     self.sharding = NamedSharding(mesh, P(None, mesh.axis_names[0]))
     self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+    self.repl = NamedSharding(mesh, P())
 
   def _next(self) -> dict:
     batch = next(self.iterator)
@@ -252,7 +256,9 @@ class Feed:
     self.teacher, self.needs, self.ahead = teacher, tuple(needs), ahead
 
   def inputs(self, step: int, n: int) -> dict:
-    inputs = {'source': self.source.inputs(step, n)}
+    # The seed is an input, not a constant: runs that differ only in it share programs
+    # (in the persistent compilation cache, too).
+    inputs = {'source': self.source.inputs(step, n), 'seed': np.int32(self.seed)}
     if self.teacher is not None:
       inputs['teacher'] = self.teacher.variables
     if self.ahead is not None:
@@ -260,7 +266,7 @@ class Feed:
     return inputs
 
   def shardings(self) -> dict:
-    out = {'source': self.source.shardings()}
+    out = {'source': self.source.shardings(), 'seed': self.source.repl}
     if self.teacher is not None:
       out['teacher'] = jax.tree.map(lambda a: a.sharding, self.teacher.variables)
     if self.ahead is not None:
@@ -274,7 +280,7 @@ class Feed:
 
     def batch_at(i):
       batch = raw(i)
-      batch['x'] = self.augment(batch['x'], batch['id'], batch['epoch'], seed=self.seed)
+      batch['x'] = self.augment(batch['x'], batch['id'], batch['epoch'], seed=inputs['seed'])
       if ahead is not None:
         batch.update({k: jax.tree.map(lambda a: a[i], v) for k, v in ahead.items()
                       if k != 'position'})

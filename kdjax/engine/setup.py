@@ -151,7 +151,7 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
 
   # ---- the student and its optimizer
   apply, init_params, _ = from_config(config.model, num_classes=spec.num_classes,
-                                      input_shape=spec.input_shape, seed=int(config.seed))
+                                      input_shape=spec.input_shape)
   tx = make_optimizer(config.optimizer, int(config.num_steps))
   schedule = Schedule(int(config.num_steps), int(config.steps_per_call), int(config.log_every),
                       int(config.eval_every), int(config.checkpoint_every))
@@ -169,7 +169,8 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   # ---- the state: shapes, shardings by rule, and an init that makes it in them
   init = _init_fn(apply, init_params, objective, tx, config=config, spec=spec,
                   teacher=teacher, cache=cache, needs=needs)
-  abstract = jax.eval_shape(init)
+  seed = np.int32(config.seed)
+  abstract = jax.eval_shape(init, seed)
   state_shardings = shardings_from_rules(abstract, config.partition_rules, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
@@ -183,7 +184,7 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   evaluate_params = make_evaluator(apply, eval_arrays, mesh,
                                    batch_size=int(config.data.eval_batch_size))
   return Setup(config, mesh, spec, objective, teacher, cache, apply, tx, feed, kind, step,
-               calls, state_shardings, abstract, make_state,
+               calls, state_shardings, abstract, lambda: make_state(seed),
                lambda state: evaluate_params(state.params['student'], state.model_state),
                schedule)
 
@@ -301,21 +302,21 @@ def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_me
 
 
 def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache, needs):
-  """``init() -> TrainState`` (pure; jitted with the state's shardings).
+  """``init(seed) -> TrainState`` (pure; jitted with the state's shardings; the seed is
+  an argument, so runs that differ only in it share the program).
 
   The objective's learned parts (projectors, queues) are initialized from a
   two-example sample: the student's outputs, and the teacher's (live, computed once
   on its devices, or a cache row).
   """
-  seed = int(config.seed)
   x = np.zeros((2, *spec.input_shape), np.float32)
   extra = cache.sample(needs) if cache is not None else {}
   if teacher is not None:
     forward = jax.jit(lambda v: teacher_lib.outputs(teacher.apply, v, x))
     extra = jax.device_get(forward(teacher.variables))
 
-  def init() -> TrainState:
-    params, model_state = init_params()
+  def init(seed) -> TrainState:
+    params, model_state = init_params(seed)
     out, _ = apply(params, model_state, x, train=False)
     sample = {'student_logits': out.logits, 'student_features': out.features,
               'student_attentions': out.attentions, 'labels': np.zeros(2, np.int32),

@@ -137,8 +137,9 @@ def from_config(cfg: Any, *, num_classes: int, input_shape: Sequence[int], seed:
 
   Returns:
     ``(apply, init, abstract)``: the pure ``apply`` of :func:`~kdjax.models.functional`;
-    ``init() -> (params, state)``, pure and traceable, so ``jax.jit(init,
-    out_shardings=...)`` makes the parameters directly in their shardings; and the
+    ``init(seed=seed) -> (params, state)``, pure and traceable (the seed may be traced),
+    so ``jax.jit(init, out_shardings=...)`` makes the parameters directly in their
+    shardings; and the
     ``(params, state)`` shapes as ``jax.ShapeDtypeStruct`` (nothing allocated).
 
   Raises:
@@ -157,7 +158,7 @@ def from_config(cfg: Any, *, num_classes: int, input_shape: Sequence[int], seed:
   kwargs = dict(kwargs.to_dict() if hasattr(kwargs, 'to_dict') else kwargs)
   dtype = jnp.dtype(get('dtype') or 'float32')
 
-  def build() -> nnx.Module:
+  def build(seed=seed) -> nnx.Module:
     return create(name, num_classes=num_classes, input_shape=tuple(input_shape), seed=seed,
                   dtype=dtype, **kwargs)
 
@@ -168,7 +169,7 @@ def from_config(cfg: Any, *, num_classes: int, input_shape: Sequence[int], seed:
   except (TypeError, ValueError) as e:
     raise UserError(f'model {name!r} with options {kwargs}: {str(e).splitlines()[0]}') from None
 
-  def init():
-    return functional(build())[1:]
+  def init(seed=seed):
+    return functional(build(seed))[1:]
 
   return apply, init, (params, state)

@@ -31,7 +31,6 @@ def test_two_processes_build_the_same_cache_as_one(tmp_path, teacher_dir, cache_
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '2',
            'KDJAX_COORDINATOR': f'localhost:{port}', 'KDJAX_NUM_PROCESSES': '2',
            'KDJAX_PROCESS_ID': str(pid)}
-    env.pop('XLA_FLAGS', None)
     procs.append(subprocess.Popen([sys.executable, '-m', 'kdjax', *args], cwd=root, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=300) for p in procs]

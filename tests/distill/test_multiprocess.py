@@ -28,7 +28,6 @@ def test_two_processes_equal_one_process_with_four_devices(paths, data_dir, teac
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '2',
            'KDJAX_COORDINATOR': f'localhost:{port}', 'KDJAX_NUM_PROCESSES': '2',
            'KDJAX_PROCESS_ID': str(pid)}
-    env.pop('XLA_FLAGS', None)
     procs.append(subprocess.Popen([sys.executable, '-m', 'kdjax', *args, '--workdir', mp],
                                   cwd=paths['root'], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
@@ -36,7 +35,7 @@ def test_two_processes_equal_one_process_with_four_devices(paths, data_dir, teac
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   sp = str(tmp_path / 'sp')
-  cli([*args, '--workdir', sp], env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  cli([*args, '--workdir', sp], env={'JAX_NUM_CPU_DEVICES': '4'})
   a = json.load(open(os.path.join(mp, 'summary.json')))
   b = json.load(open(os.path.join(sp, 'summary.json')))
   assert a['num_devices'] == b['num_devices'] == 4

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-FOUR = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+FOUR = {'JAX_NUM_CPU_DEVICES': '4', 'JAX_PLATFORMS': 'cpu'}
 
 @pytest.mark.slow
 def test_tiny_distillation_same_accuracy_on_1_and_4_devices(cli, paths, teacher_dir, data_dir, tmp_path):
@@ -22,17 +22,17 @@ def test_tiny_distillation_same_accuracy_on_1_and_4_devices(cli, paths, teacher_
 
 @pytest.mark.slow
 def test_tiny_distillation_teacher_on_its_own_device(cli, paths, teacher_dir, data_dir, tmp_path):
-  # 3 devices: the teacher on the last, the student's mesh on the other 2, one fused call
+  # 3 devices: the teacher on the last, the student's mesh on the other 2, one call
   # ahead; the run ends where the all-in-one-step run on 1 device does. steps_per_call=30
-  # with log/eval/checkpoint boundaries at 50 gives calls of 30 and 20 steps, so the
-  # look-ahead crosses unequal chunk sizes.
+  # with eval/checkpoint boundaries at 50 and 60 steps gives calls of 30, 20 and 10
+  # steps, so the look-ahead crosses unequal chunk sizes.
   args = ['distill', '--config', f"{paths['configs']}/mnist1d/kd.py:tiny",
           f'--config.teacher.workdir={teacher_dir}', f"--config.data.name={paths['small']}",
           f'--config.data.data_dir={data_dir}', '--config.progress=false',
-          '--config.steps_per_call=30', '--config.data.feed=device',
+          '--config.steps_per_call=30', '--config.data.feed=device', '--config.num_steps=60',
           "--config.data.augment={'kind': 'signal', 'shift': 2, 'noise': 0.05}"]
   cli([*args, '--workdir', str(tmp_path / 'one')])
-  three = {'XLA_FLAGS': '--xla_force_host_platform_device_count=3', 'JAX_PLATFORMS': 'cpu'}
+  three = {'JAX_NUM_CPU_DEVICES': '3', 'JAX_PLATFORMS': 'cpu'}
   cli([*args, '--workdir', str(tmp_path / 'apart'), '--config.teacher.devices=1'], env=three)
   one = json.load(open(tmp_path / 'one' / 'summary.json'))
   apart = json.load(open(tmp_path / 'apart' / 'summary.json'))
@@ -55,7 +55,7 @@ def test_tiny_distillation_teacher_on_its_own_device(cli, paths, teacher_dir, da
     (['--config.teacher.devices=2', '--config.batch_size=33'], "teacher's 2 devices"),
 ])
 def test_teacher_devices_refused_clearly(cli, paths, teacher_dir, data_dir, tmp_path, extra, message):
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=3', 'JAX_PLATFORMS': 'cpu'}
+  env = {'JAX_NUM_CPU_DEVICES': '3', 'JAX_PLATFORMS': 'cpu'}
   out = cli(['distill', '--config', f"{paths['configs']}/mnist1d/kd.py:tiny",
              f'--config.teacher.workdir={teacher_dir}', f"--config.data.name={paths['small']}",
              f'--config.data.data_dir={data_dir}', '--config.progress=false', *extra,

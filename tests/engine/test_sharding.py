@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-FOUR = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+FOUR = {'JAX_NUM_CPU_DEVICES': '4', 'JAX_PLATFORMS': 'cpu'}
 
 STEP_EQUALITY = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, optax

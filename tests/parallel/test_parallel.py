@@ -45,7 +45,7 @@ def test_fsdp_rules_on_four_devices():
       assert placed['a']['kernel'].addressable_shards[0].data.shape == (3, 2)
       print('ok')
   ''')
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+  env = {'JAX_NUM_CPU_DEVICES': '4', 'JAX_PLATFORMS': 'cpu'}
   import os
   out = subprocess.run([sys.executable, '-c', code], env={**os.environ, **env},
                        capture_output=True, text=True, timeout=120)
