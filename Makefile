@@ -33,6 +33,6 @@ demo: install
 	$(BIN)/kdjax demo --workdir $(WORKDIR)
 
 test: install $(FLOWER)/.installed
-	KDJAX_FLOWER_PATH=$(FLOWER) $(BIN)/python -m pytest -n 2 --durations=25 kdjax tests; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
+	KDJAX_FLOWER_PATH=$(FLOWER) $(BIN)/python -m pytest -n 2 --dist worksteal --durations=25 kdjax tests; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
 
 .PHONY: install demo test

@@ -16,10 +16,10 @@ def _args(wd, data_dir, paths, *extra):
           f"--config.data.name={paths['small']}", f'--config.data.data_dir={data_dir}', *extra]
 
 
-def test_demo_writes_the_table_plot_and_results_and_a_rerun_resumes(cli, paths, data_dir,
+def test_demo_writes_the_table_plot_and_results_and_a_rerun_resumes(kdjax_main, paths, data_dir,
                                                                    tmp_path):
   wd = str(tmp_path / 'demo')
-  out = cli(_args(wd, data_dir, paths))
+  out = kdjax_main(_args(wd, data_dir, paths))
   results = json.load(open(os.path.join(wd, 'results.json')))
   assert results['_meta']['seeds'] == 2 and results['_meta']['variant'] == 'tiny'
   for key, *_ in RUNS:
@@ -44,7 +44,7 @@ def test_demo_writes_the_table_plot_and_results_and_a_rerun_resumes(cli, paths, 
   # a rerun (as after a kill) resumes every finished run: same figures, no new checkpoints
   ckpts = {key: sorted(os.listdir(os.path.join(wd, key, 'seed0', 'checkpoints')))
            for key, *_ in RUNS}
-  cli(_args(wd, data_dir, paths))
+  kdjax_main(_args(wd, data_dir, paths))
   again = json.load(open(os.path.join(wd, 'results.json')))
   for key, *_ in RUNS:
     assert again[key]['accuracies'] == results[key]['accuracies'], key
@@ -57,9 +57,9 @@ def test_demo_writes_the_table_plot_and_results_and_a_rerun_resumes(cli, paths, 
     (['--config.teacher.workdir=/x'], 'the demo sets teacher.workdir'),
     (['--config.no_such_key=1'], 'no_such_key'),
 ])
-def test_demo_bad_input_is_one_line_and_exit_2(cli, paths, data_dir, tmp_path, extra, fragment):
+def test_demo_bad_input_is_one_line_and_exit_2(kdjax_main, paths, data_dir, tmp_path, extra, fragment):
   wd = str(tmp_path / 'demo')
-  out = cli([*_args(wd, data_dir, paths), *extra], check=False)
+  out = kdjax_main([*_args(wd, data_dir, paths), *extra], check=False)
   assert out.returncode == 2, out.stderr[-2000:]
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('kdjax: error:') and fragment in lines[0], lines

@@ -34,50 +34,50 @@ def base(paths, data_dir):
           f"--config.data.name={paths['small']}"]
 
 
-def test_unknown_key(cli, paths, base, tmp_path):
-  out = cli(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
+def test_unknown_key(cli, paths, base, tmp_path, kdjax_main):
+  out = kdjax_main(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
              str(tmp_path / 'w'), '--config.num_stepz=3', *base], check=False)
   _assert_user_error(out, "unknown config key 'num_stepz'")
   assert not os.path.exists(tmp_path / 'w')
 
 
-def test_wrong_type(cli, paths, base, tmp_path):
-  out = cli(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
+def test_wrong_type(cli, paths, base, tmp_path, kdjax_main):
+  out = kdjax_main(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
              str(tmp_path / 'w'), '--config.num_steps=lots', *base], check=False)
   _assert_user_error(out, 'num_steps takes a int')
 
 
-def test_missing_config_file(cli, tmp_path):
-  out = cli(['train', '--config', str(tmp_path / 'nope.py'), '--workdir', str(tmp_path / 'w')],
+def test_missing_config_file(cli, tmp_path, kdjax_main):
+  out = kdjax_main(['train', '--config', str(tmp_path / 'nope.py'), '--workdir', str(tmp_path / 'w')],
             check=False)
   _assert_user_error(out, 'not found')
 
 
-def test_unknown_dataset(cli, paths, data_dir, tmp_path):
-  out = cli(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
+def test_unknown_dataset(cli, paths, data_dir, tmp_path, kdjax_main):
+  out = kdjax_main(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
              str(tmp_path / 'w'), '--config.data.name=no_such_dataset',
              f'--config.data.data_dir={data_dir}'], check=False)
   _assert_user_error(out, 'no_such_dataset')
   assert not os.path.exists(tmp_path / 'w')
 
 
-def test_teacher_without_checkpoint(cli, paths, base, tmp_path):
+def test_teacher_without_checkpoint(cli, paths, base, tmp_path, kdjax_main):
   empty = tmp_path / 'empty_teacher'
   empty.mkdir()
-  out = cli(['distill', '--config', f"{paths['configs']}/mnist1d/kd.py:tiny", '--workdir',
+  out = kdjax_main(['distill', '--config', f"{paths['configs']}/mnist1d/kd.py:tiny", '--workdir',
              str(tmp_path / 'w'), f'--config.teacher.workdir={empty}', *base], check=False)
   _assert_user_error(out, 'has no checkpoint', 'train the teacher first')
 
 
-def test_distill_without_teacher(cli, paths, base, tmp_path):
-  out = cli(['distill', '--config', f"{paths['configs']}/mnist1d/kd.py:tiny", '--workdir',
+def test_distill_without_teacher(cli, paths, base, tmp_path, kdjax_main):
+  out = kdjax_main(['distill', '--config', f"{paths['configs']}/mnist1d/kd.py:tiny", '--workdir',
              str(tmp_path / 'w'), *base], check=False)
   _assert_user_error(out, 'needs a teacher', '--config.teacher.workdir')
 
 
-def test_workdir_of_another_config_is_refused(cli, paths, base, teacher_dir):
+def test_workdir_of_another_config_is_refused(cli, paths, base, teacher_dir, kdjax_main):
   before = _hash_tree(teacher_dir)
-  out = cli(['train', '--config', f"{paths['configs']}/mnist1d/student_baseline.py:tiny",
+  out = kdjax_main(['train', '--config', f"{paths['configs']}/mnist1d/student_baseline.py:tiny",
              '--workdir', teacher_dir, *base], check=False)
   _assert_user_error(out, 'holds results of another config', 'model.name')
   assert _hash_tree(teacher_dir) == before
@@ -116,8 +116,8 @@ def test_damaged_checkpoint_is_refused_and_an_earlier_one_resumes(cli, paths, ba
   assert result['step'] == 150
 
 
-def test_unknown_loss(cli, paths, base, tmp_path):
-  out = cli(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
+def test_unknown_loss(cli, paths, base, tmp_path, kdjax_main):
+  out = kdjax_main(['train', '--config', f"{paths['configs']}/mnist1d/teacher.py:tiny", '--workdir',
              str(tmp_path / 'w'), "--config.loss.terms={'kdd': {'weight': 1.0}}", *base], check=False)
   _assert_user_error(out, "unknown loss 'kdd'")
 

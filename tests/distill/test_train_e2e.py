@@ -36,13 +36,13 @@ def test_train_writes_everything(teacher_dir):
   assert os.listdir(os.path.join(teacher_dir, 'tensorboard'))
 
 
-def test_rerun_of_a_finished_run_reports_it_and_trains_nothing(teacher_dir, data_dir, tmp_path):
+def test_rerun_of_a_finished_run_reports_it_and_trains_nothing(teacher_dir, data_dir, tmp_path, kdjax_main):
   import shutil
   wd = str(tmp_path / 'again')
   shutil.copytree(teacher_dir, wd)
   before = json.load(open(os.path.join(wd, 'summary.json')))
   metrics = open(os.path.join(wd, 'metrics.jsonl')).read()
-  kdjax_cli(['train', '--config', f'{CONFIGS}/mnist1d/teacher.py:tiny', '--workdir', wd,
+  kdjax_main(['train', '--config', f'{CONFIGS}/mnist1d/teacher.py:tiny', '--workdir', wd,
              '--config.num_steps=100', *_common(data_dir)])
   after = json.load(open(os.path.join(wd, 'summary.json')))
   assert after['resumed_from'] == after['step'] == 100
@@ -52,34 +52,34 @@ def test_rerun_of_a_finished_run_reports_it_and_trains_nothing(teacher_dir, data
   assert open(os.path.join(wd, 'metrics.jsonl')).read() == metrics
 
 
-def test_distill_and_eval(teacher_dir, data_dir, tmp_path):
+def test_distill_and_eval(teacher_dir, data_dir, tmp_path, kdjax_main):
   wd = str(tmp_path / 'kd')
-  out = kdjax_cli(['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:tiny', '--workdir', wd,
+  out = kdjax_main(['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:tiny', '--workdir', wd,
                    f'--config.teacher.workdir={teacher_dir}', *_common(data_dir)])
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['step'] == 100 and 0.0 <= result['eval_accuracy'] <= 1.0
   summary = json.load(open(os.path.join(wd, 'summary.json')))
   assert summary['teacher_step'] == 100
-  ev = json.loads(kdjax_cli(['eval', '--workdir', wd]).stdout.strip().splitlines()[-1])
+  ev = json.loads(kdjax_main(['eval', '--workdir', wd]).stdout.strip().splitlines()[-1])
   assert ev['step'] == 100
   assert abs(ev['accuracy'] - summary['eval_accuracy']) < 1e-6
 
 
-def test_transfer_split_distillation(teacher_dir, data_dir, tmp_path):
+def test_transfer_split_distillation(teacher_dir, data_dir, tmp_path, kdjax_main):
   wd = str(tmp_path / 'kdt')
-  kdjax_cli(['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:transfer,tiny', '--workdir', wd,
+  kdjax_main(['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:transfer,tiny', '--workdir', wd,
              f'--config.teacher.workdir={teacher_dir}', *_common(data_dir)])
   summary = json.load(open(os.path.join(wd, 'summary.json')))
   assert summary['step'] == 100
 
 
-def test_kill9_resume_matches_uninterrupted(teacher_dir, data_dir, tmp_path):
+def test_kill9_resume_matches_uninterrupted(teacher_dir, data_dir, tmp_path, kdjax_main):
   args = ['distill', '--config', f'{CONFIGS}/mnist1d/kd.py:tiny',
           f'--config.teacher.workdir={teacher_dir}', *_common(data_dir),
           '--config.num_steps=400', '--config.checkpoint_every=50', '--config.seed=0',
           '--config.steps_per_call=25']
   ref = str(tmp_path / 'ref')
-  kdjax_cli([*args, '--workdir', ref])
+  kdjax_main([*args, '--workdir', ref])
   wd = str(tmp_path / 'killed')
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.Popen([sys.executable, '-m', 'kdjax', *args, '--workdir', wd], cwd=ROOT, env=env,
@@ -106,7 +106,7 @@ def test_kill9_resume_matches_uninterrupted(teacher_dir, data_dir, tmp_path):
   assert a['eval_accuracy'] == b['eval_accuracy']
 
 
-def test_sigterm_checkpoints_and_resumes(teacher_dir, data_dir, tmp_path):
+def test_sigterm_checkpoints_and_resumes(teacher_dir, data_dir, tmp_path, kdjax_main):
   args = ['train', '--config', f'{CONFIGS}/mnist1d/student_baseline.py:tiny', *_common(data_dir),
           '--config.num_steps=3000', '--config.checkpoint_every=1000', '--config.log_every=100',
           '--config.eval_every=1000', '--config.steps_per_call=25']
@@ -129,7 +129,7 @@ def test_sigterm_checkpoints_and_resumes(teacher_dir, data_dir, tmp_path):
   resumed = kdjax_cli([*args, '--workdir', wd])
   assert f'resuming from step {saved}' in resumed.stdout
   ref = str(tmp_path / 'ref')
-  kdjax_cli([*args, '--workdir', ref])
+  kdjax_main([*args, '--workdir', ref])
   a = json.load(open(os.path.join(ref, 'summary.json')))
   b = json.load(open(os.path.join(wd, 'summary.json')))
   assert (a['train_loss'], a['eval_accuracy']) == (b['train_loss'], b['eval_accuracy'])
