@@ -1,7 +1,6 @@
 """Session-wide test settings and fixtures.
 
 * Tests run on the CPU with one device unless a test starts a subprocess with more.
-* XLA:CPU compiles with LLVM's optimization level 1 (the tests compile more than they run).
 * One persistent JAX compilation cache for the whole session, in-process and in every
   subprocess (``kdjax`` CLI runs, multi-process tests): the same tiny programs compile
   once, not once per process. ``KDJAX_TEST_COMPILATION_CACHE`` moves it.
@@ -24,13 +23,6 @@ _CACHE = os.environ.setdefault(
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-# Tests compile far more than they compute: at LLVM optimization level 1, XLA:CPU compiles
-# about 15% faster and the tests' programs run as fast (level 0 compiles faster still but
-# runs the training tests two to three times slower). KDJAX_TEST_XLA_OPT=1 keeps the default.
-if os.environ.get('KDJAX_TEST_XLA_OPT') != '1' and 'xla_backend_optimization_level' not in \
-    os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_backend_optimization_level=1').strip()
 
 import jax  # noqa: E402  (after the environment it reads)
 import pytest  # noqa: E402

@@ -33,10 +33,10 @@ def parts():
   rng = np.random.default_rng(0)
   data = {'x': rng.normal(size=(N, 40, 1)).astype(np.float32),
           'label': rng.integers(0, CLASSES, N).astype(np.int32), 'id': np.arange(N, dtype=np.int32)}
-  t_apply, t_params, t_state = models.functional(
-      models.create('cnn1d', num_classes=CLASSES, input_shape=(40, 1), seed=1))
-  s_apply, s_params, s_state = models.functional(
-      models.create('mlp', num_classes=CLASSES, input_shape=(40, 1), seed=2))
+  t_apply, t_params, t_state = models.functional(models.create(
+      'cnn1d', num_classes=CLASSES, input_shape=(40, 1), seed=1, channels=(8, 8, 8)))
+  s_apply, s_params, s_state = models.functional(models.create(
+      'mlp', num_classes=CLASSES, input_shape=(40, 1), seed=2, hidden=(16, 16)))
   objective = build_objective(HINT)
   t_out, _ = t_apply(t_params, t_state, data['x'][:2])
   s_out, _ = s_apply(s_params, s_state, data['x'][:2])

@@ -172,7 +172,7 @@ def test_a_config_without_grid_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('algorithms, sequential_k', [
-    (('scaffold', 'fedd2s'), 2), (('feddf', 'edgefd', 'knfu'), 1)])
+    (('scaffold', 'fedd2s'), 2), (('feddf', 'knfu'), 1)])
 def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path, algorithms, sequential_k):
   """One vmapped simulation over 2 seeds (different padded shapes) = 2 sequential runs;
   the second set holds a proxy set drawn per seed (a vmapped argument). The vmapped
