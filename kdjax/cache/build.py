@@ -169,30 +169,50 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
   if not 1 <= k <= num_classes:
     raise UserError(f'cache k must be in [1, {num_classes}] (got {k})')
   arrays = kdata.load_arrays(config.data.name, config.data.train_split, data_dir=data_dir)
-  n = len(arrays['label'])
   if chunk_size is None:
     chunk_size = batch * max(1, 4096 // batch)
   chunk_size = int(chunk_size)
   if chunk_size <= 0 or chunk_size % batch:
     raise UserError(f'chunk size {chunk_size} must be a positive multiple of batch_size {batch}')
-  augment_spec = kdata.normalize_spec(_plain(config.data.augment))
-  augment = kdata.make_augment(augment_spec)
-  index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
 
+  plan, run = _plan(config, teacher, arrays, mesh, epochs=int(epochs), k=k, dtype=dtype,
+                    features=features, chunk_size=chunk_size)
+  _claim(cache_dir, plan)
+  ranges = store.chunk_ranges(len(arrays['label']), chunk_size)
+  work = [(e, i, s, t) for e in range(int(epochs)) for i, (s, t) in enumerate(ranges)]
+  show = (config.progress if progress is None else progress) and jax.process_index() == 0
+  t0 = time.time()
+  computed, fresh = _compute_chunks(cache_dir, work, run, teacher.variables, arrays, mesh,
+                                    batch=batch, show=show)
+  manifest = _finish(cache_dir, plan, work)
+  seconds = time.time() - t0
+  if show:
+    print(f'cache: {len(work)} chunks ({fresh} computed now), {computed} entries in '
+          f'{seconds:.1f}s ({computed / max(seconds, 1e-9):.0f} examples/s)', flush=True)
+  return manifest
+
+
+def _plan(config, teacher, arrays, mesh, *, epochs, k, dtype, features, chunk_size):
+  """``(plan, run)``: what the cache will hold (the manifest without its chunks), and the
+  jitted ``run(variables, x, ids, epochs) -> rows`` that computes a batch of entries."""
+  num_classes = teacher.num_classes
+  batch = int(config.batch_size)
+  augment_spec = kdata.normalize_spec(_plain(config.data.augment))
+  index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
   plan = {
       'format': store.FORMAT, 'version': store.VERSION,
       'teacher': {'fingerprint': teacher.fingerprint, 'step': int(teacher.step),
                   'model': str(teacher.config.model.name), 'num_classes': num_classes},
       'dataset': dataset_fingerprint(config.data.name, config.data.train_split, arrays),
-      'augment': augment_spec, 'seed': int(config.seed), 'epochs': int(epochs),
+      'augment': augment_spec, 'seed': int(config.seed), 'epochs': epochs,
       'k': k, 'num_classes': num_classes, 'dtype': dtype, 'chunk_size': chunk_size,
       'features': features,
   }
-  infer = make_infer(teacher.apply, augment, seed=int(config.seed), k=k,
-                     num_classes=num_classes, dtype=dtype, features=features,
+  infer = make_infer(teacher.apply, kdata.make_augment(augment_spec), seed=int(config.seed),
+                     k=k, num_classes=num_classes, dtype=dtype, features=features,
                      index_dtype=index_dtype)
   repl = NamedSharding(mesh, P())
-  batch_sh = NamedSharding(mesh, P(data_axis))
+  batch_sh = NamedSharding(mesh, P(mesh.axis_names[0]))
 
   def sharded(variables, x, ids, epochs_):
     x, ids, epochs_ = jax.lax.with_sharding_constraint((x, ids, epochs_), batch_sh)
@@ -200,14 +220,18 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
 
   teacher_sh = jax.tree.map(lambda a: a.sharding, teacher.variables)
   run = jax.jit(sharded, in_shardings=(teacher_sh, repl, repl, repl), out_shardings=repl)
-  sample = jax.eval_shape(run, teacher.variables, np.zeros((batch, *arrays['x'].shape[1:]),
-                                                            np.float32),
+  sample = jax.eval_shape(run, teacher.variables,
+                          np.zeros((batch, *arrays['x'].shape[1:]), np.float32),
                           np.zeros(batch, np.int32), np.zeros(batch, np.int32))
   plan['arrays'] = {name: {'dtype': str(s.dtype), 'shape': list(s.shape[1:])}
                     for name, s in sorted(sample.items())}
   plan['bytes_per_entry'] = int(sum(math.prod(s.shape[1:]) * s.dtype.itemsize
                                     for s in sample.values()))
+  return plan, run
 
+
+def _claim(cache_dir: str, plan: dict) -> None:
+  """Writes ``plan.json`` into ``cache_dir``, or refuses a cache of other settings there."""
   os.makedirs(cache_dir, exist_ok=True)
   plan_path = os.path.join(cache_dir, store.PLAN)
   old = store.read_json(plan_path)
@@ -219,8 +243,13 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
   if jax.process_index() == 0 and old is None:
     store.write_json(plan_path, plan)
 
-  ranges = store.chunk_ranges(n, chunk_size)
-  work = [(e, i, s, t) for e in range(int(epochs)) for i, (s, t) in enumerate(ranges)]
+
+def _compute_chunks(cache_dir: str, work, run, variables, arrays: dict, mesh, *, batch: int,
+                    show: bool) -> tuple[int, int]:
+  """Computes every chunk of ``work`` not yet written; process ``p`` writes chunk ``j``
+  when ``j mod P == p``. Returns ``(entries computed, chunks computed)``."""
+  n = len(arrays['label'])
+  repl = NamedSharding(mesh, P())
   pid, nproc = jax.process_index(), jax.process_count()
   mine = {store.chunk_name(e, i) for j, (e, i, _, _) in enumerate(work) if j % nproc == pid}
   store.remove_stale_temporaries(cache_dir, mine)
@@ -228,27 +257,24 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
   done = [store.chunk_exists(cache_dir, store.chunk_name(e, i)) for e, i, _, _ in work]
   todo = [w for w, d in zip(work, done) if not d]
   delay = float(os.environ.get(_DELAY_ENV, '0') or 0)
-
   from tqdm.auto import tqdm
-  show = (config.progress if progress is None else progress) and pid == 0
   bar = tqdm(total=sum(t - s for _, _, s, t in work),
              initial=sum(t - s for (_, _, s, t), d in zip(work, done) if d), unit='ex',
              disable=not show, dynamic_ncols=True, mininterval=1.0)
   t0, computed = time.time(), 0
   for e, i, s, t in todo:
-    name = store.chunk_name(e, i)
     parts = []
     for b0 in range(s, t, batch):
-      b1 = min(t, b0 + batch)
       ids = np.arange(b0, b0 + batch) % n          # pad the last batch; cut below
       inputs = (arrays['x'][ids], arrays['id'][ids].astype(np.int32), np.full(batch, e, np.int32))
       # Every process passes the same (replicated) batch; outputs come back replicated.
       inputs = [jax.make_array_from_process_local_data(repl, a) for a in inputs]
-      out = run(teacher.variables, *inputs)
-      parts.append({key: np.asarray(v.addressable_data(0))[:b1 - b0] for key, v in out.items()})
-    rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    if name in mine:
-      store.write_chunk(cache_dir, name, rows)
+      out = run(variables, *inputs)
+      parts.append({key: np.asarray(v.addressable_data(0))[:min(t, b0 + batch) - b0]
+                    for key, v in out.items()})
+    if store.chunk_name(e, i) in mine:
+      store.write_chunk(cache_dir, store.chunk_name(e, i),
+                        {key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
       if delay:
         time.sleep(delay)
     computed += t - s
@@ -256,23 +282,22 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
     bar.set_postfix(ex_per_s=f'{computed / max(time.time() - t0, 1e-9):.0f}')
   bar.close()
   _sync('kdjax_cache_chunks_written')
+  return computed, len(todo)
 
-  manifest = dict(plan)
+
+def _finish(cache_dir: str, plan: dict, work) -> dict:
+  """The manifest: the plan, every chunk's checksum, the content checksum (process 0
+  writes it; a cache is finished once it exists)."""
   chunks = {}
   for e, i, s, t in work:
     name = store.chunk_name(e, i)
     digest, nbytes = store.chunk_checksum(cache_dir, name)
     chunks[name] = {'epoch': e, 'start': s, 'stop': t, 'sha256': digest, 'bytes': nbytes}
-  manifest['chunks'] = chunks
-  manifest['content_checksum'] = store.content_checksum(chunks)
-  manifest['complete'] = True
-  if pid == 0:
+  manifest = dict(plan, chunks=chunks, content_checksum=store.content_checksum(chunks),
+                  complete=True)
+  if jax.process_index() == 0:
     store.write_json(os.path.join(cache_dir, store.MANIFEST), manifest)
   _sync('kdjax_cache_manifest_written')
-  seconds = time.time() - t0
-  if pid == 0 and show:
-    print(f'cache: {len(work)} chunks ({len(todo)} computed now), {computed} entries in '
-          f'{seconds:.1f}s ({computed / max(seconds, 1e-9):.0f} examples/s)', flush=True)
   return manifest
 
 

@@ -295,94 +295,18 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   has_checkpoints = workdir_lib.has_checkpoints(workdir)
   workdir = workdir_lib.prepare(workdir, config, has_results=has_checkpoints,
                                 ignore=RESUMABLE_FIELDS)
-  part, labels = parts['partition'], parts['labels']
-  with open(os.path.join(workdir, 'partition.txt'), 'w') as f:
-    f.write(partition_lib.format_stats(part, labels) + '\n')
-  if config.plots:
-    partition_lib.plot_heatmap(part, labels, os.path.join(workdir, 'partition.png'))
-  algorithm = parts['algorithm']
-  if 'init_state' in parts:
-    state = parts['init_state']()
-  else:
-    state = sim.init_state(algorithm, parts['params'], parts['model_state'], config.num_clients)
-  ckpt_every = int(config.checkpoint_every)
+  _write_partition(workdir, config, parts)
   # Checkpoints are restored even when this run writes none (checkpoint_every=0).
   manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
-  start = workdir_lib.latest_step(workdir) if has_checkpoints else None
-  if start is not None:
-    state, _ = workdir_lib.restore(manager, start, state)
-  client_mesh = parts.get('mesh')
-  state = sim.replicate(state, client_mesh)
-  train_data = sim.replicate(parts['train'], client_mesh)
-  start = int(state.round)
-  writer = MetricsWriter(workdir, resume_step=start or None, step_key='round')
-
-  if 'groups' in parts:   # per architecture group
-    from kdjax.federated import groups
-    group_up, group_down = groups.group_bytes(parts['algorithms'], state, parts['train'],
-                                              parts['groups'])
-    bytes_update = bytes_down = 0
-  else:
-    group_up = group_down = None
-    update_shape = jax.eval_shape(
-        algorithm.client_update, state.server, jax.tree.map(lambda a: a[0], state.clients),
-        jax.tree.map(lambda a: a[0], parts['train']), jax.random.key(0)).update
-    bytes_update = sim.tree_bytes(update_shape)
-    bytes_down = sim.tree_bytes(algorithm.download(state.server))
-  num_rounds = int(config.num_rounds)
-  eval_every = int(config.eval_every) or max(num_rounds, 1)
-  segments = sim.round_segments(start, num_rounds, int(config.rounds_per_call), eval_every,
-                                ckpt_every)
-  bar = None
-  if progress and config.progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=num_rounds - start, desc=f'fed {config.algorithm}', unit='round',
-               leave=False)
-  last_eval = {}
-  # rounds_per_sec times the calls whose length already compiled (each new length compiles).
-  compiled, elapsed, timed_rounds = set(), 0.0, 0
+  state = _initial_state(config, parts, manager, restore=has_checkpoints)
+  writer = MetricsWriter(workdir, resume_step=int(state.round) or None, step_key='round')
   try:
-    with Preemption() as preempt:
-      for first, count in segments:
-        t_call = time.perf_counter()
-        # `count` rounds in one call (config.rounds_per_call)
-        state, infos = sim.run_rounds(parts['round_fn'], state, train_data, count)
-        for r, info in enumerate(infos, first):
-          row = _round_row(config, parts, info, r, bytes_update, bytes_down,
-                           group_up, group_down)
-          if not np.isfinite(row['train_loss']):
-            writer.write(r + 1, row)
-            raise _diverged(manager, r + 1, row['train_loss'])
-          if r + 1 == first + count and ((r + 1) % eval_every == 0 or r + 1 == num_rounds):
-            last_eval = evaluate_state(parts, state)
-            row.update(last_eval)
-            if bar is not None:
-              bar.set_postfix(acc=f'{last_eval["global_accuracy"]:.3f}')
-          writer.write(r + 1, row)
-        if bar is not None:
-          bar.update(count)
-        end = first + count
-        if (ckpt_every and end % ckpt_every == 0) or preempt.requested:
-          workdir_lib.save(manager, end, state, {'round': end})
-        if preempt.requested:
-          manager.wait_until_finished()
-          print(f'preempted: saved round {end}; run the same command again to resume',
-                flush=True)
-          raise SystemExit(143)
-        if count in compiled:
-          jax.block_until_ready(state)
-          elapsed += time.perf_counter() - t_call
-          timed_rounds += count
-        compiled.add(count)
+    state, last_eval, rounds_per_sec = _run_rounds(config, parts, state, manager, writer,
+                                                   progress=progress and config.progress)
   finally:
-    if bar is not None:
-      bar.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()
-  jax.block_until_ready(state)
-  if not last_eval:
-    last_eval = evaluate_state(parts, state)
   if 'groups' in parts:
     pc, pn = parts['grouped_evaluate'](state, parts['test'], parts['test_x'],
                                        parts['test_label'])[1]
@@ -393,8 +317,8 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
       'algorithm': config.algorithm,
       'num_clients': int(config.num_clients),
       'clients_per_round': int(config.clients_per_round),
-      'partition': partition_lib.partition_stats(part, labels),
-      'rounds_per_sec': timed_rounds / elapsed if elapsed > 0 else None,
+      'partition': partition_lib.partition_stats(parts['partition'], parts['labels']),
+      'rounds_per_sec': rounds_per_sec,
       'client_mesh': parts.get('client_mesh'),   # {axis: devices} when the cohort is sharded
       **last_eval,
   }
@@ -402,6 +326,85 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   if config.plots:
     _plot(workdir, writer.path, np.asarray(pc), np.asarray(pn))
   return summary
+
+
+def _write_partition(workdir: str, config, parts) -> None:
+  part, labels = parts['partition'], parts['labels']
+  with open(os.path.join(workdir, 'partition.txt'), 'w') as f:
+    f.write(partition_lib.format_stats(part, labels) + '\n')
+  if config.plots:
+    partition_lib.plot_heatmap(part, labels, os.path.join(workdir, 'partition.png'))
+
+
+def _initial_state(config, parts, manager, *, restore: bool) -> sim.SimState:
+  """The state before round 0, or the latest checkpoint's; placed on the client mesh."""
+  if 'init_state' in parts:
+    state = parts['init_state']()
+  else:
+    state = sim.init_state(parts['algorithm'], parts['params'], parts['model_state'],
+                           config.num_clients)
+  if restore:
+    state, _ = workdir_lib.restore(manager, manager.latest_step(), state)
+  return sim.replicate(state, parts.get('mesh'))
+
+
+def _run_rounds(config, parts, state, manager, writer, *, progress: bool):
+  """The round loop: calls of ``rounds_per_call`` rounds, cut where an evaluation or a
+  checkpoint falls; a row per round; a stop on a non-finite loss or on preemption.
+
+  Returns ``(state, last evaluation, rounds per second of the calls that did not
+  compile)``.
+  """
+  start, num_rounds = int(state.round), int(config.num_rounds)
+  ckpt_every = int(config.checkpoint_every)
+  eval_every = int(config.eval_every) or max(num_rounds, 1)
+  row_of = _row_maker(config, parts, state)
+  train_data = sim.replicate(parts['train'], parts.get('mesh'))
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=num_rounds - start, desc=f'fed {config.algorithm}', unit='round',
+               leave=False)
+  last_eval = {}
+  compiled, elapsed, timed_rounds = set(), 0.0, 0
+  try:
+    with Preemption() as preempt:
+      for first, count in sim.round_segments(start, num_rounds, int(config.rounds_per_call),
+                                             eval_every, ckpt_every):
+        t_call = time.perf_counter()
+        state, infos = sim.run_rounds(parts['round_fn'], state, train_data, count)
+        for r, info in enumerate(infos, first + 1):
+          row = row_of(info)
+          if not np.isfinite(row['train_loss']):
+            writer.write(r, row)
+            raise _diverged(manager, r, row['train_loss'])
+          if r == first + count and (r % eval_every == 0 or r == num_rounds):
+            last_eval = evaluate_state(parts, state)
+            row.update(last_eval)
+          writer.write(r, row)
+        end = first + count
+        if bar is not None:
+          bar.update(count)
+          if last_eval:
+            bar.set_postfix(acc=f'{last_eval["global_accuracy"]:.3f}')
+        if (ckpt_every and end % ckpt_every == 0) or preempt.requested:
+          workdir_lib.save(manager, end, state, {'round': end})
+        if preempt.requested:
+          manager.wait_until_finished()
+          print(f'preempted: saved round {end}; run the same command again to resume', flush=True)
+          raise SystemExit(143)
+        if count in compiled:   # each new call length compiles: those calls are not timed
+          jax.block_until_ready(state)
+          elapsed += time.perf_counter() - t_call
+          timed_rounds += count
+        compiled.add(count)
+  finally:
+    if bar is not None:
+      bar.close()
+  jax.block_until_ready(state)
+  if not last_eval:
+    last_eval = evaluate_state(parts, state)
+  return state, last_eval, timed_rounds / elapsed if elapsed > 0 else None
 
 
 def _diverged(manager, round_: int, loss: float) -> Diverged:
@@ -414,21 +417,38 @@ def _diverged(manager, round_: int, loss: float) -> Diverged:
                   f'{where}. Lower optimizer.learning_rate', step=round_, checkpoint=ckpt)
 
 
-def _round_row(config, parts, info, r: int, bytes_update: int, bytes_down: int,
-               group_up, group_down) -> dict[str, Any]:
-  """One ``metrics.jsonl`` row (before evaluation) from round ``r``'s ``info``."""
-  loss_s, loss_n = info['loss']
-  acc_s, acc_n = info['accuracy']
-  rep = int(info['num_reported'])
-  row = {'round': r + 1, 'train_loss': float(loss_s) / max(float(loss_n), 1.0),
-         'train_accuracy': float(acc_s) / max(float(acc_n), 1.0), 'num_reported': rep,
-         'bytes_up': rep * bytes_update,
-         'bytes_down': int(config.clients_per_round) * bytes_down}
-  if 'groups' in parts:
-    greps = np.asarray(info['group_reported']).tolist()
-    row['bytes_up'] = int(sum(n * b for n, b in zip(greps, group_up)))
-    row['bytes_down'] = int(sum(k * b for k, b in zip(parts['cohort_sizes'], group_down)))
+def _row_maker(config, parts, state):
+  """``row(info) -> dict``: a round's ``metrics.jsonl`` row before evaluation (training
+  loss and accuracy, reports, and the bytes the pytrees exchanged take)."""
+  algorithm = parts['algorithm']
+  if 'groups' in parts:   # per architecture group
+    from kdjax.federated import groups
+    group_up, group_down = groups.group_bytes(parts['algorithms'], state, parts['train'],
+                                              parts['groups'])
+  else:
+    update_shape = jax.eval_shape(
+        algorithm.client_update, state.server, jax.tree.map(lambda a: a[0], state.clients),
+        jax.tree.map(lambda a: a[0], parts['train']), jax.random.key(0)).update
+    bytes_update = sim.tree_bytes(update_shape)
+    bytes_down = sim.tree_bytes(algorithm.download(state.server))
+
+  def row(info) -> dict[str, Any]:
+    loss_s, loss_n = info['loss']
+    acc_s, acc_n = info['accuracy']
+    rep = int(info['num_reported'])
+    out = {'train_loss': float(loss_s) / max(float(loss_n), 1.0),
+           'train_accuracy': float(acc_s) / max(float(acc_n), 1.0), 'num_reported': rep}
+    if 'groups' in parts:
+      greps = np.asarray(info['group_reported']).tolist()
+      out['bytes_up'] = int(sum(n * b for n, b in zip(greps, group_up)))
+      out['bytes_down'] = int(sum(k * b for k, b in zip(parts['cohort_sizes'], group_down)))
+    else:
+      out['bytes_up'] = rep * bytes_update
+      out['bytes_down'] = int(config.clients_per_round) * bytes_down
+    return out
+
   return row
+
 
 def _plot(workdir: str, metrics_path: str, pc, pn) -> None:
   import matplotlib

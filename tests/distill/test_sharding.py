@@ -24,12 +24,13 @@ def test_tiny_distillation_same_accuracy_on_1_and_4_devices(cli, paths, teacher_
 def test_tiny_distillation_teacher_on_its_own_device(cli, paths, teacher_dir, data_dir, tmp_path, kdjax_main):
   # 3 devices: the teacher on the last, the student's mesh on the other 2, one call
   # ahead; the run ends where the all-in-one-step run on 1 device does. steps_per_call=30
-  # with eval/checkpoint boundaries at 50 and 60 steps gives calls of 30, 20 and 10
-  # steps, so the look-ahead crosses unequal chunk sizes.
+  # with the eval/checkpoint boundary at 50 steps gives calls of 30 and 20 steps, so the
+  # look-ahead crosses unequal chunk sizes.
   args = ['distill', '--config', f"{paths['configs']}/mnist1d/kd.py:tiny",
           f'--config.teacher.workdir={teacher_dir}', f"--config.data.name={paths['small']}",
           f'--config.data.data_dir={data_dir}', '--config.progress=false',
-          '--config.steps_per_call=30', '--config.data.feed=device', '--config.num_steps=60',
+          '--config.steps_per_call=30', '--config.data.feed=device', '--config.num_steps=50',
+          '--config.log_every=25',
           "--config.data.augment={'kind': 'signal', 'shift': 2, 'noise': 0.05}"]
   kdjax_main([*args, '--workdir', str(tmp_path / 'one')])
   three = {'JAX_NUM_CPU_DEVICES': '3', 'JAX_PLATFORMS': 'cpu'}
