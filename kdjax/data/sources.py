@@ -181,9 +181,15 @@ def load_arrays(name: str, split: str, *,
   Returns:
     ``{'x': [n, ...] float32, 'label': [n] int32, 'id': [n] int32}`` with
     ``id == arange(n)`` (the record index in the split); ``x`` is int32 for
-    token data (``shakespeare``), which also has ``'client'`` ``[n]`` int32.
+    token data (``shakespeare``), which also has ``'client'`` ``[n]`` int32. The arrays
+    are read-only: the process keeps the last few splits it decoded and hands them out
+    again while their files are unchanged.
   """
   source = load_source(name, split, data_dir=data_dir)
+  key = (name, split, _files_signature(source.dataset_info.data_dir))
+  if key in _LOADED:
+    _LOADED[key] = _LOADED.pop(key)   # most recently used last
+    return dict(_LOADED[key])
   n = len(source)
   if n == 0:
     raise DataError(f'Split {split!r} of {name!r} is empty; pick another.')
@@ -193,7 +199,29 @@ def load_arrays(name: str, split: str, *,
     ids = np.arange(start, min(n, start + _READ_CHUNK))
     raw = stack_records(read_records(source, ids), keys)
     parts.append(preprocess_lib.preprocess(name, raw, ids))
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  for a in arrays.values():
+    a.flags.writeable = False
+  _LOADED[key] = arrays
+  while len(_LOADED) > _LOADED_MAX:
+    _LOADED.pop(next(iter(_LOADED)))
+  return dict(arrays)
+
+
+# Splits decoded in this process (a demo's runs, a sweep's cells read the same ones), keyed
+# by the files they came from: rebuilt or replaced files are read again.
+_LOADED: dict[tuple, dict[str, np.ndarray]] = {}
+_LOADED_MAX = 4
+
+
+def _files_signature(directory: str) -> tuple:
+  """``(path, size, mtime)`` of every file under ``directory``."""
+  out = []
+  for root, _, files in os.walk(os.fspath(directory)):
+    for f in sorted(files):
+      st = os.stat(os.path.join(root, f))
+      out.append((os.path.join(root, f), st.st_size, st.st_mtime_ns))
+  return tuple(sorted(out))
 
 
 def role_names(name: str = 'shakespeare', *,
