@@ -60,6 +60,8 @@ def parse_args(argv=None):
   p.add_argument('--k', type=int, default=10, help='cached top-k (10 = all MNIST-1D classes)')
   p.add_argument('--cache-dtype', default='float32',
                  choices=('float32', 'bfloat16', 'float16', 'int8'))
+  p.add_argument('--nonfinite', default='stop', choices=('stop', 'skip', 'ignore'),
+                 help="config.nonfinite of every run ('ignore': no per-step gradient norm)")
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--min-seconds', type=float, default=2.0, help='least duration of one repeat')
   p.add_argument('--synthetic', action='store_true',
@@ -165,6 +167,7 @@ def build_runners(args, arrays) -> tuple[dict[str, Runner], dict]:
     c.optimizer.update({'name': 'adamw', 'learning_rate': 2e-3, 'weight_decay': 1e-4})
     c.loss.terms = terms
     c.data.feed = 'device'
+    c.nonfinite = args.nonfinite
     return c
 
   # The cache: one augmentation epoch of teacher rows, made by the builder's infer.

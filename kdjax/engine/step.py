@@ -108,7 +108,7 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
     metrics = dict(metrics, loss=(loss * n, n),
                    accuracy=accuracy(out.logits, batch['label'], where))
     if nonfinite != 'ignore':
-      grad_norm = optax.tree.norm(grads)
+      grad_norm = global_norm(grads)
       finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
       one = jnp.ones((), jnp.float32)
       metrics['grad_norm'] = (grad_norm, one)
@@ -124,6 +124,23 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
     return new, metrics
 
   return step
+
+
+# Up to this many elements the gradient norm is taken over one flat vector: on small
+# models one reduction costs less than one per leaf (XLA:CPU, MNIST-1D MLP: 2 us instead
+# of 15 us of a 175 us step); larger (and sharded) trees reduce leaf by leaf, with no copy.
+_FLAT_NORM_MAX = 1 << 20
+
+
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all the leaves of ``tree`` together, in float32."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  if sum(x.size for x in leaves) <= _FLAT_NORM_MAX:
+    flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+    return jnp.sqrt(jnp.sum(jnp.square(flat)))
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def _zero_unless(pred, pair):

@@ -9,6 +9,7 @@ import pytest
 
 from kdjax.engine import init_train_state
 from kdjax.engine import make_train_step
+from kdjax.engine import step as step_lib
 from kdjax.engine.step import accuracy
 from kdjax.losses import build_objective
 from kdjax.models import ModelOutput
@@ -175,3 +176,15 @@ def test_accuracy_skips_unlabeled_and_masked_examples():
   logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
   c, n = accuracy(logits, jnp.array([0, 0, -1, 1]), jnp.array([True, True, True, False]))
   assert (float(c), float(n)) == (1.0, 2.0)
+
+
+@pytest.mark.parametrize('flat_max', [0, 1 << 20])   # leaf by leaf; one flat vector
+def test_global_norm_equals_numpy(monkeypatch, flat_max):
+  monkeypatch.setattr(step_lib, '_FLAT_NORM_MAX', flat_max)
+  rng = np.random.default_rng(3)
+  tree = {'a': rng.normal(size=(3, 4)), 'b': [rng.normal(size=5), rng.normal(size=(2, 2, 2))]}
+  tree = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+  want = np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64)))
+                     for a in jax.tree.leaves(tree)))
+  np.testing.assert_allclose(float(jax.jit(step_lib.global_norm)(tree)), want, rtol=1e-6)
+  assert float(step_lib.global_norm({})) == 0.0
