@@ -98,8 +98,10 @@ def make_public_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs
 
   def train(params, model_state, x, targets, rng, mask=None):
     n = x.shape[0]
-    keep = jnp.ones((n,), bool) if mask is None else mask
     b = min(int(batch_size), n)
+    # Without a mask every batch is whole: a constant, not a gather of ones (which XLA
+    # folds in one program and not in its vmapped form, whose rounding then differs).
+    mask_of = (lambda idx: jnp.ones((b,), bool)) if mask is None else (lambda idx: mask[idx])
     key = jax.random.fold_in(rng, 0)
     if steps is None:
       nb = n // b
@@ -112,7 +114,7 @@ def make_public_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs
     labels = jnp.full((b,), -1, jnp.int32)
 
     def body(state, idx):
-      batch = {'x': x[idx], 'label': labels, 'mask': keep[idx], 'teacher_logits': targets[idx]}
+      batch = {'x': x[idx], 'label': labels, 'mask': mask_of(idx), 'teacher_logits': targets[idx]}
       return step(state, batch)
 
     state = init_train_state(params, model_state, tx, rng=jax.random.fold_in(rng, 1))

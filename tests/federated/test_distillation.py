@@ -202,3 +202,21 @@ def test_knfu_fuses_reports_of_nearest_label_distributions():
     want = sum(wi * reports[j] for wi, j in zip(w, keep))
     np.testing.assert_allclose(np.asarray(st.clients['fused'][k]), want, atol=1e-4)
     assert bool(st.clients['fused_ok'][k])
+
+
+def test_public_trainer_vmapped_over_seeds_equals_each_seed_alone():
+  # The seed-vmapped sweep must give each seed's run exactly (FedDF's server steps).
+  import optax
+  from kdjax.federated.public import make_public_trainer
+  apply, params, state = functional(create('mlp', num_classes=10, input_shape=(40,),
+                                           hidden=(100, 100), seed=0))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(500, 40)), jnp.float32)
+  targets = jnp.asarray(rng.normal(size=(500, 10)) * 3, jnp.float32)
+  train = make_public_trainer(apply, batch_size=128, loss='kd', tx=optax.adam(1e-3), steps=20)
+  keys = jax.random.split(jax.random.key(9), 2)
+  together = jax.jit(jax.vmap(lambda k: train(params, state, x, targets, k)[0]))(keys)
+  for i in range(2):
+    alone = jax.jit(lambda k: train(params, state, x, targets, k)[0])(keys[i])
+    for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
+      np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b))
