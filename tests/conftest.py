@@ -109,18 +109,11 @@ def other_teacher_dir(tmp_path_factory, data_dir):
                lambda p: train_teacher(p, data_dir, 50))
 
 
-class Completed:
-  """What a ``kdjax`` run returned: ``returncode``, ``stdout``, ``stderr``."""
-
-  def __init__(self, returncode, stdout, stderr):
-    self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture
 def kdjax_main(capsys):
   """``kdjax_main(args, check=True)``: the kdjax command in this process (``kdjax.cli.main``),
   for the runs that need no process of their own (no signal, device count or second
-  process); returns a :class:`Completed` like the subprocess runner."""
+  process); returns a ``subprocess.CompletedProcess`` like the subprocess runner."""
   from kdjax.cli import main
 
   def run(args, *, check=True):
@@ -129,6 +122,6 @@ def kdjax_main(capsys):
     out = capsys.readouterr()
     if check and code != 0:
       raise AssertionError(f'kdjax {" ".join(args)} failed ({code}):\n{out.err[-3000:]}')
-    return Completed(code, out.out, out.err)
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
   return run
