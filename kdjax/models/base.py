@@ -26,12 +26,24 @@ class ModelOutput(NamedTuple):
       ``'stage1' ... 'stageN'`` (block outputs, channels last) and
       ``'penultimate'`` (``[batch, dim]``, the input of the classifier head).
     attentions: for attention models, a tuple with one
-      ``[batch, heads, query, key]`` array per layer; ``None`` otherwise.
+      ``[batch, heads, query, key]`` array per layer; ``None`` otherwise (language
+      models fill it only when called with ``output_attentions=True``).
+    hidden_states: for transformers called with ``output_hidden_states=True``, the
+      embedding output and every layer's output, ``[batch, tokens, width]`` each
+      (``num_layers + 1`` arrays); ``None`` otherwise.
+    qkv: for transformers called with ``output_qkv=True``, one ``(queries, keys,
+      values)`` triple per layer, each ``[batch, tokens, heads * head_dim]`` (keys
+      and values with the key/value heads), for MiniLM's value and MiniLMv2's
+      query/key/value relations; ``None`` otherwise.
+    cache: a decoder's key/value cache after the call, when it was called with one.
   """
 
   logits: jax.Array
   features: dict[str, jax.Array]
   attentions: tuple[jax.Array, ...] | None = None
+  hidden_states: tuple[jax.Array, ...] | None = None
+  qkv: tuple[tuple[jax.Array, jax.Array, jax.Array], ...] | None = None
+  cache: Any = None
 
 
 ApplyFn = Callable[..., tuple[ModelOutput, Any]]
