@@ -122,11 +122,12 @@ def read_fingerprint(workdir: str) -> str:
       workdir, step, ('params', 'student')), workdir))
 
 
-def outputs(apply: Callable[..., Any], variables, x, needs=OUTPUT_KEYS) -> dict:
+def outputs(apply: Callable[..., Any], variables, x, needs=OUTPUT_KEYS, **kwargs) -> dict:
   """The teacher's batch entries for inputs ``x``: those of :data:`OUTPUT_KEYS` in
-  ``needs``, forward only (eval mode) and under ``stop_gradient``."""
+  ``needs``, forward only (eval mode) and under ``stop_gradient``; ``kwargs`` are the
+  model's other inputs (:func:`kdjax.models.model_kwargs` of the batch)."""
   params, state = variables
-  out, _ = apply(params, state, x, train=False)
+  out, _ = apply(params, state, x, train=False, **kwargs)
   out = jax.lax.stop_gradient(out)
   entries = {'teacher_logits': out.logits, 'teacher_features': out.features,
              'teacher_attentions': out.attentions}

@@ -94,6 +94,8 @@ class _Reader:
     self._pad = {k: np.zeros_like(v[:1]) for k, v in first.items()}
     self._pad['label'][:] = -1
     self._pad['id'][:] = -1
+    if 'mask' in self._pad:
+      self._pad['mask'][:] = False
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     records = sources_lib.read_records(self._source, indices)
@@ -115,7 +117,8 @@ class _TrainBatch:
     indices, epochs = indices[self._lo:self._hi], epochs[self._lo:self._hi]
     out = self._reader.read(indices)
     out['epoch'] = epochs.astype(np.int32)
-    out['mask'] = np.ones(len(indices), bool)
+    if 'mask' not in out:   # token data brings its own per-position mask
+      out['mask'] = np.ones(len(indices), bool)
     return out
 
 
@@ -137,7 +140,9 @@ class _EvalBatch:
       parts.append(self._reader.padding(len(positions) - len(valid)))
     out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     out['epoch'] = np.zeros(len(positions), np.int32)
-    out['mask'] = positions < self._n
+    valid = positions < self._n
+    out['mask'] = valid if 'mask' not in out else out['mask'] & valid.reshape(
+        (-1,) + (1,) * (out['mask'].ndim - 1))
     return out
 
 

@@ -8,6 +8,10 @@ A standard example (or batch of them) is a dict:
 * ``'label'``: int32 class, ``-1`` for an unlabeled example.
 * ``'client'``: int32, only for data sets with natural clients (Shakespeare's
   speaking roles), passed through from the record.
+* ``'mask'``: bool, only for token data with a loss mask (``shakespeare_lm``): which
+  positions carry a target (``[seq_len]`` per example); the model inputs of packed
+  sequences (``'segment_ids'``, ``'positions'``) and of prompt sets (``'prompt_ids'``,
+  ``'prompt_mask'``, ...) pass through as int32 when the record has them.
 * ``'id'``: int32, the record's index in its split. The pair ``(split, id)`` is the
   example's key: each split (``train``, ``test``, ``transfer``) has its own index
   space.
@@ -39,7 +43,10 @@ class Recipe:
     std: per-channel std divided by after centering, or None.
     add_channel: append a channel axis (1-D signals).
     dtype: dtype of ``'x'``; an integer dtype (token ids) skips the scaling.
-    extra_keys: record features passed through as int32 (``'client'``).
+    extra_keys: record features passed through as int32 (``'client'``) when the
+      record has them.
+    label_key: record feature holding the label (``'targets'``: next tokens).
+    mask_key: record feature holding a per-position loss mask, or None.
   """
 
   input_key: str
@@ -49,7 +56,13 @@ class Recipe:
   add_channel: bool = False
   dtype: str = 'float32'
   extra_keys: tuple[str, ...] = ()
+  label_key: str = 'label'
+  mask_key: str | None = None
 
+
+# Token records of the language-model sets: what passes through besides ids and targets.
+_LM_KEYS = ('segment_ids', 'positions', 'prompt_ids', 'prompt_mask', 'continuation_ids',
+            'continuation_mask')
 
 # Per-channel statistics of the [0, 1]-scaled training images.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -67,6 +80,8 @@ DIGITS_STD = (0.3761,)
 RECIPES: dict[str, Recipe] = {
     'mnist1d': Recipe('signal', add_channel=True),
     'shakespeare': Recipe('x', dtype='int32', extra_keys=('client',)),
+    'shakespeare_lm': Recipe('input_ids', dtype='int32', extra_keys=_LM_KEYS,
+                             label_key='targets', mask_key='loss_mask'),
     'uci_digits': Recipe('image', 16.0, DIGITS_MEAN, DIGITS_STD),
     'cifar10': Recipe('image', 255.0, CIFAR10_MEAN, CIFAR10_STD),
     'cifar100': Recipe('image', 255.0, CIFAR100_MEAN, CIFAR100_STD),
@@ -134,16 +149,19 @@ def preprocess(name: str | None, example: Mapping[str, np.ndarray],
   if recipe.add_channel:
     x = x[..., None]
   ids = np.asarray(ids, np.int32)
-  if 'label' in example:
-    label = np.asarray(example['label']).astype(np.int32)
+  if recipe.label_key in example:
+    label = np.asarray(example[recipe.label_key]).astype(np.int32)
   else:
     label = np.full(ids.shape, -1, np.int32)
   if 'labeled' in example:
     label = np.where(np.asarray(example['labeled'], bool), label, -1)
     label = label.astype(np.int32)
   out = {'x': x, 'label': label, 'id': ids}
+  if recipe.mask_key is not None:
+    out['mask'] = np.asarray(example[recipe.mask_key]).astype(bool)
   for key in recipe.extra_keys:
-    out[key] = np.asarray(example[key]).astype(np.int32)
+    if key in example:
+      out[key] = np.asarray(example[key]).astype(np.int32)
   return out
 
 

@@ -98,14 +98,16 @@ class DatasetSpec(NamedTuple):
   Attributes:
     name: the TFDS name asked for.
     input_shape: shape of one standard example's ``'x'`` (channels last).
-    num_classes: number of classes.
+    num_classes: number of classes (the vocabulary size for token data).
     splits: split name -> number of examples.
+    input_dtype: dtype of ``'x'``: ``'float32'``, or ``'int32'`` for token ids.
   """
 
   name: str
   input_shape: tuple[int, ...]
   num_classes: int
   splits: dict[str, int]
+  input_dtype: str = 'float32'
 
 
 def dataset_spec(name: str, *,
@@ -140,11 +142,13 @@ def dataset_spec(name: str, *,
       name, tuple(features[recipe.input_key].shape))
   label = features['label'] if 'label' in features else None
   num_classes = int(getattr(label, 'num_classes', 0) or 0)
+  if not num_classes and 'vocab_size' in (info.metadata or {}):
+    num_classes = int(info.metadata['vocab_size'])   # token data: the vocabulary
   splits = {s: int(info.splits[s].num_examples) for s in info.splits.keys()}
   if not splits:
     splits = {s: len(src) for s, src in sources.items()}
   return DatasetSpec(name=name, input_shape=shape, num_classes=num_classes,
-                     splits=splits)
+                     splits=splits, input_dtype=recipe.dtype)
 
 
 def read_records(source: Sequence[Any], indices: Sequence[int]) -> list[Any]:
@@ -165,7 +169,8 @@ def stack_records(records: Sequence[dict], keys) -> dict[str, np.ndarray]:
 def record_keys(name: str | None, sample: dict) -> tuple[str, ...]:
   """The record features that preprocessing for ``name`` reads."""
   recipe = preprocess_lib.recipe_for(name, sample.keys())
-  return (recipe.input_key, 'label', 'labeled', *recipe.extra_keys)
+  mask = (recipe.mask_key,) if recipe.mask_key else ()
+  return (recipe.input_key, recipe.label_key, 'labeled', *mask, *recipe.extra_keys)
 
 
 def load_arrays(name: str, split: str, *,

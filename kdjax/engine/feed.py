@@ -34,8 +34,23 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import teacher as teacher_lib
+from kdjax.models.base import MODEL_INPUT_KEYS
+from kdjax.models.base import model_kwargs
 
 Batch = dict[str, Any]
+# Per-example columns every source carries; token data adds its ``mask`` ([tokens]: which
+# positions have a target) and its other model inputs when its arrays have them.
+EXAMPLE_KEYS = ('x', 'label', 'id')
+OPTIONAL_KEYS = ('mask', *MODEL_INPUT_KEYS)
+
+
+def example_keys(arrays) -> tuple[str, ...]:
+  """The columns of ``arrays`` (a split or a batch) a feed carries.
+
+  >>> example_keys({'x': 0, 'label': 0, 'id': 0, 'client': 0, 'segment_ids': 0})
+  ('x', 'label', 'id', 'segment_ids')
+  """
+  return EXAMPLE_KEYS + tuple(k for k in OPTIONAL_KEYS if k in arrays)
 
 
 class Source(Protocol):
@@ -132,7 +147,8 @@ class DeviceSource:
     self.seed = int(seed)
     self.repl = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
-    data = {k: arrays[k] for k in ('x', 'label', 'id')}
+    self.keys = example_keys(arrays)
+    data = {k: arrays[k] for k in self.keys}
     if columns is not None:
       data['cache'] = columns
       self.num_cached = int(jax.tree.leaves(columns)[0].shape[0])
@@ -162,9 +178,10 @@ class DeviceSource:
         idx = jax.lax.dynamic_slice(perms[epoch - first_epoch], ((step % spe) * b,), (b,))
       else:
         idx = positions[i]
-      batch = {k: jnp.take(data[k], idx, axis=0) for k in ('x', 'label', 'id')}
+      batch = {k: jnp.take(data[k], idx, axis=0) for k in self.keys}
       batch['epoch'] = jnp.full((b,), epoch, jnp.int32)
-      batch['mask'] = jnp.ones((b,), bool)
+      if 'mask' not in batch:
+        batch['mask'] = jnp.ones((b,), bool)
       batch['position'] = idx
       if 'cache' in data:
         batch.update(self.join(data['cache'], epoch, idx))
@@ -203,7 +220,8 @@ class StreamSource:
 
   def _next(self) -> dict:
     batch = next(self.iterator)
-    out = {k: np.asarray(batch[k]) for k in self.KEYS}
+    keys = self.KEYS + tuple(k for k in MODEL_INPUT_KEYS if k in batch)
+    out = {k: np.asarray(batch[k]) for k in keys}
     if self.rows is not None:
       out.update(self.rows(out['epoch'], out['id']))
       out['epoch'] = out['epoch'] % self.num_cached
@@ -286,7 +304,7 @@ class Feed:
                       if k != 'position'})
       elif self.teacher is not None:
         batch.update(teacher_lib.outputs(self.teacher.apply, inputs['teacher'], batch['x'],
-                                         self.needs))
+                                         self.needs, **model_kwargs(batch)))
       return batch
 
     return batch_at

@@ -309,7 +309,7 @@ def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache,
   two-example sample: the student's outputs, and the teacher's (live, computed once
   on its devices, or a cache row).
   """
-  x = np.zeros((2, *spec.input_shape), np.float32)
+  x = np.zeros((2, *spec.input_shape), spec.input_dtype)
   extra = cache.sample(needs) if cache is not None else {}
   if teacher is not None:
     forward = jax.jit(lambda v: teacher_lib.outputs(teacher.apply, v, x))
@@ -318,9 +318,10 @@ def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache,
   def init(seed) -> TrainState:
     params, model_state = init_params(seed)
     out, _ = apply(params, model_state, x, train=False)
+    labels = np.zeros(out.logits.shape[:-1], np.int32)   # [2] or, token data, [2, tokens]
     sample = {'student_logits': out.logits, 'student_features': out.features,
-              'student_attentions': out.attentions, 'labels': np.zeros(2, np.int32),
-              'where': np.ones(2, bool), 'step': 0, **extra}
+              'student_attentions': out.attentions, 'labels': labels,
+              'where': np.ones(labels.shape, bool), 'step': 0, **extra}
     key = jax.random.key(seed)
     loss_params, loss_state = objective.init(jax.random.fold_in(key, 1), sample)
     return init_train_state(params, model_state, tx, rng=jax.random.fold_in(key, 2),

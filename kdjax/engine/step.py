@@ -7,8 +7,10 @@ it in a scan and ``vmap``\\ s that over clients (:mod:`kdjax.federated.local`), 
 proxy-set algorithms train on their public data with it (:mod:`kdjax.federated.public`).
 
 ``batch`` is a ready batch: ``x`` (the model input, already augmented), ``label``
-(``-1``: unlabeled), ``mask`` (False on padding) and the teacher's entries, live or
-cached (every ``teacher_*`` key goes to the objective as it is; see
+(``-1``: unlabeled), ``mask`` (False on padding; ``[batch, tokens]`` for token data, where
+``label`` holds the next tokens), the model's other inputs (``segment_ids``, ``positions``
+of packed sequences: :data:`kdjax.models.base.MODEL_INPUT_KEYS`) and the teacher's
+entries, live or cached (every ``teacher_*`` key goes to the objective as it is; see
 :mod:`kdjax.losses.registry`). Metrics are ``(sum, count)`` pairs, so they add up over
 steps, devices and hosts.
 """
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from kdjax.engine.state import TrainState
+from kdjax.models.base import model_kwargs
 
 NONFINITE = ('stop', 'skip', 'ignore')
 
@@ -65,7 +68,7 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
 
   def forward(params, state: TrainState, batch, rng):
     out, model_state = apply(params['student'], state.model_state, batch['x'], train=True,
-                             rng=rng)
+                             rng=rng, **model_kwargs(batch))
     inputs = {k: v for k, v in batch.items() if k.startswith('teacher_')}
     inputs.update(labels=batch['label'], where=batch['mask'], step=state.step,
                   student_logits=out.logits, student_features=out.features,

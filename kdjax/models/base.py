@@ -48,6 +48,19 @@ class ModelOutput(NamedTuple):
 
 ApplyFn = Callable[..., tuple[ModelOutput, Any]]
 
+# Batch entries that are model inputs besides ``x`` (packed token sequences, padding
+# masks); the train step, the teacher and the evaluator pass those a batch has.
+MODEL_INPUT_KEYS = ('segment_ids', 'positions', 'attention_mask', 'token_type_ids')
+
+
+def model_kwargs(batch: dict) -> dict:
+  """The entries of ``batch`` named in :data:`MODEL_INPUT_KEYS`, as call keywords.
+
+  >>> sorted(model_kwargs({'x': 0, 'segment_ids': 1, 'label': 2}))
+  ['segment_ids']
+  """
+  return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
 
 def functional(module: nnx.Module) -> tuple[ApplyFn, nnx.State, nnx.State]:
   """Splits a module into a pure ``apply`` and its ``(params, state)``.
