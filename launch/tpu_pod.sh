@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs the same command on every host of a Cloud TPU VM slice; jax.distributed.initialize()
-# discovers the slice. WORKDIR must be shared storage (a gs:// bucket or a mounted disk).
-#   launch/tpu_pod.sh my-tpu us-central2-b distill --config configs/cifar10/resnet8x4_kd.py \
-#       --workdir gs://bucket/kd --config.teacher.workdir=gs://bucket/teacher
+# The old spelling of launch/tpu_vm.sh, kept for existing command lines:
+#   launch/tpu_pod.sh TPU ZONE ARGS...  ==  launch/tpu_vm.sh --name TPU --zone ZONE \
+#                                             --allow-local-workdir -- ARGS...
+# (WORKDIR: a gs:// path, mounted on every worker, or a disk every worker mounts.)
 set -euo pipefail
 TPU=${1:?TPU name}; ZONE=${2:?zone}; shift 2
-gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd ~/kdjax && KDJAX_DISTRIBUTED_AUTO=1 python -m kdjax $*"
+exec "$(dirname "${BASH_SOURCE[0]}")/tpu_vm.sh" --name "$TPU" --zone "$ZONE" \
+  --allow-local-workdir -- "$@"
