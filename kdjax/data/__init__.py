@@ -1,7 +1,7 @@
 """kdjax's data layer: TFDS sources, grain pipelines, seeded JAX augmentation.
 
 Importing this package registers kdjax's TFDS builders (``mnist1d``,
-``shakespeare``, ``uci_digits``). Records become standard examples ``{'x', 'label', 'id'}``; see
+``shakespeare``, ``shakespeare_lm``, ``uci_digits``). Records become standard examples ``{'x', 'label', 'id'}``; see
 ``kdjax.data.preprocessing`` for the normalization and the meaning of ``id``,
 ``kdjax.data.pipeline`` for sharding and epochs, ``kdjax.data.augment`` for how
 augmentation keys derive from ``(seed, id, epoch)``.
@@ -23,3 +23,9 @@ from kdjax.data.sources import dataset_spec
 from kdjax.data.sources import default_data_dir
 from kdjax.data.sources import load_arrays
 from kdjax.data.sources import load_source
+from kdjax.data.sources import load_tokenizer
+from kdjax.data.text import char_tokenizer
+from kdjax.data.text import encode_documents
+from kdjax.data.text import make_prompts
+from kdjax.data.text import pack
+from kdjax.data.text import train_bpe

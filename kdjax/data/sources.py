@@ -242,3 +242,26 @@ def role_names(name: str = 'shakespeare', *,
   """
   src = load_source(name, 'train', data_dir=data_dir)
   return list(src.dataset_info.metadata['role_names'])
+
+
+def load_tokenizer(name: str, *, data_dir: str | os.PathLike | None = None):
+  """The ``tokenizers.Tokenizer`` a language-model data set was encoded with.
+
+  Its builder (``shakespeare_lm``) stores ``tokenizer.json``'s text in the data set's
+  metadata; the data set is prepared first if it is not yet.
+
+  Args:
+    name: the data set with its config, e.g. ``'shakespeare_lm/bpe2048_256'``.
+    data_dir: as for :func:`load_source`.
+
+  Raises:
+    DataError: an unknown data set, or one that stores no tokenizer.
+  """
+  import tokenizers   # only token data needs it
+
+  info = load_source(name, 'train', data_dir=data_dir).dataset_info
+  text = (info.metadata or {}).get('tokenizer')
+  if not text:
+    raise DataError(f'{name!r} stores no tokenizer; use a language-model data set such as '
+                    'shakespeare_lm/tiny.')
+  return tokenizers.Tokenizer.from_str(text)

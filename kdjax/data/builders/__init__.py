@@ -6,10 +6,12 @@ TensorFlow.
 
 from kdjax.data.builders.mnist1d import Mnist1d
 from kdjax.data.builders.shakespeare import Shakespeare
+from kdjax.data.builders.shakespeare_lm import ShakespeareLM
 from kdjax.data.builders.uci_digits import UciDigits
 
 NAMES = (
     Mnist1d.name,
     UciDigits.name,
     Shakespeare.name,
+    ShakespeareLM.name,
 )
