@@ -6,6 +6,13 @@ layout on disk, ``kdjax.cache.read`` joins it to a distill run
 """
 
 from kdjax.cache.build import build_cache
+from kdjax.cache.codec import Codec
+from kdjax.cache.codec import CodecError
+from kdjax.cache.codec import bytes_per_token
+from kdjax.cache.codec import decode
+from kdjax.cache.codec import encode
+from kdjax.cache.codec import layout
+from kdjax.cache.codec import parse_codec
 from kdjax.cache.fingerprint import dataset_fingerprint
 from kdjax.cache.fingerprint import stream_dataset_fingerprint
 from kdjax.cache.read import ChunkReader
