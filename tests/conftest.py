@@ -109,6 +109,19 @@ def other_teacher_dir(tmp_path_factory, data_dir):
                lambda p: train_teacher(p, data_dir, 50))
 
 
+LM_TINY = 'shakespeare_lm/tiny'
+
+
+@pytest.fixture(scope='session')
+def lm_teacher_dir(tmp_path_factory, data_dir):
+  """A tiny trained teacher language model (``configs/lm/teacher.py:tiny`` on
+  ``shakespeare_lm/tiny``, 40 steps), one per session, in the session's data dir."""
+  def make(path):
+    kdjax_cli(['train', '--config', f'{CONFIGS}/lm/teacher.py:tiny', '--workdir', path,
+               f'--config.data.data_dir={data_dir}', '--config.progress=false'])
+  return _once(str(_shared_root(tmp_path_factory) / 'lm_teacher'), make)
+
+
 @pytest.fixture
 def kdjax_main(capsys):
   """``kdjax_main(args, check=True)``: the kdjax command in this process (``kdjax.cli.main``),

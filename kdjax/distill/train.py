@@ -8,6 +8,7 @@ the last checkpoint to the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -98,10 +99,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       'teacher_step': teacher.step if teacher else None,
       'teacher_fingerprint': teacher.fingerprint if teacher else None,
   }
+  if len(run.spec.input_shape) == 1 and run.spec.input_dtype.startswith('int'):
+    # Token data: the losses are per-token cross-entropies (nats).
+    tokens = run.spec.input_shape[0]
+    summary['eval_perplexity'] = _exp(summary['eval_loss'])
+    summary['eval_bits_per_token'] = _bits(summary['eval_loss'])
+    summary['tokens_per_sec'] = (summary['examples_per_sec'] * tokens
+                                 if summary['examples_per_sec'] else None)
   _write_summary(workdir, summary)
   if jax.process_index() == 0:
     metrics_lib.plot_learning_curves(workdir)
   return summary
+
+
+def _exp(loss):
+  return None if loss is None else float(math.exp(min(loss, 700.0)))
+
+
+def _bits(loss):
+  return None if loss is None else float(loss / math.log(2.0))
 
 
 def _write_summary(workdir: str, summary: dict) -> None:
