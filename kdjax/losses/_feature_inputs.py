@@ -16,6 +16,12 @@ def f32(x) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
 
 
+def floating(x) -> jax.Array:
+  """``x`` as float32, or float64 if it already is (the parity tests run in float64)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def expand_to(mask: jax.Array, x: jax.Array) -> jax.Array:
   """Reshapes a ``[B, ...]`` mask so it broadcasts against ``x``."""
   return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
@@ -114,8 +120,8 @@ def safe_sqrt(x: jax.Array, eps: float = 0.0) -> jax.Array:
 
 
 def flatten_examples(x: jax.Array) -> jax.Array:
-  """``[B, ...] -> [B, prod(...)]`` in float32."""
-  x = f32(x)
+  """``[B, ...] -> [B, prod(...)]`` in float32 (float64 stays float64)."""
+  x = floating(x)
   return x.reshape(x.shape[0], -1)
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.errors import UserError
 from kdjax.losses import _feature_inputs as fi
 from kdjax.losses import projectors
 from kdjax.losses.registry import Term
@@ -51,7 +52,7 @@ def _pair_masks(where, student, teacher):
 
 def _masked_pair(where, student, teacher):
   """float32 features with masked examples and positions zeroed, and the masks."""
-  s, t = fi.f32(student), fi.f32(teacher)
+  s, t = fi.floating(student), fi.floating(teacher)
   ex, pos = _pair_masks(where, s, t)
   s = fi.zero_masked(fi.zero_masked(s, ex), pos)
   t = fi.zero_masked(fi.zero_masked(t, ex), pos)
@@ -60,90 +61,209 @@ def _masked_pair(where, student, teacher):
 
 # =========================================================================== FitNet
 
+REGRESSORS = ('auto', 'conv', 'linear')
+
+
+def _conv_reg_layout(student_shape, teacher_shape) -> tuple[str, tuple[int, int]]:
+  """``(kind, kernel_size)`` of the convolutional regressor for two ``[B, H, W, C]`` shapes.
+
+  The rule of the reference ``ConvReg``, decided on the heights: a student twice the
+  teacher's size -> 3x3 stride-2 convolution (padding 1); half -> 4x4 stride-2 transposed
+  convolution (padding 1); otherwise not smaller -> a valid convolution with kernel
+  ``(1 + H_s - H_t, 1 + W_s - W_t)`` (1x1 for equal sizes).
+  """
+  (_, hs, ws, _), (_, ht, wt, _) = student_shape, teacher_shape
+  if hs == 2 * ht:
+    kind, kernel = 'stride2', (3, 3)
+  elif 2 * hs == ht:
+    kind, kernel = 'transpose', (4, 4)
+  elif hs >= ht and ws >= wt:
+    kind, kernel = 'valid', (1 + hs - ht, 1 + ws - wt)
+  else:
+    raise UserError(f'fitnet: the conv regressor cannot map a student feature of spatial size '
+                    f'{(hs, ws)} to a teacher feature of {(ht, wt)} (it handles a student of '
+                    'twice, half, or at least the teacher\'s size); set regressor=\'linear\'')
+  out = {'stride2': ((hs + 1) // 2, (ws + 1) // 2), 'transpose': (2 * hs, 2 * ws),
+         'valid': (ht, wt)}[kind]
+  if out != (ht, wt):
+    raise UserError(f'fitnet: the conv regressor maps the student\'s spatial size {(hs, ws)} to '
+                    f'{out}, not the teacher\'s {(ht, wt)}; set regressor=\'linear\'')
+  return kind, kernel
+
+
+def _regressor(regressor: str, student_shape, teacher_shape) -> str:
+  if regressor not in REGRESSORS:
+    raise UserError(f'fitnet: unknown regressor {regressor!r}; use one of {REGRESSORS}')
+  if regressor == 'auto':
+    return 'conv' if len(student_shape) == len(teacher_shape) == 4 else 'linear'
+  if regressor == 'conv' and not len(student_shape) == len(teacher_shape) == 4:
+    raise UserError(f'fitnet: the conv regressor needs [batch, height, width, channels] '
+                    f'features; got {tuple(student_shape)} and {tuple(teacher_shape)}; set '
+                    "regressor='linear'")
+  return regressor
+
+
 def fitnet_init(rng: jax.Array, student_shape: Sequence[int], teacher_shape: Sequence[int],
-                *, use_bias: bool = True) -> dict:
-  """Params of FitNet's regressor: a 1x1-conv / linear map from student to teacher channels.
+                *, regressor: str = 'auto', use_bias: bool = True) -> dict:
+  """Params of FitNet's regressor from the student's to the teacher's feature.
 
   Args:
     rng: a PRNG key.
     student_shape: shape of the student feature, channels last.
     teacher_shape: shape of the teacher feature, channels last.
-    use_bias: whether the regressor has a bias.
+    regressor: ``'conv'``: the reference's convolutional regressor (a convolution
+      chosen by the spatial sizes, then batch normalization, then ReLU; see
+      :func:`fitnet`), for ``[B, H, W, C]`` features; ``'linear'``: a 1x1-conv /
+      linear map on the channel axis (features of any rank, spatial sizes matched by
+      pooling); ``'auto'``: ``'conv'`` for two ``[B, H, W, C]`` features, else
+      ``'linear'``.
+    use_bias: whether the convolution or linear map has a bias.
 
   Returns:
-    ``{'kernel': [C_s, C_t], 'bias': [C_t]}``.
+    ``'conv'``: ``{'conv': {'kernel': [kh, kw, C_s, C_t], 'bias'}, 'bn': {'scale',
+    'bias'}}`` (PyTorch's default initialization); ``'linear'``: ``{'kernel': [C_s, C_t],
+    'bias': [C_t]}``.
 
-  >>> fitnet_init(jax.random.key(0), (8, 16, 16, 32), (8, 8, 8, 64))['kernel'].shape
+  >>> fitnet_init(jax.random.key(0), (8, 16, 16, 32), (8, 8, 8, 64))['conv']['kernel'].shape
+  (3, 3, 32, 64)
+  >>> fitnet_init(jax.random.key(0), (8, 32), (8, 8, 8, 64))['kernel'].shape
   (32, 64)
   """
-  return projectors.linear_init(rng, int(student_shape[-1]), int(teacher_shape[-1]),
-                                use_bias=use_bias)
+  kind = _regressor(regressor, student_shape, teacher_shape)
+  cs, ct = int(student_shape[-1]), int(teacher_shape[-1])
+  if kind == 'linear':
+    return projectors.linear_init(rng, cs, ct, use_bias=use_bias)
+  layout, kernel = _conv_reg_layout(student_shape, teacher_shape)
+  return {'conv': projectors.conv_init(rng, kernel, cs, ct, use_bias=use_bias,
+                                       transpose=layout == 'transpose'),
+          'bn': projectors.norm_init(ct)}
+
+
+def fitnet_regress(params: dict, student_feature: jax.Array, teacher_shape: Sequence[int], *,
+                   relu: bool = True, where: jax.Array | None = None) -> jax.Array:
+  """The conv regressor's output ``[B, H_t, W_t, C_t]`` (params from ``fitnet_init``).
+
+  ``where`` (``[B]`` or ``[B, H, W]``) masks entries out of the batch statistics.
+
+  >>> p = fitnet_init(jax.random.key(0), (2, 8, 8, 4), (2, 4, 4, 6))
+  >>> fitnet_regress(p, jnp.ones((2, 8, 8, 4)), (2, 4, 4, 6)).shape
+  (2, 4, 4, 6)
+  """
+  s = fi.floating(student_feature)
+  layout, _ = _conv_reg_layout(s.shape, teacher_shape)
+  if layout == 'stride2':
+    h = projectors.conv2d(params['conv'], s, stride=2, padding=1)
+  elif layout == 'transpose':
+    h = projectors.conv_transpose2d(params['conv'], s, stride=2, padding=1)
+  else:
+    h = projectors.conv2d(params['conv'], s)
+  h = projectors.batch_norm(params['bn'], h, where=where)
+  return jax.nn.relu(h) if relu else h
 
 
 def fitnet(params: dict, student_feature: jax.Array, teacher_feature: jax.Array, *,
-           where: jax.Array | None = None) -> jax.Array:
+           relu: bool = True, where: jax.Array | None = None) -> jax.Array:
   r"""FitNet hint loss: mean squared error between the regressed student and the teacher.
 
-  With :math:`r` the learned regressor (a linear map on the channel axis, a 1x1
-  convolution for conv features) and :math:`P` the adaptive average pooling that
-  brings both features to the smaller spatial size on each axis
-  (:func:`kdjax.losses.projectors.match_spatial`),
+  With :math:`r` the learned regressor,
 
   .. math::
 
     \ell_i = \frac{1}{|S| C_t} \sum_{p \in S} \sum_{c=1}^{C_t}
-      \big(r(P s_i)_{p,c} - (P t_i)_{p,c}\big)^2 ,
+      \big(r(s)_{i,p,c} - t_{i,p,c}\big)^2 ,
 
-  the mean over positions :math:`S` and teacher channels. The paper writes
-  :math:`\tfrac12 \lVert u_h - r(v_g) \rVert^2`; the per-element mean used here
-  (as in most reimplementations) keeps the scale independent of the feature size.
-  Pooling commutes with the 1x1 regressor, so pooling before or after it is the same.
+  the mean over the teacher's positions :math:`S` and channels, so that the mean of
+  :math:`\ell_i` over the batch is the reference's ``F.mse_loss(r(s), t)`` and its
+  published weights carry over (100 in both reference repositories).
+
+  The regressor is chosen by the params (:func:`fitnet_init`):
+
+  * **conv** (the reference ``ConvReg``): a convolution from the student's to the
+    teacher's spatial size (3x3 stride 2 for a student twice the teacher's size, a 4x4
+    stride-2 transposed convolution for half, else a valid convolution of kernel
+    :math:`(1 + H_s - H_t, 1 + W_s - W_t)`, i.e. 1x1 for equal sizes), then batch
+    normalization in training mode (the statistics of the current, unmasked batch),
+    then ReLU (``relu=False`` drops it, the reference's ``use_relu=False``). Because of
+    the batch normalization an example's value depends on the rest of the batch.
+  * **linear**: a linear map on the channel axis (a 1x1 convolution); features of
+    different spatial sizes are first brought to the smaller size on each axis by
+    adaptive average pooling (:func:`kdjax.losses.projectors.match_spatial`), which
+    commutes with the map.
+
+  The paper writes :math:`\tfrac12 \lVert u_h - r(v_g) \rVert^2`; the per-element
+  mean is the reference code's.
+
+  Two-stage training (the paper's: first the student up to the guided layer with the
+  hint alone, then the whole student with KD) is a schedule of term weights, e.g.
+  ``hint: dict(loss='fitnet', weight=dict(schedule='piecewise', boundaries=[N],
+  values=[1.0, 0.0]))`` and ``kd: dict(weight=dict(schedule='piecewise',
+  boundaries=[N], values=[0.0, 1.0]))``: in stage one the hint's gradient reaches only
+  the layers up to the guided one and the regressor. (Layers above it still see
+  weight decay and optimizer momentum if the optimizer has them; freezing them is the
+  optimizer's business. The reference repositories train in one stage.)
 
   Args:
     params: from :func:`fitnet_init`.
     student_feature: ``[B, ..., C_s]``.
-    teacher_feature: ``[B, ..., C_t]``, same rank (or ``[B, C_t]``, which
-      global-average-pools the student).
-    where: ``[B]`` example mask, or a ``[B, *S]`` position mask when both
-      features have the same positions ``S``.
+    teacher_feature: ``[B, ..., C_t]``; ``[B, H_t, W_t, C_t]`` for the conv regressor;
+      for the linear one, the same rank (or ``[B, C_t]``, which global-average-pools
+      the student).
+    relu: the conv regressor's final ReLU.
+    where: ``[B]`` example mask, or a ``[B, *S]`` position mask when both features
+      have the same positions ``S``.
 
   Returns:
     ``[B]`` float32.
 
   References:
     Romero, Ballas, Kahou, Chassang, Gatta, Bengio. FitNets: Hints for Thin Deep
-    Nets. ICLR 2015. arXiv:1412.6550.
+    Nets. ICLR 2015. arXiv:1412.6550. Reference code: megvii-research/mdistiller
+    ``mdistiller/distillers/FitNet.py`` and ``_common.py`` (``ConvReg``);
+    HobbitLong/RepDistiller ``distiller_zoo/FitNet.py``.
 
-  >>> s, t = jnp.ones((2, 8, 8, 4)), jnp.ones((2, 4, 4, 6))
-  >>> params = fitnet_init(jax.random.key(0), s.shape, t.shape)
-  >>> fitnet(params, s, t).shape
-  (2,)
+  >>> s, t = jnp.ones((2, 4, 4, 8)), jnp.ones((2, 4, 4, 6))
+  >>> params = fitnet_init(jax.random.key(0), s.shape, t.shape)  # 1x1 conv + BN + ReLU
+  >>> fitnet(params, s, t).round(4).tolist()  # a constant input is 0 after batch norm
+  [1.0, 1.0]
   """
   s, t, ex, pos = _masked_pair(where, student_feature, teacher_feature)
-  s, t = projectors.match_spatial(s, t)
-  err = jnp.mean(jnp.square(projectors.linear_apply(params, s) - t), axis=-1)
+  if 'conv' in params:
+    if s.ndim != 4 or t.ndim != 4:
+      raise UserError(f'fitnet: the conv regressor needs [batch, height, width, channels] '
+                      f'features; got {s.shape} and {t.shape}')
+    mask = ex if pos is None else jnp.logical_and(pos, fi.expand_to(ex, pos))
+    r = fitnet_regress(params, s, t.shape, relu=relu, where=mask)
+  else:
+    s, t = projectors.match_spatial(s, t)
+    r = projectors.linear_apply(params, s)
+  err = jnp.mean(jnp.square(r - t), axis=-1)
   return jnp.where(ex, fi.position_mean(err, pos), 0.0)
 
 
 @register('fitnet', family='feature', needs=_FEATURES,
           reference='Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015, '
                     'arXiv:1412.6550')
-def fitnet_term(student: str = 'stage1', teacher: str = 'stage1', use_bias: bool = True) -> Term:
-  """FitNet hint with a learned 1x1-conv regressor (trained with the student).
+def fitnet_term(student: str = 'stage1', teacher: str = 'stage1', regressor: str = 'auto',
+                use_bias: bool = True, relu: bool = True) -> Term:
+  """FitNet hint with a learned regressor (trained with the student); see :func:`fitnet`.
 
   Options: ``student``, ``teacher`` name entries of ``inputs['student_features']`` and
-  ``inputs['teacher_features']``; ``use_bias``.
+  ``inputs['teacher_features']``; ``regressor`` (``'auto'``: conv + batch norm + ReLU
+  as the reference for ``[B, H, W, C]`` features, else linear; ``'conv'``;
+  ``'linear'``); ``use_bias``; ``relu``. The value's batch mean is the reference's
+  ``F.mse_loss``: its weight (``FEAT_WEIGHT`` 100 in mdistiller, ``-b 100`` in
+  RepDistiller) carries over.
   """
   def init(rng, inputs):
     s = fi.feature(inputs, 'student', student, 'fitnet')
     t = fi.feature(inputs, 'teacher', teacher, 'fitnet')
-    return fitnet_init(rng, s.shape, t.shape, use_bias=use_bias), {}
+    return fitnet_init(rng, s.shape, t.shape, regressor=regressor, use_bias=use_bias), {}
 
   def apply(params, state, inputs):
     s = fi.feature(inputs, 'student', student, 'fitnet')
     t = fi.feature(inputs, 'teacher', teacher, 'fitnet')
     where = inputs.get('where')
-    value = fitnet(params, s, t, where=_term_where(where, s, t))
+    value = fitnet(params, s, t, relu=relu, where=_term_where(where, s, t))
     return fi.per_example_output(value, where), state
 
   return Term(init, apply)
@@ -157,37 +277,54 @@ def attention_map(feature: jax.Array, *, p: float = 2.0) -> jax.Array:
   >>> attention_map(jnp.ones((2, 4, 4, 8))).shape
   (2, 4, 4)
   """
-  f = fi.f32(feature)
+  f = fi.floating(feature)
   if f.ndim < 3:
     raise ValueError(f'attention transfer needs spatial or token features [B, ..., C]; '
                      f'got shape {f.shape}')
   return jnp.mean(jnp.abs(f) ** p, axis=-1)
 
 
+AT_POOL = ('feature', 'map')
+AT_REDUCTIONS = ('mean', 'sum')
+
+
 def attention_transfer(student_feature: jax.Array, teacher_feature: jax.Array, *,
-                       p: float = 2.0, where: jax.Array | None = None) -> jax.Array:
+                       p: float = 2.0, pool: str = 'feature', reduction: str = 'mean',
+                       where: jax.Array | None = None) -> jax.Array:
   r"""Activation-based attention transfer (AT).
 
   The attention map of a feature is :math:`Q = \frac1C \sum_c |f_c|^p` over the
   spatial positions (tokens for ``[B, T, D]``), flattened and L2-normalized per
-  example, :math:`a = Q / \lVert Q \rVert_2`; the loss is
+  example, :math:`a = Q / \lVert Q \rVert_2`; with :math:`N` the number of map
+  positions, the loss is
 
   .. math::
 
-    \ell_i = \lVert a^s_i - a^t_i \rVert_2^2 \in [0, 4].
+    \ell_i = \frac1N \lVert a^s_i - a^t_i \rVert_2^2
+    \quad (\texttt{reduction='mean'}),
+    \qquad
+    \ell_i = \lVert a^s_i - a^t_i \rVert_2^2 \in [0, 4]
+    \quad (\texttt{'sum'}).
 
-  Scaling: the reference implementation takes the *mean* of the squared difference
-  over the positions and the batch and multiplies it by :math:`\beta/2` with
-  :math:`\beta = 1000`; this value summed over positions equals that per-example
-  term at ``weight = β / (2 N)`` for ``N`` map positions. (The mean over channels
-  instead of the sum does not matter after normalization.) If the two maps have
-  different spatial sizes, the larger map is adaptive-average-pooled to the smaller
-  before normalization. Masked positions are removed from both maps.
+  The default is the reference code's: its ``(at(f_s) - at(f_t)).pow(2).mean()`` is
+  the mean of the ``'mean'`` value over the batch, so its weight (1000 in both
+  reference repositories, the paper's :math:`\beta/2` with :math:`\beta = 1000`)
+  carries over; ``'sum'`` is :math:`N` times larger. (The reference takes
+  :math:`f^p`, equal to :math:`|f|^p` for the default even :math:`p`; the mean over
+  channels instead of the sum does not matter after normalization.)
+
+  If the two features have different spatial sizes, ``pool='feature'`` (the
+  reference's) first adaptive-average-pools the larger *feature* to the smaller size
+  on each axis (for square maps the reference's ``adaptive_avg_pool2d(f, (H, H))``);
+  ``pool='map'`` pools the attention map instead. Masked positions are removed from
+  both maps (:math:`N` counts the valid ones).
 
   Args:
     student_feature: ``[B, *S_s, C_s]``.
     teacher_feature: ``[B, *S_t, C_t]`` (channel counts may differ).
     p: the exponent of the map.
+    pool: ``'feature'`` or ``'map'``: what is pooled when the sizes differ.
+    reduction: ``'mean'`` or ``'sum'`` over the map positions.
     where: ``[B]`` example mask, or a ``[B, *S]`` position mask when both
       features have the same positions ``S``.
 
@@ -197,38 +334,93 @@ def attention_transfer(student_feature: jax.Array, teacher_feature: jax.Array, *
   References:
     Zagoruyko, Komodakis. Paying More Attention to Attention: Improving the
     Performance of Convolutional Neural Networks via Attention Transfer. ICLR 2017.
-    arXiv:1612.03928.
+    arXiv:1612.03928. Reference code: megvii-research/mdistiller
+    ``mdistiller/distillers/AT.py``; HobbitLong/RepDistiller ``distiller_zoo/AT.py``.
 
   >>> s = jnp.ones((2, 8, 8, 4)); t = jnp.ones((2, 4, 4, 16))
   >>> attention_transfer(s, t).round(4).tolist()
   [0.0, 0.0]
   """
-  s, t, ex, _ = _masked_pair(where, student_feature, teacher_feature)
+  if pool not in AT_POOL:
+    raise UserError(f'attention_transfer: pool must be one of {AT_POOL}; got {pool!r}')
+  if reduction not in AT_REDUCTIONS:
+    raise UserError(f'attention_transfer: reduction must be one of {AT_REDUCTIONS}; '
+                    f'got {reduction!r}')
+  s, t, ex, pos = _masked_pair(where, student_feature, teacher_feature)
+  if s.ndim < 3 or t.ndim < 3:
+    raise ValueError(f'attention transfer needs spatial or token features [B, ..., C]; '
+                     f'got shapes {s.shape} and {t.shape}')
   # The normalized map does not depend on the scale of f: rescale for overflow safety.
   per_example = lambda x: tuple(range(1, x.ndim))
   s, t = fi.rescale(s, per_example(s))[0], fi.rescale(t, per_example(t))[0]
-  qs, qt = projectors.match_spatial(attention_map(s, p=p)[..., None],
-                                    attention_map(t, p=p)[..., None])
+  if pool == 'feature':
+    s, t = projectors.match_spatial(s, t)
+    qs, qt = attention_map(s, p=p), attention_map(t, p=p)
+  else:
+    qs, qt = projectors.match_spatial(attention_map(s, p=p)[..., None],
+                                      attention_map(t, p=p)[..., None])
+    qs, qt = qs[..., 0], qt[..., 0]
   qs, qt = qs.reshape(qs.shape[0], -1), qt.reshape(qt.shape[0], -1)
-  diff = fi.l2_normalize(qs) - fi.l2_normalize(qt)
-  return jnp.where(ex, fi.sq_norm(diff), 0.0)
+  sq = fi.sq_norm(fi.l2_normalize(qs) - fi.l2_normalize(qt))
+  if reduction == 'mean':
+    n = qs.shape[1] if pos is None else jnp.sum(pos.reshape(pos.shape[0], -1), axis=1)
+    sq = sq / jnp.maximum(n, 1)
+  return jnp.where(ex, sq, 0.0)
+
+
+def _stage_names(inputs, side: str, loss: str) -> tuple[str, ...]:
+  feats = inputs.get(f'{side}_features') or {}
+  stages = sorted((n for n in feats if n.startswith('stage') and n[5:].isdigit()),
+                  key=lambda n: int(n[5:]))
+  if not stages:
+    raise UserError(f'{loss}: the {side} features have no stage1, stage2, ... entries; '
+                    f'available: {", ".join(sorted(feats)) or "none"}. Name the features '
+                    f'with {side}=')
+  return tuple(stages)
 
 
 @register('attention_transfer', family='feature', needs=_FEATURES,
           reference='Zagoruyko & Komodakis, Paying More Attention to Attention, ICLR 2017, '
                     'arXiv:1612.03928')
-def attention_transfer_term(student: str | Sequence[str] = 'stage1',
-                            teacher: str | Sequence[str] = 'stage1', p: float = 2.0) -> Term:
-  """Attention transfer on named feature pairs (lists pair up one to one; values sum)."""
-  pairs = fi.paired_names('attention_transfer', student, teacher)
+def attention_transfer_term(student: str | Sequence[str] | None = None,
+                            teacher: str | Sequence[str] | None = None, p: float = 2.0,
+                            pool: str = 'feature', reduction: str = 'mean') -> Term:
+  """Attention transfer on feature pairs; the values sum over the pairs.
+
+  Options: ``student``, ``teacher``: names or lists that pair up one to one; by
+  default (``None``) every ``stage<i>`` feature the student and the teacher both
+  have, paired by stage (the reference's sum over all stage outputs); ``p``,
+  ``pool``, ``reduction`` as :func:`attention_transfer` (defaults: the reference's,
+  whose weight 1000 carries over).
+  """
+  for name, value, allowed in (('pool', pool, AT_POOL), ('reduction', reduction, AT_REDUCTIONS)):
+    if value not in allowed:
+      raise UserError(f'attention_transfer: {name} must be one of {allowed}; got {value!r}')
+  if (student is None) != (teacher is None):
+    raise UserError('attention_transfer: give both student and teacher feature names, or '
+                    'neither (every common stage)')
+
+  fixed = None if student is None else fi.paired_names('attention_transfer', student, teacher)
+
+  def pairs(inputs):
+    if fixed is not None:
+      return fixed
+    s = _stage_names(inputs, 'student', 'attention_transfer')
+    t = set(_stage_names(inputs, 'teacher', 'attention_transfer'))
+    common = tuple((n, n) for n in s if n in t)
+    if not common:
+      raise UserError('attention_transfer: the student and the teacher have no stage in '
+                      'common; name the pairs with student=[...] and teacher=[...]')
+    return common
 
   def fn(inputs):
     where = inputs.get('where')
     total = 0.0
-    for s_name, t_name in pairs:
+    for s_name, t_name in pairs(inputs):
       s = fi.feature(inputs, 'student', s_name, 'attention_transfer')
       t = fi.feature(inputs, 'teacher', t_name, 'attention_transfer')
-      total = total + attention_transfer(s, t, p=p, where=_term_where(where, s, t))
+      total = total + attention_transfer(s, t, p=p, pool=pool, reduction=reduction,
+                                         where=_term_where(where, s, t))
     return fi.per_example_output(total, where)
 
   return stateless(fn)

@@ -7,8 +7,9 @@ pairwise (or triplet) structure of the batch, and is registered with
 the loss on the batch without it, and the gradient with respect to the masked row
 is exactly zero. Features of any rank are flattened to ``[batch, dim]``; student and
 teacher widths may differ. Everything is computed in float32; the losses invariant
-to the scale of the features (all but CC with ``normalize=False``) first rescale the
-batch by its largest magnitude, so huge and tiny features stay in range.
+to the scale of the features (all but CC with ``normalize=False``, and PKT, whose
+normalization ``x / (||x|| + eps)`` is the reference code's) first
+rescale the batch by its largest magnitude, so huge and tiny features stay in range.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import UserError
 from kdjax.losses import _feature_inputs as fi
 from kdjax.losses.registry import register
 from kdjax.losses.registry import stateless
@@ -147,55 +149,73 @@ def rkd_angle(student: jax.Array, teacher: jax.Array, *,
 
 # =========================================================================== PKT
 
-def _pkt_conditionals(x, m):
-  xn = fi.l2_normalize(x)
-  k = (xn @ xn.T + 1.0) / 2.0
-  pairs = _pair_mask(m)
-  k = jnp.where(pairs, k, 0.0)
+PKT_REDUCTIONS = ('mean', 'anchor')
+
+
+def _pkt_conditionals(x, pairs, eps):
+  # The reference's normalization x / (||x|| + eps), with an overflow-safe norm.
+  xn = x / (fi.safe_norm(x, keepdims=True) + eps)
+  k = jnp.where(pairs, (xn @ xn.T + 1.0) / 2.0, 0.0)
   row = jnp.sum(k, axis=1, keepdims=True)
-  return k / jnp.where(row > 0, row, 1.0), pairs
+  return k / jnp.where(row > 0, row, 1.0)
 
 
 def pkt(student: jax.Array, teacher: jax.Array, *, where: jax.Array | None = None,
-        eps: float = 1e-7) -> jax.Array:
+        eps: float = 1e-7, exclude_self: bool = False, reduction: str = 'mean') -> jax.Array:
   r"""Probabilistic knowledge transfer with the cosine-similarity kernel (batch-level).
 
-  With :math:`K(a, b) = (\cos(a, b) + 1) / 2` and the conditional probabilities
-  :math:`p_{j|i} = K(x_i, x_j) / \sum_{k \ne i} K(x_i, x_k)` over the valid examples,
+  With :math:`\hat x = x / (\lVert x \rVert + \epsilon)`, the kernel
+  :math:`K_{ij} = (\langle \hat x_i, \hat x_j \rangle + 1) / 2 \in [0, 1]` and the
+  conditional probabilities :math:`p_{j|i} = K_{ij} / \sum_k K_{ik}` over the valid
+  examples,
 
   .. math::
 
-    \mathcal{L} = \frac1n \sum_i \sum_{j \ne i}
+    \mathcal{L} = \frac{1}{n^2} \sum_{i, j}
       p^t_{j|i} \log \frac{p^t_{j|i} + \epsilon}{p^s_{j|i} + \epsilon}
 
-  (the KL divergence from teacher to student conditionals, averaged over anchors;
-  :math:`\epsilon` as in the reference code keeps it finite when a kernel value is
-  exactly zero). The reference code includes :math:`j = i` and divides the double
-  sum by :math:`n^2`; here self-pairs are excluded and the mean is over anchors.
+  (``reduction='mean'``, the default): the reference code's value, self-pairs
+  :math:`j = i` included in the sums and the double sum divided by :math:`n^2`, so its
+  weight (30000 in RepDistiller) carries over. ``exclude_self=True`` leaves
+  :math:`j = i` out of :math:`p_{j|i}` and of the sum (the paper's definition; the
+  mean is then over the :math:`n(n-1)` pairs); ``reduction='anchor'`` sums over
+  :math:`j` and averages over the anchors :math:`i` (:math:`n` times the ``'mean'``
+  value with self-pairs, :math:`n - 1` times without), a KL divergence per anchor.
 
   Args:
     student: ``[B, ...]`` embeddings.
     teacher: ``[B, ...]`` embeddings.
     where: ``[B]`` example mask.
     eps: :math:`\epsilon`.
+    exclude_self: leave the self-pairs out.
+    reduction: ``'mean'`` over the pairs or ``'anchor'`` (sum over :math:`j`, mean over
+      :math:`i`).
 
   Returns:
     A float32 scalar.
 
   References:
     Passalis, Tefas. Learning Deep Representations with Probabilistic Knowledge
-    Transfer. ECCV 2018. arXiv:1803.10837.
+    Transfer. ECCV 2018. arXiv:1803.10837. Reference code: HobbitLong/RepDistiller
+    ``distiller_zoo/PKT.py`` (from the authors' passalis/probabilistic_kt).
 
   >>> x = jnp.array([[1., 0.], [0., 1.], [1., 1.]])
   >>> round(float(pkt(x, 5 * x)), 6)
   0.0
   """
+  if reduction not in PKT_REDUCTIONS:
+    raise UserError(f'pkt: reduction must be one of {PKT_REDUCTIONS}; got {reduction!r}')
   s, m, n = _prepare(student, where)
   t, _, _ = _prepare(teacher, m)
-  ps, pairs = _pkt_conditionals(s, m)
-  pt, _ = _pkt_conditionals(t, m)
+  pairs = _pair_mask(m) if exclude_self else m[:, None] & m[None, :]
+  ps = _pkt_conditionals(s, pairs, eps)
+  pt = _pkt_conditionals(t, pairs, eps)
   terms = jnp.where(pairs, pt * (jnp.log(pt + eps) - jnp.log(ps + eps)), 0.0)
-  return jnp.sum(terms) / jnp.maximum(n, 1.0)
+  if reduction == 'anchor':
+    count = n
+  else:
+    count = n * (n - 1.0) if exclude_self else n * n
+  return jnp.sum(terms) / jnp.maximum(count, 1.0)
 
 
 # =========================================================================== SP
@@ -385,9 +405,16 @@ def rkd_angle_term(student: str = 'penultimate', teacher: str = 'penultimate'):
 @register('pkt', family='relation', needs=_FEATURES, batch_level=True,
           reference='Passalis & Tefas, Learning Deep Representations with Probabilistic '
                     'Knowledge Transfer, ECCV 2018, arXiv:1803.10837')
-def pkt_term(student: str = 'penultimate', teacher: str = 'penultimate', eps: float = 1e-7):
-  """Probabilistic knowledge transfer, cosine kernel (batch-level)."""
-  return _relation_term(pkt, 'pkt', student, teacher, eps=eps)
+def pkt_term(student: str = 'penultimate', teacher: str = 'penultimate', eps: float = 1e-7,
+             exclude_self: bool = False, reduction: str = 'mean'):
+  """Probabilistic knowledge transfer, cosine kernel (batch-level); see :func:`pkt`.
+
+  The defaults are the reference code's (weight 30000 in RepDistiller carries over).
+  """
+  if reduction not in PKT_REDUCTIONS:
+    raise UserError(f'pkt: reduction must be one of {PKT_REDUCTIONS}; got {reduction!r}')
+  return _relation_term(pkt, 'pkt', student, teacher, eps=eps, exclude_self=exclude_self,
+                        reduction=reduction)
 
 
 @register('similarity_preserving', family='relation', needs=_FEATURES, batch_level=True,

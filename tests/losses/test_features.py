@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from kdjax.errors import UserError
 from kdjax.losses import build_objective
 from kdjax.losses import features
 from kdjax.losses import lelp
@@ -31,13 +32,21 @@ def jitted(module, **static):
   return ns
 
 
-F = jitted(features, fitnet=(), attention_transfer=('p',), hidden_mse=(), hidden_cosine=(),
+F = jitted(features, fitnet=('relu',), attention_transfer=('p', 'pool', 'reduction'), hidden_mse=(), hidden_cosine=(),
            nd_loss=(), batch_class_means=())
 M = jitted(minilm, attention_kl=(), value_relation_kl=('num_heads',),
            minilm_attention=('num_heads', 'value_weight'))
 O = jitted(ofa, ofa_loss=('eps', 'temperature'))
 LP = jitted(lelp, lelp_directions=('num_classes', 'num_directions'), lelp_targets=('scale',),
             lelp_loss=('temperature',))
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """Full-precision matmuls: the numpy references are float64, and TF32 on GPUs (the
+  default there) is off by about 1e-4."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -88,17 +97,21 @@ def np_fitnet(kernel, bias, s, t, ex=None, pos=None):
   return np.array(out)
 
 
-def np_at(s, t, p=2.0, ex=None):
-  qs = (np.abs(s.astype(np.float64)) ** p).mean(-1)[..., None]
-  qt = (np.abs(t.astype(np.float64)) ** p).mean(-1)[..., None]
-  qs, qt = np_match(qs, qt)
+def np_at(s, t, p=2.0, ex=None, pool='feature', reduction='mean'):
+  s, t = s.astype(np.float64), t.astype(np.float64)
+  if pool == 'feature':
+    s, t = np_match(s, t)
+  qs = (np.abs(s) ** p).mean(-1)[..., None]
+  qt = (np.abs(t) ** p).mean(-1)[..., None]
+  if pool == 'map':
+    qs, qt = np_match(qs, qt)
   out = []
   for i in range(s.shape[0]):
     a = qs[i].ravel()
     b = qt[i].ravel()
     a = a / np.linalg.norm(a) if np.linalg.norm(a) > 0 else a
     b = b / np.linalg.norm(b) if np.linalg.norm(b) > 0 else b
-    v = ((a - b) ** 2).sum()
+    v = ((a - b) ** 2).sum() / (a.size if reduction == 'mean' else 1)
     out.append(0.0 if ex is not None and not ex[i] else v)
   return np.array(out)
 
@@ -132,7 +145,7 @@ FITNET_CASES = [
 @pytest.mark.parametrize('s_shape,t_shape', FITNET_CASES)
 def test_fitnet_matches_numpy(s_shape, t_shape):
   s, t = rand(1, s_shape), rand(2, t_shape)
-  params = F.fitnet_init(jax.random.key(0), s_shape, t_shape)
+  params = F.fitnet_init(jax.random.key(0), s_shape, t_shape, regressor='linear')
   params['bias'] = jnp.asarray(rand(3, params['bias'].shape))
   got = F.fitnet(params, s, t)
   want = np_fitnet(np.asarray(params['kernel']), np.asarray(params['bias']), s, t)
@@ -141,9 +154,23 @@ def test_fitnet_matches_numpy(s_shape, t_shape):
 
 
 def test_fitnet_init_shapes():
-  p = F.fitnet_init(jax.random.key(0), (2, 8, 8, 16), (2, 4, 4, 64))
+  p = F.fitnet_init(jax.random.key(0), (2, 8, 8, 16), (2, 4, 4, 64), regressor='linear')
   assert p['kernel'].shape == (16, 64) and p['bias'].shape == (64,)
   assert 'bias' not in F.fitnet_init(jax.random.key(0), (2, 16), (2, 64), use_bias=False)
+  # The conv regressor's kernel follows the reference's rule on the spatial sizes.
+  init = lambda s, t: jax.eval_shape(lambda k: F.fitnet_init(k, s, t), jax.random.key(0))
+  conv = lambda s, t: init(s, t)['conv']['kernel'].shape
+  assert conv((2, 8, 8, 16), (2, 4, 4, 64)) == (3, 3, 16, 64)     # 2x larger: stride 2
+  assert conv((2, 4, 4, 16), (2, 8, 8, 64)) == (4, 4, 16, 64)     # 2x smaller: transposed
+  assert conv((2, 6, 5, 16), (2, 4, 4, 64)) == (3, 2, 16, 64)     # valid conv
+  assert conv((2, 4, 4, 16), (2, 4, 4, 64)) == (1, 1, 16, 64)
+  assert init((2, 4, 4, 16), (2, 4, 4, 64))['bn']['scale'].shape == (64,)
+  with pytest.raises(UserError, match="regressor='linear'"):
+    F.fitnet_init(jax.random.key(0), (2, 3, 3, 16), (2, 5, 5, 64))
+  with pytest.raises(UserError, match="regressor='linear'"):
+    F.fitnet_init(jax.random.key(0), (2, 16), (2, 64), regressor='conv')
+  with pytest.raises(UserError, match='unknown regressor'):
+    F.fitnet_init(jax.random.key(0), (2, 16), (2, 64), regressor='mlp')
   # LeCun normal: variance ~ 1 / fan_in.
   big = F.fitnet_init(jax.random.key(1), (2, 256), (2, 256))['kernel']
   assert abs(float(jnp.var(big)) * 256 - 1.0) < 0.15
@@ -151,17 +178,30 @@ def test_fitnet_init_shapes():
 
 def test_fitnet_grads():
   s, t = rand(1, (2, 4, 4, 3)), rand(2, (2, 2, 2, 5))
-  params = F.fitnet_init(jax.random.key(0), s.shape, t.shape)
+  params = F.fitnet_init(jax.random.key(0), s.shape, t.shape, regressor='linear')
   f = lambda p, s: F.fitnet(p, s, t).sum()
   check_grads(f, (params, jnp.asarray(s, jnp.float64) if jax.config.x64_enabled else s),
               order=1, modes=['rev'], atol=1e-2, rtol=1e-2)
+
+
+def test_fitnet_conv_regressor_extremes_and_relu_option():
+  # Values, gradients and masks against the reference: test_feature_parity.py.
+  s, t = rand(1, (3, 4, 4, 3)), rand(2, (3, 4, 4, 5))
+  params = F.fitnet_init(jax.random.key(0), s.shape, t.shape)          # 1x1 conv, BN, ReLU
+  params['bn'] = {'scale': jnp.asarray(rand(3, (5,))), 'bias': jnp.asarray(rand(4, (5,)))}
+  vg = jax.jit(jax.value_and_grad(lambda s: F.fitnet(params, s, t).sum()))
+  for x in (np.zeros_like(s), rand(5, s.shape, 1e15), rand(5, s.shape, 1e-15)):
+    v, g = vg(x)                   # batch norm of a constant (zero variance) or extreme batch
+    assert np.isfinite(v) and np.all(np.isfinite(g))
+  # The reference's use_relu=False drops the final ReLU.
+  assert not np.allclose(F.fitnet(params, s, t, relu=False), F.fitnet(params, s, t))
 
 
 def test_fitnet_example_mask_zero_value_and_grad():
   s, t = rand(1, (3, 4, 4, 3)), rand(2, (3, 4, 4, 5))
   s[1] = np.nan                          # garbage in a padded example must not leak
   where = np.array([True, False, True])
-  params = F.fitnet_init(jax.random.key(0), s.shape, t.shape)
+  params = F.fitnet_init(jax.random.key(0), s.shape, t.shape, regressor='linear')
   val = F.fitnet(params, s, t, where=where)
   assert val[1] == 0.0
   sc, tc = s.copy(), t.copy()
@@ -185,7 +225,7 @@ def test_fitnet_position_mask():
 
 
 def test_fitnet_extreme_and_bf16():
-  params = F.fitnet_init(jax.random.key(0), (2, 4, 4, 3), (2, 4, 4, 5))
+  params = F.fitnet_init(jax.random.key(0), (2, 4, 4, 3), (2, 4, 4, 5), regressor='linear')
   vg = jax.jit(jax.value_and_grad(lambda s: F.fitnet(params, s, jnp.zeros((2, 4, 4, 5))).sum()))
   for s in (np.zeros((2, 4, 4, 3), np.float32), rand(1, (2, 4, 4, 3), 1e15)):
     v, g = vg(s)
@@ -209,18 +249,25 @@ def fake_inputs(batch=3, seed=0, where=None):
 
 
 def test_fitnet_objective_init_apply_and_grads_reach_projector():
-  obj = objective({'hint': dict(loss='fitnet', student='stage1', teacher='stage2')})
   inputs = fake_inputs()
+  s, t = inputs['student_features']['stage1'], inputs['teacher_features']['stage2']
+  obj = objective({'hint': dict(loss='fitnet', student='stage1', teacher='stage2',
+                                regressor='linear')})
   params, state = obj.init(jax.random.key(0), inputs)
   assert params['hint']['kernel'].shape == (4, 16)
   loss, _, metrics = obj.apply(params, state, inputs)
-  s, t = inputs['student_features']['stage1'], inputs['teacher_features']['stage2']
   want = np_fitnet(np.asarray(params['hint']['kernel']), np.asarray(params['hint']['bias']),
                    np.asarray(s), np.asarray(t)).mean()
   np.testing.assert_allclose(loss, want, rtol=RTOL)
   assert float(metrics['loss/hint'][1]) == 3.0
   grads = jax.grad(lambda p: obj.apply(p, state, inputs)[0])(params)
   assert float(jnp.abs(grads['hint']['kernel']).sum()) > 0
+  # The default: the reference's conv + batch norm + ReLU regressor (values and gradients:
+  # test_feature_parity.py).
+  obj = build_objective({'hint': dict(loss='fitnet', student='stage1', teacher='stage2')})
+  params = jax.eval_shape(obj.init, jax.random.key(0), inputs)[0]
+  assert params['hint']['conv']['kernel'].shape == (3, 3, 4, 16)
+  assert params['hint']['bn']['scale'].shape == (16,)
 
 
 def test_fitnet_term_masks_examples_and_reports_missing_feature():
@@ -274,6 +321,9 @@ def test_attention_transfer_matches_numpy(s_shape, t_shape, p):
   s, t = rand(1, s_shape), rand(2, t_shape)
   np.testing.assert_allclose(F.attention_transfer(s, t, p=p), np_at(s, t, p),
                              rtol=RTOL, atol=ATOL)
+  # The options: pool the map instead of the feature, sum instead of mean.
+  np.testing.assert_allclose(F.attention_transfer(s, t, p=p, pool='map', reduction='sum'),
+                             np_at(s, t, p, pool='map', reduction='sum'), rtol=RTOL, atol=ATOL)
 
 
 def test_attention_transfer_known_values():
@@ -281,8 +331,13 @@ def test_attention_transfer_known_values():
   s = np.zeros((1, 2, 2, 1), np.float32)
   t = np.zeros((1, 2, 2, 1), np.float32)
   s[0, 0, 0, 0], t[0, 1, 1, 0] = 3.0, 5.0
-  assert float(F.attention_transfer(s, t)[0]) == pytest.approx(2.0)
+  assert float(F.attention_transfer(s, t, reduction='sum')[0]) == pytest.approx(2.0)
+  assert float(F.attention_transfer(s, t)[0]) == pytest.approx(2.0 / 4)   # mean over 4 cells
   assert float(F.attention_transfer(s, 2 * s)[0]) == pytest.approx(0.0, abs=1e-7)
+  with pytest.raises(UserError, match='pool'):
+    features.attention_transfer(s, t, pool='both')
+  with pytest.raises(UserError, match='reduction'):
+    features.attention_transfer(s, t, reduction='max')
 
 
 def test_attention_transfer_grads():
@@ -342,6 +397,13 @@ def test_attention_transfer_term_sums_pairs():
   np.testing.assert_allclose(loss, want, rtol=RTOL)
   with pytest.raises(ValueError, match='pair up'):
     objective({'at': dict(loss='attention_transfer', student=['a', 'b'], teacher='c')})
+  # By default every stage both sides have, paired by name (here stage1 only).
+  obj = objective({'at': dict(loss='attention_transfer')})
+  loss, _, _ = obj.apply(*obj.init(jax.random.key(0), inputs), inputs)
+  want = np_at(np.asarray(s['stage1']), np.asarray(t['stage1'])).mean()
+  np.testing.assert_allclose(loss, want, rtol=RTOL)
+  with pytest.raises(UserError, match='both student and teacher'):
+    objective({'at': dict(loss='attention_transfer', student='stage1')})
 
 
 # ----------------------------------------------------------------------- hidden states
@@ -630,7 +692,7 @@ def test_ofa_mask_extreme_bf16_and_term():
   inputs['student_logits'] = jnp.asarray(rand(10, (3, 5)))
   inputs['labels'] = jnp.asarray([0, 4, 2])
   obj = objective({'ofa': dict(loss='ofa', student=['stage1', 'penultimate'], eps=1.2,
-                                     include_logits=True)})
+                                     projector='linear')})
   params, state = obj.init(jax.random.key(0), inputs)
   assert params['ofa']['stage1']['kernel'].shape == (4, 5)
   assert params['ofa']['penultimate']['kernel'].shape == (6, 5)
@@ -646,6 +708,60 @@ def test_ofa_mask_extreme_bf16_and_term():
   np.testing.assert_allclose(loss, want.mean(), rtol=1e-4)
   g = jax.grad(lambda p: obj.apply(p, state, inputs)[0])(params)
   assert all(float(jnp.abs(g['ofa'][n]['kernel']).sum()) > 0 for n in ('stage1', 'penultimate'))
+  # Without the logits term, per-feature eps (one per feature, one for the logits).
+  obj = objective({'ofa': dict(loss='ofa', student=['stage1', 'penultimate'], projector='linear',
+                               eps=[1.1, 1.3, 1.7], include_logits=False)})
+  loss, _, _ = obj.apply(params, state, inputs)
+  want = 0.0
+  for name, eps in (('stage1', 1.1), ('penultimate', 1.3)):
+    f = np.asarray(inputs['student_features'][name]).astype(np.float64)
+    f = f.reshape(f.shape[0], -1, f.shape[-1]).mean(1)
+    p = params['ofa'][name]
+    want = want + np_ofa(f @ np.asarray(p['kernel']) + np.asarray(p['bias']), zt_np, lab, eps, 1.0)
+  np.testing.assert_allclose(loss, want.mean(), rtol=1e-4)
+  with pytest.raises(UserError, match='eps needs'):
+    objective({'ofa': dict(loss='ofa', student='stage1', eps=[1.0, 1.1, 1.2])}).apply(
+        params, state, inputs)
+
+
+def test_ofa_default_term_uses_reference_projectors_on_every_stage():
+  # Values, gradients and masks against the reference: test_feature_parity.py.
+  b, classes = 3, 5
+  inputs = {'student_features': {'stage1': jnp.zeros((b, 8, 8, 4)),
+                                 'stage2': jnp.zeros((b, 4, 4, 8)),
+                                 'penultimate': jnp.zeros((b, 8))},
+            'teacher_features': {'penultimate': jnp.zeros((b, 12))},
+            'teacher_logits': jnp.zeros((b, classes))}
+  p = jax.eval_shape(build_objective({'ofa': {}}).init, jax.random.key(0), inputs)[0]['ofa']
+  assert sorted(p) == ['stage1', 'stage2']
+  # stage1 of 2: one SepConv block to max(student 8, teacher 12) = 12; the last stage: 1x1 conv.
+  assert len(p['stage1']['sepconv']) == 1
+  assert p['stage1']['sepconv'][0]['pw2']['kernel'].shape == (1, 1, 4, 12)
+  assert p['stage2']['conv']['kernel'].shape == (1, 1, 8, 12)
+  assert p['stage2']['fc']['kernel'].shape == (12, 5)
+  # Without the teacher's width, the student's; or head_dim.
+  del inputs['teacher_features']
+  p = jax.eval_shape(build_objective({'ofa': {}}).init, jax.random.key(0), inputs)[0]['ofa']
+  assert p['stage2']['conv']['kernel'].shape == (1, 1, 8, 8)
+  p = jax.eval_shape(build_objective({'ofa': {'head_dim': 6, 'depth': 2}}).init,
+                     jax.random.key(0), inputs)[0]['ofa']
+  assert [blk['pw2']['kernel'].shape[-1] for blk in p['stage2']['sepconv']] == [16, 6]
+
+
+def test_ofa_default_stages_and_vit_projector_shapes():
+  assert ofa.default_stages(['stage1', 'stage2', 'stage3', 'stage4', 'penultimate']) == (
+      'stage1', 'stage2', 'stage3', 'stage4')
+  assert ofa.default_stages([f'stage{i}' for i in range(1, 7)]) == (
+      'stage1', 'stage2', 'stage5', 'stage6')
+  init = lambda shape, **kw: jax.eval_shape(
+      lambda k: ofa.ofa_projector_init(k, shape, 5, **kw), jax.random.key(0))
+  # A ViT feature of 1 + 14x14 tokens: one patch merging (14 -> 7), blocks, the class token.
+  p = init((2, 197, 8), depth=2)
+  assert len(p['merge']) == 1 and len(p['blocks']) == 2
+  # A [B, L, C] sequence whose tokens are no square grid falls back to the linear head.
+  assert 'kernel' in init((2, 11, 8))
+  with pytest.raises(UserError, match="projector='linear'"):
+    init((2, 8), projector='cnn')
 
 
 # ----------------------------------------------------------------------- LELP

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from kdjax.errors import UserError
 from kdjax.losses import build_objective
 from kdjax.losses import catalog
 from kdjax.losses import crd
@@ -32,11 +33,19 @@ def jitted(module, **static):
   return ns
 
 
-R = jitted(relations, rkd_distance=(), rkd_angle=(), pkt=('eps',), similarity_preserving=(),
+R = jitted(relations, rkd_distance=(), rkd_angle=(), pkt=('eps', 'exclude_self', 'reduction'), similarity_preserving=(),
            correlation_congruence=('gamma', 'order', 'normalize'), linear_cka=())
 C = jitted(crd, crd_loss=('temperature', 'symmetric'), crd_queue_loss=('temperature',))
 G = jitted(trg, trg_loss=('k', 'temperature', 'context_temperature', 'context_weight',
                           'pool_to'))
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """Full-precision matmuls: the numpy references are float64, and TF32 on GPUs (the
+  default there) is off by about 1e-4."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -79,7 +88,8 @@ def np_rkd_angle(s, t):
   return np.mean(vals)
 
 
-def np_pkt(s, t, eps=1e-7):
+def np_pkt(s, t, eps=1e-7, exclude_self=False, reduction='mean'):
+  """PKT from its formula: kernel on x / (|x| + eps), row-normalized, KL(teacher || student)."""
   def cond(x):
     x = x.reshape(len(x), -1).astype(np.float64)
     n = len(x)
@@ -87,10 +97,11 @@ def np_pkt(s, t, eps=1e-7):
     for i in range(n):
       ks = {}
       for j in range(n):
-        if j == i:
+        if j == i and exclude_self:
           continue
-        cos = x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j]))
-        ks[j] = (cos + 1) / 2
+        a = x[i] / (np.linalg.norm(x[i]) + eps)
+        b = x[j] / (np.linalg.norm(x[j]) + eps)
+        ks[j] = (a @ b + 1) / 2
       total = sum(ks.values())
       for j, v in ks.items():
         p[i, j] = v / total
@@ -100,9 +111,11 @@ def np_pkt(s, t, eps=1e-7):
   total = 0.0
   for i in range(n):
     for j in range(n):
-      if i != j:
+      if i != j or not exclude_self:
         total += pt[i, j] * np.log((pt[i, j] + eps) / (ps[i, j] + eps))
-  return total / n
+  if reduction == 'anchor':
+    return total / n
+  return total / (n * (n - 1) if exclude_self else n * n)
 
 
 def np_sp(s, t):
@@ -162,6 +175,17 @@ def test_matches_numpy(name, shapes):
   np.testing.assert_allclose(got, ref(s, t), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize('exclude_self', [False, True])
+@pytest.mark.parametrize('reduction', ['mean', 'anchor'])
+def test_pkt_options(exclude_self, reduction):
+  s, t = rand(1, (5, 4)), rand(2, (5, 7))
+  got = R.pkt(s, t, exclude_self=exclude_self, reduction=reduction)
+  np.testing.assert_allclose(got, np_pkt(s, t, exclude_self=exclude_self, reduction=reduction),
+                             rtol=RTOL, atol=ATOL)
+  with pytest.raises(UserError, match='reduction'):
+    relations.pkt(s, t, reduction='sum')
+
+
 @pytest.mark.parametrize('order', [None, 0, 1, 3])
 @pytest.mark.parametrize('normalize', [True, False])
 def test_cc_orders_and_normalization(order, normalize):
@@ -211,9 +235,11 @@ def test_extreme_zero_and_bf16(name):
   for x in cases + [dup, zero_row]:
     v, g = vg(x)
     assert np.isfinite(v) and np.all(np.isfinite(g)), name
-  # Every loss here is invariant to the scale of the student features.
+  # Every loss here is invariant to the scale of the student features (PKT only above
+  # its eps: the reference normalizes by |x| + eps).
   np.testing.assert_allclose(fn(s * 1e30, t), ref(s, t), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(fn(s * 1e-30, t), ref(s, t), rtol=1e-4, atol=1e-6)
+  if name != 'pkt':
+    np.testing.assert_allclose(fn(s * 1e-30, t), ref(s, t), rtol=1e-4, atol=1e-6)
   got = fn(jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, ref(s, t), rtol=5e-2, atol=5e-3)
@@ -285,7 +311,7 @@ def test_crd_in_batch_matches_numpy(symmetric):
   zs, zt = np_embed(params['student'], s), np_embed(params['teacher'], t)
   want = np_nce(zs, zt, temp=0.5)
   if symmetric:
-    want = 0.5 * (want + np_nce(zt, zs, temp=0.5))
+    want = want + np_nce(zt, zs, temp=0.5)      # both directions summed, as the reference
   got = C.crd_loss(params, s, t, temperature=0.5, symmetric=symmetric)
   np.testing.assert_allclose(got, want, rtol=RTOL)
   check_grads(lambda p: C.crd_loss(p, s, t, temperature=0.5), (params,), order=1,
@@ -377,6 +403,69 @@ def test_crd_term(queue_size):
   g = jax.grad(lambda p: obj.apply(p, state, inputs)[0])(params)
   assert float(jnp.abs(g['crd']['student']['kernel']).sum()) > 0
   assert float(jnp.abs(g['crd']['teacher']['kernel']).sum()) > 0
+
+
+def test_crd_nce_memory_writes_and_keeps_z():
+  # Values, gradients, banks, Z and masks against the reference: test_feature_parity.py.
+  b, n_data, k, dim = 4, 12, 5, 3
+  s, t = rand(1, (b, 6)), rand(2, (b, 5))
+  params = crd.crd_init(jax.random.key(0), s.shape, t.shape, dim=dim)
+  mem = crd.crd_memory_init(jax.random.key(1), n_data, dim)
+  # The reference's initialization: rows uniform in +-1/sqrt(dim/3) (about unit norm).
+  assert float(jnp.abs(mem.student).max()) <= 1 / np.sqrt(dim / 3)
+  ids = np.array([3, 7, 0, 11])
+  contrast = np.random.default_rng(0).integers(0, n_data, (b, k))
+  step = jax.jit(crd.crd_nce_loss)
+  _, new = step(params, mem, s, t, ids, contrast)
+  zs = np_embed(params['student'], s)
+  row = 0.5 * np.asarray(mem.student[3]) + 0.5 * zs[0]
+  np.testing.assert_allclose(new.student[3], row / np.linalg.norm(row), rtol=1e-5)
+  untouched = np.setdiff1d(np.arange(n_data), ids)
+  np.testing.assert_array_equal(new.student[untouched], mem.student[untouched])
+  _, newer = step(params, new, s[::-1], t[::-1], ids, contrast)
+  assert float(new.z_student) > 0 and float(newer.z_student) == float(new.z_student)
+
+
+def test_crd_negative_sampler():
+  labels_all = np.repeat(np.arange(3), [4, 5, 3])            # 12 examples, 3 classes
+  key = jax.random.key(0)
+  uni = np.asarray(jax.jit(crd.crd_sample_negatives, static_argnums=(1, 2, 3))(key, 64, 12, 7))
+  assert uni.shape == (64, 7) and uni.min() >= 0 and uni.max() < 12
+  assert len(np.unique(uni)) == 12                            # uniform over all examples
+  # Other classes; 9 negatives: class 2 has 9 others (drawn without repeats), classes 0 and 1
+  # have 8 and 7 (drawn with replacement, as the reference).
+  labels = np.array([0, 1, 2, 2])
+  idx = np.asarray(jax.jit(lambda key: crd.crd_sample_negatives(
+      key, 4, 12, 9, labels=labels, dataset_labels=labels_all))(key))
+  for i in range(4):
+    assert np.all(labels_all[idx[i]] != labels[i])
+  assert sorted(idx[2]) == sorted(idx[3]) == list(range(9))
+  assert len(set(idx[1])) < 9
+  with pytest.raises(UserError, match='one label per training example'):
+    crd.crd_sample_negatives(key, 4, 12, 6, labels=labels, dataset_labels=labels_all[:5])
+
+
+def test_crd_nce_term_state_and_errors():
+  s, t = rand(1, (4, 5)), rand(2, (4, 3))
+  inputs = {'student_features': {'penultimate': s}, 'teacher_features': {'penultimate': t},
+            'where': np.ones(4, bool), 'labels': np.array([0, 1, 2, 1]),
+            'example_ids': np.array([0, 5, 9, 2])}
+  obj = objective({'crd': dict(objective='nce', n_data=10, nce_k=6, dim=4)})
+  params, state = jax.jit(obj.init)(jax.random.key(0), inputs)
+  assert state['crd']['student'].shape == (10, 4) and float(state['crd']['z_student']) < 0
+  loss, new, metrics = obj.apply(params, state, inputs)
+  assert np.isfinite(loss) and float(new['crd']['z_teacher']) > 0
+  assert float(metrics['loss/crd'][1]) == 1.0
+  assert not np.array_equal(new['crd']['rng'], state['crd']['rng'])   # fresh negatives
+  no_ids = {k: v for k, v in inputs.items() if k != 'example_ids'}
+  with pytest.raises(UserError, match="inputs\\['example_ids'\\]"):
+    obj.apply(params, state, no_ids)
+  with pytest.raises(UserError, match='n_data'):
+    build_objective({'crd': dict(objective='nce')})
+  with pytest.raises(UserError, match='objective'):
+    build_objective({'crd': dict(objective='ntxent')})
+  with pytest.raises(UserError, match='one label per training example'):
+    build_objective({'crd': dict(objective='nce', n_data=10, dataset_labels=[0, 1])})
 
 
 # ----------------------------------------------------------------------- TRG
