@@ -21,6 +21,7 @@ from kdjax import workdir as workdir_lib
 from kdjax.config import from_dict
 from kdjax.errors import UserError
 from kdjax.models import from_config
+from kdjax.models.base import named_features
 from kdjax.parallel import shardings_from_rules
 
 # The batch entries a teacher can give a loss (kdjax.losses.registry).
@@ -129,6 +130,6 @@ def outputs(apply: Callable[..., Any], variables, x, needs=OUTPUT_KEYS, **kwargs
   params, state = variables
   out, _ = apply(params, state, x, train=False, **kwargs)
   out = jax.lax.stop_gradient(out)
-  entries = {'teacher_logits': out.logits, 'teacher_features': out.features,
+  entries = {'teacher_logits': out.logits, 'teacher_features': named_features(out),
              'teacher_attentions': out.attentions}
   return {k: v for k, v in entries.items() if k in needs}

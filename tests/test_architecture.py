@@ -31,7 +31,7 @@ LAYERS = (
     ('kdjax.teacher',),
     ('kdjax.engine',),
     ('kdjax.cache',),
-    ('kdjax.distill', 'kdjax.federated'),
+    ('kdjax.distill', 'kdjax.federated', 'kdjax.schemes'),
     ('kdjax.demo',),
     ('kdjax.cli',),
     ('kdjax.__main__',),

@@ -25,6 +25,7 @@ import optax
 
 from kdjax.engine.state import TrainState
 from kdjax.models.base import model_kwargs
+from kdjax.models.base import named_features
 
 NONFINITE = ('stop', 'skip', 'ignore')
 
@@ -70,8 +71,10 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
     out, model_state = apply(params['student'], state.model_state, batch['x'], train=True,
                              rng=rng, **model_kwargs(batch))
     inputs = {k: v for k, v in batch.items() if k.startswith('teacher_')}
+    if 'id' in batch:   # each example's index in its split (CRD's memory bank)
+      inputs['example_ids'] = batch['id']
     inputs.update(labels=batch['label'], where=batch['mask'], step=state.step,
-                  student_logits=out.logits, student_features=out.features,
+                  student_logits=out.logits, student_features=named_features(out),
                   student_attentions=out.attentions)
     loss, loss_state, metrics = objective.apply(params['loss'], state.loss_state, inputs)
     if penalty is not None:
@@ -110,23 +113,51 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
     n = jnp.sum(where.astype(jnp.float32))
     metrics = dict(metrics, loss=(loss * n, n),
                    accuracy=accuracy(out.logits, batch['label'], where))
-    if nonfinite != 'ignore':
-      grad_norm = global_norm(grads)
-      finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
-      one = jnp.ones((), jnp.float32)
-      metrics['grad_norm'] = (grad_norm, one)
-      flag = (1.0 - finite.astype(jnp.float32), one)
-      if nonfinite == 'stop':
-        metrics['nonfinite'] = flag
-      else:   # 'skip': drop the update, move on, count it
-        new = tree_where(finite, new, state.replace(step=state.step + 1))
-        metrics = {k: _zero_unless(finite, v) for k, v in metrics.items()}
-        metrics['skipped'] = flag
+    new, metrics = guard_nonfinite(nonfinite, loss, grads, new,
+                                   state.replace(step=state.step + 1), metrics)
     if skip_empty:
       new = tree_where(jnp.any(where), new, state)
     return new, metrics
 
   return step
+
+
+def guard_nonfinite(nonfinite: str, loss, grads, new, skipped, metrics: dict
+                    ) -> tuple[Any, dict]:
+  """The engine's answer to a non-finite update, on any state (one student's, a cohort's).
+
+  Args:
+    nonfinite: ``'stop'``, ``'skip'`` or ``'ignore'`` (see :func:`make_train_step`).
+    loss: the update's scalar loss.
+    grads: its gradient (any pytree).
+    new: the state after the update.
+    skipped: the state to keep instead when the update is dropped (``'skip'``).
+    metrics: the update's ``(sum, count)`` metrics.
+
+  Returns:
+    ``(state, metrics)``: ``new`` (``'skip'``: ``skipped`` where the loss or the gradient
+    norm is not finite, and the metrics zeroed) and, unless ``'ignore'``, the metrics
+    with ``grad_norm`` and ``nonfinite`` (``'stop'``) or ``skipped`` (``'skip'``) added.
+
+  >>> state, m = guard_nonfinite('skip', jnp.float32(jnp.nan), {'w': jnp.ones(2)},
+  ...                            {'w': jnp.zeros(2)}, {'w': jnp.ones(2)}, {})
+  >>> state['w'].tolist(), float(m['skipped'][0])
+  ([1.0, 1.0], 1.0)
+  """
+  if nonfinite == 'ignore':
+    return new, metrics
+  grad_norm = global_norm(grads)
+  finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
+  one = jnp.ones((), jnp.float32)
+  metrics = dict(metrics, grad_norm=(grad_norm, one))
+  flag = (1.0 - finite.astype(jnp.float32), one)
+  if nonfinite == 'stop':
+    metrics['nonfinite'] = flag
+    return new, metrics
+  # 'skip': drop the update, move on, count it
+  metrics = {k: _zero_unless(finite, v) for k, v in metrics.items()}
+  metrics['skipped'] = flag
+  return tree_where(finite, new, skipped), metrics
 
 
 # Up to this many elements the gradient norm is taken over one flat vector: on small

@@ -209,3 +209,68 @@ def minilm_attention_term(student_layer: int = -1, teacher_layer: int = -1,
     return fi.per_example_output(value, where)
 
   return stateless(fn)
+
+
+MINILM_V2_2021 = ('Wang, Bao, Huang, Dong, Wei. MiniLMv2: Multi-Head Self-Attention Relation '
+                  'Distillation for Compressing Pretrained Transformers. Findings of ACL 2021. '
+                  'arXiv:2012.15828')
+
+
+@register('minilm_relations', family='feature',
+          needs=('student_features', 'teacher_features'), reference=MINILM_V2_2021)
+def minilm_relations_term(student_layer: int = -1, teacher_layer: int = -1,
+                          relation_heads: int = 1, relations=('query', 'key', 'value'),
+                          num_student_layers: int | None = None,
+                          num_teacher_layers: int | None = None) -> Term:
+  r"""MiniLMv2's self-attention relations between one student and one teacher layer.
+
+  For each relation :math:`r` in ``relations`` (queries, keys, values), both sides'
+  projections of that layer (the features ``query{i}``, ``key{i}``, ``value{i}`` a
+  transformer returns with ``model.outputs=['qkv']``) are split into ``relation_heads``
+  heads whatever their own head count and width, and the loss is the sum over
+  :math:`r` of :func:`value_relation_kl`:
+
+  .. math::
+
+    \ell_i = \sum_r \frac{1}{A_r |Q_i|} \sum_{a, q}
+      \mathrm{KL}\big(R^t_{r,a,q,\cdot} \,\big\|\, R^s_{r,a,q,\cdot}\big), \quad
+    R_{r,a} = \mathrm{softmax}\big(A_{r,a} A_{r,a}^\top / \sqrt{d_r}\big)
+
+  so teacher and student may differ in width and head count (MiniLMv2's point). The
+  paper pairs the student's last layer with one upper-middle teacher layer.
+
+  Args:
+    student_layer: 1-based layer index of the student (negative: from the end, which
+      needs ``num_student_layers``; -1 with it is the last layer).
+    teacher_layer: likewise for the teacher.
+    relation_heads: :math:`A_r`; must divide both sides' widths.
+    relations: any of ``'query'``, ``'key'``, ``'value'``.
+    num_student_layers: the student's layer count, to resolve a negative index.
+    num_teacher_layers: the teacher's, likewise.
+  """
+  bad = sorted(set(relations) - {'query', 'key', 'value'})
+  if bad or not relations:
+    raise ValueError(f'minilm_relations: relations must be some of query, key, value; got '
+                     f'{list(relations)}')
+
+  def layer(index, count, side):
+    if index > 0:
+      return index
+    if count is None:
+      raise ValueError(f'minilm_relations: {side}_layer={index} counts from the end; give '
+                       f'num_{side}_layers, or a positive (1-based) layer')
+    return count + 1 + index
+
+  s_layer = layer(student_layer, num_student_layers, 'student')
+  t_layer = layer(teacher_layer, num_teacher_layers, 'teacher')
+
+  def fn(inputs):
+    where = inputs.get('where')
+    total = 0.0
+    for r in relations:
+      s = fi.feature(inputs, 'student', f'{r}{s_layer}', 'minilm_relations')
+      t = fi.feature(inputs, 'teacher', f'{r}{t_layer}', 'minilm_relations')
+      total = total + value_relation_kl(s, t, relation_heads, where=where)
+    return fi.per_example_output(total, where)
+
+  return stateless(fn)

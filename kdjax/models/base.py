@@ -53,6 +53,44 @@ ApplyFn = Callable[..., tuple[ModelOutput, Any]]
 MODEL_INPUT_KEYS = ('segment_ids', 'positions', 'attention_mask', 'token_type_ids')
 
 
+# What a transformer returns only when asked (``output_<name>=True``), and the names
+# under which :func:`named_features` puts the per-layer ones among the features.
+OUTPUTS = ('attentions', 'hidden_states', 'qkv')
+
+
+def output_kwargs(names) -> dict:
+  """``['attentions', ...]`` -> ``{'output_attentions': True, ...}`` (call keywords).
+
+  >>> output_kwargs(['qkv'])
+  {'output_qkv': True}
+  """
+  unknown = sorted(set(names) - set(OUTPUTS))
+  if unknown:
+    raise ValueError(f'unknown model outputs {unknown}; choose from {list(OUTPUTS)}')
+  return {f'output_{name}': True for name in names}
+
+
+def named_features(out: ModelOutput) -> dict:
+  """``out.features`` plus the per-layer outputs a transformer was asked for, by name:
+  ``hidden0`` (the embeddings), ``hidden1 .. hiddenL`` (each layer's output, the last one
+  after the final norm for decoders, as Hugging Face returns them), and ``query{i}``,
+  ``key{i}``, ``value{i}`` (layer ``i``'s projections, ``[batch, tokens, heads *
+  head_dim]``), so the feature losses (``hidden_mse``, MiniLM's value relation) can name
+  them with a layer map.
+
+  >>> import jax.numpy as jnp
+  >>> out = ModelOutput(jnp.zeros(1), {}, hidden_states=(jnp.zeros(1), jnp.ones(1)))
+  >>> sorted(named_features(out))
+  ['hidden0', 'hidden1']
+  """
+  features = dict(out.features)
+  for i, h in enumerate(out.hidden_states or ()):
+    features[f'hidden{i}'] = h
+  for i, (q, k, v) in enumerate(out.qkv or (), 1):
+    features.update({f'query{i}': q, f'key{i}': k, f'value{i}': v})
+  return features
+
+
 def model_kwargs(batch: dict) -> dict:
   """The entries of ``batch`` named in :data:`MODEL_INPUT_KEYS`, as call keywords.
 

@@ -11,7 +11,10 @@ takes the devices the other axes leave. Parameters are placed by rules::
 
 The first rule whose regex matches (``re.fullmatch``) the parameter's path
 (``'stage1/conv/kernel'``) wins. A rule's value is ``None`` (replicated), a
-tuple (a ``PartitionSpec``) or ``'fsdp'`` / ``'fsdp:<axis>'``.
+tuple (a ``PartitionSpec``) or ``'fsdp'`` / ``'fsdp:<axis>'``. In a tuple, axes the
+mesh does not have are dropped and a dimension the axes' size does not divide is
+replicated, so the same rules (``kdjax.models.transformer.PARTITION_RULES``: FSDP over
+``'fsdp'``, tensor parallelism over ``'model'``) fit any mesh.
 """
 
 from __future__ import annotations
@@ -85,7 +88,20 @@ def _spec_for(leaf, rule: Any, mesh: Mesh) -> P:
   spec = tuple(rule)
   if len(spec) > len(shape):
     raise ValueError(f'partition rule {rule} has more axes than the parameter shape {shape}')
-  return P(*spec)
+  return P(*(_fitting(axes, dim, mesh) for axes, dim in zip(spec, shape)))
+
+
+def _fitting(axes, dim: int, mesh: Mesh):
+  """The mesh axes of one dimension's rule that apply here: axes the mesh lacks are
+  dropped, and a dimension their size does not divide is replicated, so one rule set
+  serves every mesh (a data-only mesh, an odd vocabulary)."""
+  if axes is None:
+    return None
+  names = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.shape)
+  size = math.prod(mesh.shape[a] for a in names)
+  if not names or dim % size:
+    return None
+  return names[0] if len(names) == 1 else names
 
 
 def shardings_from_rules(tree, rules: Sequence[tuple[str, Any]] | None, mesh: Mesh):

@@ -38,7 +38,20 @@ def test_token_kd_and_its_chunked_form_train_the_same_student(kdjax_main, lm_tea
   np.testing.assert_allclose(chunked['eval_loss'], plain['eval_loss'], rtol=1e-5)
 
 
+def test_minilm_relations_between_layers_of_other_widths_and_heads(kdjax_main, lm_teacher_dir,
+                                                                    data_dir, tmp_path, paths):
+  workdir = str(tmp_path / 'minilm')
+  kdjax_main(['distill', '--config', f'{paths["configs"]}/lm/minilm.py:tiny', '--workdir',
+              workdir, f'--config.teacher.workdir={lm_teacher_dir}',
+              f'--config.data.data_dir={data_dir}', '--config.num_steps=10',
+              '--config.progress=false'])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  relation = [r['loss/minilm_relations'] for r in rows if 'loss/minilm_relations' in r]
+  assert relation and all(np.isfinite(relation)) and relation[0] > 0
+
+
 def test_lm_configs_load(paths):
-  for name in ('teacher', 'student', 'token_kd'):
+  for name in ('teacher', 'student', 'token_kd', 'minilm'):
     c = load_config(f'{paths["configs"]}/lm/{name}.py:tiny')
     assert c.data.name == 'shakespeare_lm/tiny'

@@ -1,0 +1,37 @@
+"""``train_scheme(config, workdir)``: the run of the scheme ``config.scheme.name`` names.
+
+``kdjax train`` (and ``kdjax distill``) hand a config with a ``scheme`` group here
+instead of to :func:`kdjax.distill.train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_collections
+
+from kdjax.errors import UserError
+from kdjax.schemes import dml
+
+# name -> train_and_evaluate(config, workdir) -> summary
+SCHEMES: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] = {
+    dml.NAME: dml.train_and_evaluate,
+}
+
+
+def train_scheme(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs ``config.scheme.name``'s training into ``workdir`` and returns its summary.
+
+  Raises:
+    UserError: an unknown scheme (nothing written), or what the scheme's run raises.
+
+  >>> train_scheme(ml_collections.ConfigDict({'scheme': {'name': 'nope'}}), '/tmp/x')
+  Traceback (most recent call last):
+  kdjax.errors.UserError: config.scheme.name 'nope' is not a scheme; use one of: dml
+  """
+  scheme = config.get('scheme')
+  name = scheme.get('name') if hasattr(scheme, 'get') else None
+  if name not in SCHEMES:
+    raise UserError(f'config.scheme.name {name!r} is not a scheme; use one of: '
+                    f'{", ".join(SCHEMES)}')
+  return SCHEMES[name](config, workdir)
