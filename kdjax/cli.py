@@ -1,11 +1,14 @@
 """The ``kdjax`` command: thin; parses, loads a config, calls the library.
 
     kdjax train   --config configs/mnist1d/teacher.py:tiny --workdir DIR [--config.key=value ...]
+    kdjax train   --config configs/mnist1d/dml.py:tiny --workdir DIR   (config.scheme: kdjax.schemes)
     kdjax distill --config configs/mnist1d/kd.py --workdir DIR --config.teacher.workdir=TEACHER
     kdjax eval    --workdir DIR [--split test]
     kdjax demo    [--workdir DIR] [--seeds 3] [--variant tiny] [--config.key=value ...]
     kdjax losses  list
     kdjax cache   build --config configs/mnist1d/kd.py --workdir CACHE [--epochs E --k K --dtype D]
+    kdjax cache   build --config configs/lm/cached_kd.py --cache-dir CACHE [--k K --codec int4+ef]
+    kdjax cache   build --config configs/lm/seq_kd.py --cache-dir CACHE [--mode generate]
     kdjax cache   inspect [--json] CACHE  |  kdjax cache verify CACHE
     kdjax fed     run --config configs/fed/mnist1d_fedavg.py:tiny --workdir DIR [--config.key=value ...]
     kdjax fed     sweep --config configs/fed/mnist1d_sweep.py:tiny --workdir DIR [--config.key=value ...]
@@ -59,17 +62,39 @@ def _cache_parser(sub) -> None:
   b = csub.add_parser('build', help="run the teacher once over a distill config's training data",
                       epilog='Any config field can be overridden: --config.seed=1')
   b.add_argument('--config', required=True, help='the distill config, path/to/config.py[:variant]')
-  b.add_argument('--workdir', required=True, help='the cache directory (an unfinished build resumes)')
-  b.add_argument('--epochs', type=int, default=1, help='augmentation epochs to cache')
-  b.add_argument('--k', type=int, default=None, help='top-k logits kept (default: all classes)')
-  b.add_argument('--dtype', default='float32', help='float32 | bfloat16 | float16 | int8')
+  b.add_argument('--workdir', '--cache-dir', dest='workdir', required=True,
+                 help='the cache directory (an unfinished build resumes)')
+  b.add_argument('--mode', choices=('topk', 'generate'), default=None,
+                 help='token data: per-token top-k rows (topk) or teacher continuations of the '
+                 'prompts for sequence-level KD (generate); default: config.cache.mode or topk')
+  b.add_argument('--epochs', type=int, default=1,
+                 help='augmentation epochs to cache (generate: sampled continuations per prompt)')
+  b.add_argument('--k', type=int, default=None,
+                 help='top-k logits kept (default: config.cache.k, else all classes)')
+  b.add_argument('--dtype', default=None,
+                 help='classifier data: float32 (default) | bfloat16 | float16 | int8')
+  b.add_argument('--codec', default=None, help='token data: a codec such as f32+i32, int4+ef, '
+                 'log3+ef (default: config.cache.codec, else f32+i32)')
   b.add_argument('--features', nargs='*', default=[], help='NAME[:POOL[:DTYPE]] teacher features')
-  b.add_argument('--chunk-size', type=int, default=None, help='examples per chunk')
+  b.add_argument('--chunk-size', type=int, default=None, help='examples (rows, prompts) per chunk')
   i = csub.add_parser('inspect', help='entries, coverage, k, dtypes, sizes, top-k mass, checksum')
   i.add_argument('dir')
   i.add_argument('--json', action='store_true')
   v = csub.add_parser('verify', help='check every chunk against the manifest checksums')
   v.add_argument('dir')
+
+
+_INSPECT_COMMON = ('entries', 'examples', 'epochs', 'coverage', 'chunks', 'num_classes')
+_INSPECT_KEYS = {
+    'examples': _INSPECT_COMMON + ('k', 'dtype', 'bytes_per_example', 'bytes_on_disk',
+                                   'topk_mass', 'content_checksum'),
+    'tokens': _INSPECT_COMMON + ('tokens_per_row', 'stored_tokens', 'k', 'codec',
+                                 'bytes_per_token', 'bytes_per_example', 'bytes_on_disk',
+                                 'topk_mass', 'content_checksum'),
+    'sequences': _INSPECT_COMMON + ('prompt_len', 'continuation_len', 'generate',
+                                    'generated_tokens', 'stopped', 'bytes_per_example',
+                                    'bytes_on_disk', 'content_checksum'),
+}
 
 
 def _cache_main(args, overrides) -> int:
@@ -78,8 +103,8 @@ def _cache_main(args, overrides) -> int:
     from kdjax.config import load_config
     config = load_config(args.config, overrides)
     manifest = _guard_data(lambda: kcache.build_cache(
-        config, args.workdir, epochs=args.epochs, k=args.k, dtype=args.dtype,
-        features=args.features, chunk_size=args.chunk_size))
+        config, args.workdir, mode=args.mode, epochs=args.epochs, k=args.k, dtype=args.dtype,
+        codec=args.codec, features=args.features, chunk_size=args.chunk_size))
     print(json.dumps({'cache': os.path.abspath(args.workdir), 'chunks': len(manifest['chunks']),
                       'content_checksum': manifest['content_checksum']}))
     return 0
@@ -90,8 +115,7 @@ def _cache_main(args, overrides) -> int:
     if args.json:
       print(json.dumps(info, indent=2))
     else:
-      for key in ('entries', 'examples', 'epochs', 'coverage', 'chunks', 'k', 'num_classes',
-                  'dtype', 'bytes_per_example', 'bytes_on_disk', 'topk_mass', 'content_checksum'):
+      for key in _INSPECT_KEYS[info['kind']]:
         print(f'{key:<18} {info[key]}')
     return 0
   problems = kcache.verify_cache(args.dir)
@@ -175,9 +199,13 @@ def _main(argv) -> int:
 
   if args.command in ('train', 'distill'):
     config = load_config(args.config, overrides)
-    from kdjax.distill.train import train_and_evaluate
-    summary = _guard_data(lambda: train_and_evaluate(
-        config, args.workdir, require_teacher=args.command == 'distill'))
+    if config.get('scheme') is not None:   # a scheme of its own (kdjax.schemes: dml)
+      from kdjax.schemes import train_scheme
+      summary = _guard_data(lambda: train_scheme(config, args.workdir))
+    else:
+      from kdjax.distill.train import train_and_evaluate
+      summary = _guard_data(lambda: train_and_evaluate(
+          config, args.workdir, require_teacher=args.command == 'distill'))
     print(json.dumps({k: summary[k] for k in ('step', 'eval_accuracy', 'train_loss',
                                                'examples_per_sec')}))
     return 0

@@ -1,8 +1,12 @@
 """The teacher-inference cache: run the teacher once, distill at student-only cost.
 
 ``build_cache`` writes it (``kdjax cache build``), ``kdjax.cache.store`` describes the
-layout on disk, ``kdjax.cache.read`` joins it to a distill run
-(``--config.teacher.cache=DIR``), ``inspect_cache``/``verify_cache`` report on it.
+layout on disk, ``open_for_run`` joins it to a distill run (``--config.teacher.cache=DIR``),
+``inspect_cache``/``verify_cache`` report on it. Classifier caches hold per-example rows
+(``kdjax.cache.read``); language-model caches hold per-token top-k rows in a compact codec
+(``kdjax.cache.tokens``, ``kdjax.cache.codec``) or the teacher's generated continuations
+for sequence-level KD (``kdjax.cache.sequences``), set by a ``config.cache`` group
+(``cache_config``).
 """
 
 from kdjax.cache.build import build_cache
@@ -17,9 +21,16 @@ from kdjax.cache.fingerprint import dataset_fingerprint
 from kdjax.cache.fingerprint import stream_dataset_fingerprint
 from kdjax.cache.read import ChunkReader
 from kdjax.cache.read import RunCache
+from kdjax.cache.read import cache_kind
 from kdjax.cache.read import choose_reader
 from kdjax.cache.read import gather_rows
 from kdjax.cache.read import open_cache
-from kdjax.cache.read import open_for_run
 from kdjax.cache.report import inspect_cache
 from kdjax.cache.report import verify_cache
+from kdjax.cache.run import open_for_run
+from kdjax.cache.sequences import SequenceCache
+from kdjax.cache.sequences import compose
+from kdjax.cache.sequences import generation_key
+from kdjax.cache.settings import cache_config
+from kdjax.cache.tokens import TokenCache
+from kdjax.cache.tokens import decode_rows

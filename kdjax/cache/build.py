@@ -11,6 +11,13 @@ logits (so any temperature and the missing mass can be recovered; see
 With ``k`` equal to the number of classes the logits are kept in class order (indices
 ``0..C-1``), so the sparse losses add terms in the same order as the dense ones.
 
+Token data (a language model's rows of ``T`` ids) is cached per token instead, in one of
+two modes (``mode``, or ``config.cache.mode``): ``'topk'`` stores the teacher's top-k
+logits of every position with a compact codec (:mod:`kdjax.cache.tokens`);
+``'generate'`` stores the teacher's continuations of the prompts of a prompt split, for
+sequence-level KD (:mod:`kdjax.cache.sequences`). A ``config.cache`` group
+(:func:`cache_config`) names their settings; the arguments override it.
+
 Work is split in chunks of ``chunk_size`` examples of one epoch (see
 ``kdjax.cache.store``). The teacher runs jitted on batches of ``config.batch_size``
 sharded over the mesh's data axis; in a multi-process run every process takes part in
@@ -20,6 +27,7 @@ every forward pass and process ``p`` writes the chunks ``i`` with ``i mod P == p
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -34,16 +42,24 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kdjax import data as kdata
 from kdjax import teacher as teacher_lib
 from kdjax import workdir as workdir_lib
+from kdjax.cache import codec as codec_lib
+from kdjax.cache import sequences
 from kdjax.cache import store
+from kdjax.cache import tokens
 from kdjax.cache.fingerprint import dataset_fingerprint
+from kdjax.cache.settings import cache_settings
+from kdjax.cache.settings import is_token_data
 from kdjax.engine.config import validate
 from kdjax.errors import UserError
+from kdjax.models.base import MODEL_INPUT_KEYS
 from kdjax.parallel import initialize_from_env
 from kdjax.parallel import make_mesh
 
 # Test hook: seconds to sleep after each written chunk (lets a test kill a build midway).
 _DELAY_ENV = 'KDJAX_CACHE_CHUNK_DELAY'
 _POOLS = ('none', 'mean', 'max')
+# Default chunk sizes (rounded to whole batches): examples, tokens, prompts.
+_CHUNK_EXAMPLES, _CHUNK_TOKENS, _CHUNK_PROMPTS = 4096, 1 << 16, 1024
 
 
 def parse_feature(spec: str | dict) -> dict:
@@ -117,22 +133,30 @@ def make_infer(apply, augment, *, seed: int, k: int, num_classes: int, dtype: st
   return infer
 
 
-def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None,
-                dtype: str = 'float32', features: Sequence[str | dict] = (),
-                chunk_size: int | None = None, progress: bool | None = None) -> dict:
+def build_cache(config, cache_dir: str, *, mode: str | None = None, epochs: int = 1,
+                k: int | None = None, dtype: str | None = None, codec: str | None = None,
+                features: Sequence[str | dict] = (), chunk_size: int | None = None,
+                progress: bool | None = None) -> dict:
   """Builds (or finishes) the teacher cache of a distill config in ``cache_dir``.
 
   Args:
     config: a distill config (``config.teacher.workdir`` names the teacher; the data,
-      augmentation, seed, batch size and mesh are the run's).
+      augmentation, seed, batch size and mesh are the run's; ``config.cache``, if any,
+      the settings of a token cache: :func:`cache_config`).
     cache_dir: where the cache goes; an unfinished build there is resumed, a finished
       one with the same plan is left as it is.
-    epochs: augmentation epochs ``E`` to cache (1 is enough without augmentation).
-    k: top-k logits kept per entry (default: all classes).
-    dtype: ``float32``, ``bfloat16``, ``float16`` or ``int8`` (with a per-row scale).
-    features: teacher features to keep, ``'NAME[:POOL[:DTYPE]]'`` (see ``parse_feature``).
-    chunk_size: examples per chunk (a multiple of ``config.batch_size``; default about
-      4096).
+    mode: token data only: ``'topk'`` (default) or ``'generate'``.
+    epochs: augmentation epochs ``E`` to cache (1 is enough without augmentation;
+      token data: 1, or sampled continuations per prompt in ``'generate'`` mode).
+    k: top-k logits kept per entry (default: all classes, or ``config.cache.k``).
+    dtype: classifier data: ``float32`` (default), ``bfloat16``, ``float16`` or ``int8``
+      (with a per-row scale).
+    codec: token data: a :mod:`kdjax.cache.codec` name (default ``config.cache.codec``,
+      else ``'f32+i32'``).
+    features: classifier data: teacher features to keep, ``'NAME[:POOL[:DTYPE]]'`` (see
+      ``parse_feature``).
+    chunk_size: examples (rows, prompts) per chunk (a multiple of ``config.batch_size``;
+      default about 4096 examples, 65536 tokens or 1024 prompts).
     progress: show a progress bar (default ``config.progress``).
 
   Returns:
@@ -140,15 +164,12 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
   """
   validate(config)
   workdir_lib.check_creatable(cache_dir)
-  if dtype not in store.DTYPES:
-    raise UserError(f'cache dtype must be one of {", ".join(store.DTYPES)} (got {dtype!r})')
   if int(epochs) < 1:
     raise UserError(f'cache epochs must be positive (got {epochs})')
   if k is not None and int(k) < 1:
     raise UserError(f'cache k must be positive (got {k})')
   if chunk_size is not None and int(chunk_size) < 1:
     raise UserError(f'cache chunk size must be positive (got {chunk_size})')
-  features = [parse_feature(f) for f in features]
   initialize_from_env()
   try:
     mesh = make_mesh([tuple(axis) for axis in config.mesh])
@@ -160,29 +181,49 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
     raise UserError(f'batch_size {batch} does not divide over the {mesh.shape[data_axis]} devices')
   data_dir = config.data.data_dir or None
   spec = kdata.dataset_spec(config.data.name, data_dir=data_dir)
+  token_data = is_token_data(spec)
+  if token_data and (dtype is not None or features):
+    raise UserError('token data is cached with a codec (--codec, e.g. int4+ef), not a --dtype '
+                    'or --features')
+  if not token_data and (mode not in (None, 'topk') or codec is not None):
+    raise UserError(f'--mode generate and --codec are for token data (language models); '
+                    f'{config.data.name} is cached with --dtype')
+  dtype = 'float32' if dtype is None else dtype
+  if dtype not in store.DTYPES:
+    raise UserError(f'cache dtype must be one of {", ".join(store.DTYPES)} (got {dtype!r})')
+  features = [parse_feature(f) for f in features]
+  settings = (cache_settings(config, num_classes=spec.num_classes, mode=mode, k=k, codec=codec)
+              if token_data else None)
   teacher = teacher_lib.load_teacher(config.teacher.workdir, mesh, config.teacher.partition_rules)
   num_classes = spec.num_classes
   if teacher.num_classes != num_classes:
     raise UserError(f'the teacher predicts {teacher.num_classes} classes but '
                     f'{config.data.name} has {num_classes}')
-  k = num_classes if k is None else int(k)
-  if not 1 <= k <= num_classes:
-    raise UserError(f'cache k must be in [1, {num_classes}] (got {k})')
   arrays = kdata.load_arrays(config.data.name, config.data.train_split, data_dir=data_dir)
   if chunk_size is None:
-    chunk_size = batch * max(1, 4096 // batch)
+    chunk_size = (settings or {}).get('chunk_size') or _default_chunk_size(settings, arrays, batch)
   chunk_size = int(chunk_size)
   if chunk_size <= 0 or chunk_size % batch:
     raise UserError(f'chunk size {chunk_size} must be a positive multiple of batch_size {batch}')
 
-  plan, run = _plan(config, teacher, arrays, mesh, epochs=int(epochs), k=k, dtype=dtype,
-                    features=features, chunk_size=chunk_size)
+  if settings is None:
+    k = num_classes if k is None else int(k)
+    if not 1 <= k <= num_classes:
+      raise UserError(f'cache k must be in [1, {num_classes}] (got {k})')
+    plan, forward = _plan(config, teacher, arrays, mesh, epochs=int(epochs), k=k, dtype=dtype,
+                          features=features, chunk_size=chunk_size)
+  elif settings['mode'] == 'topk':
+    plan, forward = _plan_tokens(config, teacher, arrays, mesh, epochs=int(epochs),
+                                 settings=settings, chunk_size=chunk_size)
+  else:
+    plan, forward = _plan_generate(config, teacher, arrays, mesh, epochs=int(epochs),
+                                   settings=settings, chunk_size=chunk_size)
   _claim(cache_dir, plan)
   ranges = store.chunk_ranges(len(arrays['label']), chunk_size)
   work = [(e, i, s, t) for e in range(int(epochs)) for i, (s, t) in enumerate(ranges)]
   show = (config.progress if progress is None else progress) and jax.process_index() == 0
   t0 = time.time()
-  computed, fresh = _compute_chunks(cache_dir, work, run, teacher.variables, arrays, mesh,
+  computed, fresh = _compute_chunks(cache_dir, work, forward, num_examples=len(arrays['label']),
                                     batch=batch, show=show)
   manifest = _finish(cache_dir, plan, work)
   seconds = time.time() - t0
@@ -190,6 +231,44 @@ def build_cache(config, cache_dir: str, *, epochs: int = 1, k: int | None = None
     print(f'cache: {len(work)} chunks ({fresh} computed now), {computed} entries in '
           f'{seconds:.1f}s ({computed / max(seconds, 1e-9):.0f} examples/s)', flush=True)
   return manifest
+
+
+def _default_chunk_size(settings, arrays, batch: int) -> int:
+  """About 4096 examples, 65536 tokens or 1024 prompts, in whole batches."""
+  if settings is None:
+    rows = _CHUNK_EXAMPLES
+  elif settings['mode'] == 'topk':
+    rows = _CHUNK_TOKENS // arrays['x'].shape[1]
+  else:
+    rows = _CHUNK_PROMPTS
+  return batch * max(1, rows // batch)
+
+
+def _source(config, teacher, arrays, *, epochs: int, chunk_size: int) -> dict:
+  """The plan fields every kind of cache has: what it was built from."""
+  return {
+      'format': store.FORMAT, 'version': store.VERSION,
+      'teacher': {'fingerprint': teacher.fingerprint, 'step': int(teacher.step),
+                  'model': str(teacher.config.model.name), 'num_classes': teacher.num_classes},
+      'dataset': dataset_fingerprint(config.data.name, config.data.train_split, arrays),
+      'augment': kdata.normalize_spec(_plain(config.data.augment)), 'seed': int(config.seed),
+      'epochs': epochs, 'num_classes': teacher.num_classes, 'chunk_size': chunk_size,
+  }
+
+
+def _replicated_forward(run, mesh):
+  """``forward(args, keep) -> host rows | None``: ``run`` on replicated copies of the host
+  arrays ``args`` (every process passes the same), its replicated outputs read back by
+  the process that keeps them (the others only take part in the computation)."""
+  repl = NamedSharding(mesh, P())
+
+  def forward(args, keep: bool):
+    out = run(*[jax.make_array_from_process_local_data(repl, np.asarray(a)) for a in args])
+    if not keep:
+      return None
+    return {key: np.asarray(v.addressable_data(0)) for key, v in out.items()}
+
+  return forward
 
 
 def _plan(config, teacher, arrays, mesh, *, epochs, k, dtype, features, chunk_size):
@@ -227,7 +306,142 @@ def _plan(config, teacher, arrays, mesh, *, epochs, k, dtype, features, chunk_si
                     for name, s in sorted(sample.items())}
   plan['bytes_per_entry'] = int(sum(math.prod(s.shape[1:]) * s.dtype.itemsize
                                     for s in sample.values()))
-  return plan, run
+  on_mesh = _replicated_forward(functools.partial(run, teacher.variables), mesh)
+
+  def forward(epoch, first, ids, keep):
+    del first
+    return on_mesh((arrays['x'][ids], arrays['id'][ids].astype(np.int32),
+                    np.full(len(ids), epoch, np.int32)), keep)
+
+  return plan, forward
+
+
+def _plan_tokens(config, teacher, arrays, mesh, *, epochs, settings, chunk_size):
+  """``(plan, forward)`` of a per-token top-k cache (:mod:`kdjax.cache.tokens`)."""
+  if epochs != 1:
+    raise UserError(f'token data has no augmentation: cache one epoch (--epochs 1, not {epochs})')
+  vocab, k, codec = teacher.num_classes, settings['k'], settings['codec']
+  seq_len = int(arrays['x'].shape[1])
+  sizes = codec_lib.layout(codec, k, vocab)
+  plan = _source(config, teacher, arrays, epochs=epochs, chunk_size=chunk_size)
+  plan.update({
+      'kind': tokens.KIND, 'settings': {key: settings[key] for key in ('mode', 'k', 'codec')},
+      'k': k, 'codec': codec, 'vocab_size': vocab, 'tokens': seq_len,
+      'bytes_per_token': codec_lib.bytes_per_token(codec, k, vocab),
+      'bytes_per_entry': seq_len * sum(sizes.values()),
+      'arrays': {key: {'dtype': 'uint8', 'shape': [seq_len, sizes[key]]} for key in tokens.PARTS},
+  })
+  inputs = tuple(key for key in MODEL_INPUT_KEYS if key in arrays)
+  infer = tokens.make_token_infer(teacher.apply, k=k, vocab_size=vocab)
+  batch_sh = NamedSharding(mesh, P(mesh.axis_names[0]))
+
+  def sharded(variables, x, mask, *model_inputs):
+    x, mask, model_inputs = jax.lax.with_sharding_constraint((x, mask, model_inputs), batch_sh)
+    values, indices, lse = infer(variables, x, mask, dict(zip(inputs, model_inputs)))
+    return {'values': values, 'indices': indices, 'logsumexp': lse}
+
+  repl = NamedSharding(mesh, P())
+  teacher_sh = jax.tree.map(lambda a: a.sharding, teacher.variables)
+  run = jax.jit(sharded, in_shardings=(teacher_sh,) + (repl,) * (2 + len(inputs)),
+                out_shardings=repl)
+  on_mesh = _replicated_forward(functools.partial(run, teacher.variables), mesh)
+  mask = arrays['mask'] if 'mask' in arrays else np.ones(arrays['x'].shape, bool)
+
+  def forward(epoch, first, ids, keep):
+    del epoch, first
+    out = on_mesh((arrays['x'][ids], mask[ids], *(arrays[key][ids] for key in inputs)), keep)
+    if out is None:
+      return None
+    return tokens.encode_rows(out['values'], out['indices'], out['logsumexp'], mask[ids],
+                              codec=codec, vocab_size=vocab)
+
+  return plan, forward
+
+
+def decoder_config(teacher: teacher_lib.Teacher, seq_len: int):
+  """The :class:`kdjax.models.DecoderConfig` of a decoder teacher (its key/value cache's
+  shape), or a ``UserError`` when the teacher is not a decoder."""
+  from flax import nnx
+  from kdjax.models import Decoder
+  from kdjax.models import create
+  model = teacher.config.model
+  kwargs = _plain(model.kwargs) or {}
+  try:
+    module = nnx.eval_shape(lambda: create(
+        str(model.name), num_classes=teacher.num_classes, input_shape=(seq_len,),
+        dtype=jnp.dtype(model.get('dtype') or 'float32'), **dict(kwargs)))
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f'the teacher model {model.name!r} cannot decode {seq_len} tokens: '
+                    f'{str(e).splitlines()[0]}') from None
+  if not isinstance(module, Decoder):
+    raise UserError(f'generate mode needs a decoder teacher (llama, gpt2, qwen2, decoder); '
+                    f'the teacher is {model.name!r}')
+  return module.config
+
+
+def _plan_generate(config, teacher, arrays, mesh, *, epochs, settings, chunk_size):
+  """``(plan, forward)`` of a cache of teacher generations (:mod:`kdjax.cache.sequences`)."""
+  gen = settings['generate']
+  where = f'{config.data.name}:{config.data.train_split}'
+  if 'prompt_ids' not in arrays or not arrays['prompt_mask'][:, -1].all():
+    raise UserError(f'generate mode continues prompts, but the rows of {where} have none; '
+                    'use a prompt split (--config.data.train_split=prompts_train)')
+  if epochs > 1 and gen['temperature'] == 0:
+    raise UserError(f'greedy decoding gives the same continuation every epoch: use --epochs 1, '
+                    f'or sample (config.cache.generate.temperature > 0) for {epochs} draws')
+  seq_len = int(arrays['x'].shape[1])
+  prompt_len = int(arrays['prompt_ids'].shape[1])
+  width = seq_len - prompt_len
+  max_new = gen['max_new_tokens'] or width
+  if not 1 <= max_new <= width:
+    raise UserError(f'config.cache.generate.max_new_tokens must be in [1, {width}] (the '
+                    f'continuation of {where} is {width} tokens; got {max_new})')
+  decoding = {'temperature': gen['temperature'], 'top_k': gen['top_k'] or None,
+              'top_p': gen['top_p'] if gen['top_p'] < 1 else None, 'max_new_tokens': max_new,
+              'stop_tokens': [kdata.text.EOS_ID] if gen['stop_at_eos'] else [],
+              'pad_id': kdata.text.PAD_ID, 'seed': gen['seed'],
+              'batch_size': int(config.batch_size), 'search': 'sample (no beam search)'}
+  plan = _source(config, teacher, arrays, epochs=epochs, chunk_size=chunk_size)
+  arrays_spec = {'prompt_ids': ('int32', prompt_len), 'prompt_mask': ('bool', prompt_len),
+                 'tokens': ('int32', width), 'mask': ('bool', width),
+                 'logprobs': ('float32', width)}
+  plan.update({
+      'kind': sequences.KIND,
+      'settings': {'mode': settings['mode'], 'generate': gen},
+      'generate': decoding, 'prompt_len': prompt_len, 'continuation_len': width,
+      'arrays': {key: {'dtype': d, 'shape': [n]} for key, (d, n) in arrays_spec.items()},
+      'bytes_per_entry': int(sum(np.dtype(d).itemsize * n for d, n in arrays_spec.values())),
+  })
+  from kdjax.models import init_cache
+  dconfig = decoder_config(teacher, seq_len)
+  generate = sequences.make_generate(
+      teacher.apply, lambda b, length: init_cache(dconfig, b, length), width=width,
+      max_new_tokens=max_new, temperature=decoding['temperature'], top_k=decoding['top_k'],
+      top_p=decoding['top_p'], stop_tokens=tuple(decoding['stop_tokens']),
+      pad_id=decoding['pad_id'])
+  batch_sh = NamedSharding(mesh, P(mesh.axis_names[0]))
+
+  def sharded(variables, prompt_ids, prompt_mask, seed, epoch, batch_index):
+    prompt_ids, prompt_mask = jax.lax.with_sharding_constraint((prompt_ids, prompt_mask),
+                                                               batch_sh)
+    return generate(variables, prompt_ids, prompt_mask, seed, epoch, batch_index)
+
+  repl = NamedSharding(mesh, P())
+  teacher_sh = jax.tree.map(lambda a: a.sharding, teacher.variables)
+  run = jax.jit(sharded, in_shardings=(teacher_sh,) + (repl,) * 5, out_shardings=repl)
+  on_mesh = _replicated_forward(functools.partial(run, teacher.variables), mesh)
+  batch = int(config.batch_size)
+
+  def forward(epoch, first, ids, keep):
+    prompt_ids, prompt_mask = arrays['prompt_ids'][ids], arrays['prompt_mask'][ids]
+    out = on_mesh((prompt_ids, prompt_mask, np.int32(gen['seed']), np.int32(epoch),
+                   np.int32(first // batch)), keep)
+    if out is None:
+      return None
+    return dict(out, prompt_ids=prompt_ids.astype(np.int32),
+                prompt_mask=prompt_mask.astype(bool))
+
+  return plan, forward
 
 
 def _claim(cache_dir: str, plan: dict) -> None:
@@ -244,12 +458,13 @@ def _claim(cache_dir: str, plan: dict) -> None:
     store.write_json(plan_path, plan)
 
 
-def _compute_chunks(cache_dir: str, work, run, variables, arrays: dict, mesh, *, batch: int,
+def _compute_chunks(cache_dir: str, work, forward, *, num_examples: int, batch: int,
                     show: bool) -> tuple[int, int]:
   """Computes every chunk of ``work`` not yet written; process ``p`` writes chunk ``j``
-  when ``j mod P == p``. Returns ``(entries computed, chunks computed)``."""
-  n = len(arrays['label'])
-  repl = NamedSharding(mesh, P())
+  when ``j mod P == p``. ``forward(epoch, first, ids, keep)`` computes the rows of one
+  batch (every process runs it; it returns them, as host arrays, where ``keep``).
+  Returns ``(entries computed, chunks computed)``."""
+  n = num_examples
   pid, nproc = jax.process_index(), jax.process_count()
   mine = {store.chunk_name(e, i) for j, (e, i, _, _) in enumerate(work) if j % nproc == pid}
   store.remove_stale_temporaries(cache_dir, mine)
@@ -263,16 +478,15 @@ def _compute_chunks(cache_dir: str, work, run, variables, arrays: dict, mesh, *,
              disable=not show, dynamic_ncols=True, mininterval=1.0)
   t0, computed = time.time(), 0
   for e, i, s, t in todo:
+    keep = store.chunk_name(e, i) in mine
     parts = []
     for b0 in range(s, t, batch):
       ids = np.arange(b0, b0 + batch) % n          # pad the last batch; cut below
-      inputs = (arrays['x'][ids], arrays['id'][ids].astype(np.int32), np.full(batch, e, np.int32))
       # Every process passes the same (replicated) batch; outputs come back replicated.
-      inputs = [jax.make_array_from_process_local_data(repl, a) for a in inputs]
-      out = run(variables, *inputs)
-      parts.append({key: np.asarray(v.addressable_data(0))[:min(t, b0 + batch) - b0]
-                    for key, v in out.items()})
-    if store.chunk_name(e, i) in mine:
+      out = forward(e, b0, ids, keep)
+      if keep:
+        parts.append({key: v[:min(t, b0 + batch) - b0] for key, v in out.items()})
+    if keep:
       store.write_chunk(cache_dir, store.chunk_name(e, i),
                         {key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
       if delay:

@@ -1,11 +1,11 @@
 """Reading a teacher cache into a distill run: checks, then rows joined to batches.
 
-``open_for_run`` refuses a cache that does not match the run (another teacher, data
-set, augmentation policy or seed, or a ``k`` too small for the loss) with a one-line
-``UserError``. ``RunCache.columns`` are the cache arrays ``[E, N, ...]`` that the
-device-fed loop keeps on device next to the data; ``gather_rows`` joins a batch of
-example indices with cached epoch ``epoch mod E`` (jittable); ``host_rows`` does the
-same in numpy for the streaming feed.
+``kdjax.cache.run.open_for_run`` opens a cache for a run; its ``check`` refuses one that
+does not match the run (another teacher, data set, augmentation policy or seed, or a
+``k`` too small for the loss) with a one-line ``UserError``. ``RunCache.columns`` are
+the cache arrays ``[E, N, ...]`` that the device-fed loop keeps on device next to the
+data; ``gather_rows`` joins a batch of example indices with cached epoch ``epoch mod E``
+(jittable); ``host_rows`` does the same in numpy for the streaming feed.
 
 The streaming feed joins each grain batch by ``(example id, epoch mod E)``, from the
 columns in host memory when the cache is small, or with ``ChunkReader`` (rows read per
@@ -15,10 +15,15 @@ give the same bits. Before training it hashes the split in pieces
 (``check_stream_dataset``) and refuses a cache built from other data, as the device feed
 does with the split in memory.
 
-Batch keys produced (see ``kdjax.losses.registry``): ``teacher_topk_logits`` (float,
-dequantized), ``teacher_topk_indices`` (int32), ``teacher_logsumexp``, and, when the
-loss needs them, dense ``teacher_logits`` (only from a cache with ``k`` = all classes)
-and ``teacher_features``.
+Language-model caches (``manifest['kind']``, :func:`cache_kind`) open as their own
+classes, built on the pieces here: per-token top-k rows in a codec
+(:class:`kdjax.cache.tokens.TokenCache`) and teacher generations for sequence-level KD
+(:class:`kdjax.cache.sequences.SequenceCache`).
+
+Batch keys produced by a classifier cache (see ``kdjax.losses.registry``):
+``teacher_topk_logits`` (float, dequantized), ``teacher_topk_indices`` (int32),
+``teacher_logsumexp``, and, when the loss needs them, dense ``teacher_logits`` (only from
+a cache with ``k`` = all classes) and ``teacher_features``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import data as kdata
-from kdjax import teacher as teacher_lib
 from kdjax.cache import store
 from kdjax.cache.fingerprint import dataset_fingerprint
 from kdjax.cache.fingerprint import stream_dataset_fingerprint
@@ -55,9 +59,10 @@ def open_cache(cache_dir: str) -> dict:
   return manifest
 
 
-def check_run(manifest: dict, config, *, num_classes: int, needs, cache_dir: str,
-              teacher_fingerprint: str | None = None) -> None:
-  """Raises a one-line ``UserError`` when the cache cannot feed this run."""
+def check_source(manifest: dict, config, *, num_classes: int, cache_dir: str,
+                 teacher_fingerprint: str | None = None) -> None:
+  """Raises a one-line ``UserError`` when the cache was not built from this run's teacher,
+  data set, classes and augmentation (what every kind of cache must match)."""
   where = f'the teacher cache {cache_dir}'
   if teacher_fingerprint is not None and teacher_fingerprint != manifest['teacher']['fingerprint']:
     raise UserError(f'{where} was built from another teacher (fingerprint '
@@ -78,6 +83,14 @@ def check_run(manifest: dict, config, *, num_classes: int, needs, cache_dir: str
   if augment['kind'] != 'none' and int(config.seed) != manifest['seed']:
     raise UserError(f"{where} was built with seed {manifest['seed']} (augmentation keys), the "
                     f'run uses seed {config.seed}; rebuild it or use the same seed')
+
+
+def check_run(manifest: dict, config, *, num_classes: int, needs, cache_dir: str,
+              teacher_fingerprint: str | None = None) -> None:
+  """Raises a one-line ``UserError`` when the cache cannot feed this run."""
+  check_source(manifest, config, num_classes=num_classes, cache_dir=cache_dir,
+               teacher_fingerprint=teacher_fingerprint)
+  where = f'the teacher cache {cache_dir}'
   if 'teacher_logits' in needs and manifest['k'] < num_classes:
     raise UserError(f"{where} keeps the top {manifest['k']} of {num_classes} logits, but the loss "
                     'needs dense teacher logits; use a sparse loss (e.g. sparse_kd) or rebuild '
@@ -106,13 +119,23 @@ def check_stream_dataset(manifest: dict, name: str, split: str, *, data_dir=None
                     f"{ds['name']}:{ds['split']} arrays hash differently); rebuild it")
 
 
-def load_columns(cache_dir: str, manifest: dict) -> dict[str, np.ndarray]:
-  """Every stored array as one ``[E, N, ...]`` column."""
+def load_columns(cache_dir: str, manifest: dict, *, verify: bool = False
+                 ) -> dict[str, np.ndarray]:
+  """Every stored array as one ``[E, N, ...]`` column.
+
+  With ``verify``, each chunk's files are first checked against the manifest's sha256
+  (a one-line ``UserError`` names a corrupt or missing chunk): a run that loads the
+  cache whole reads every byte anyway.
+  """
   dtypes = {name: a['dtype'] for name, a in manifest['arrays'].items()}
   epochs, n = manifest['epochs'], manifest['dataset']['num_examples']
   cols = {name: np.empty((epochs, n, *a['shape']), _np_dtype(a['dtype']))
           for name, a in manifest['arrays'].items()}
   for name, entry in manifest['chunks'].items():
+    problem = store.chunk_problem(cache_dir, name, entry) if verify else None
+    if problem:
+      raise UserError(f'the teacher cache {cache_dir}: {problem}; rebuild it with '
+                      '`kdjax cache build`')
     rows = store.read_chunk(cache_dir, name, dtypes)
     for key, value in rows.items():
       cols[key][entry['epoch'], entry['start']:entry['stop']] = value
@@ -399,12 +422,12 @@ class RunCache(NamedTuple):
     return ChunkReader(self.cache_dir, self.manifest, needs, **kwargs)
 
 
-def open_for_run(config) -> RunCache:
-  """Opens ``config.teacher.cache`` for a run (:meth:`RunCache.check` checks it against
-  the run). When ``config.teacher.workdir`` is set, its teacher's fingerprint is read
-  (parameters only, on the host) and must equal the cache's."""
-  cache_dir = os.path.abspath(config.teacher.cache)
-  manifest = open_cache(cache_dir)
-  fingerprint = (teacher_lib.read_fingerprint(config.teacher.workdir)
-                 if config.teacher.workdir else None)
-  return RunCache(cache_dir, manifest, fingerprint)
+def cache_kind(manifest: dict) -> str:
+  """``'examples'`` (a classifier cache), ``'tokens'`` (per-token top-k rows,
+  :mod:`kdjax.cache.tokens`) or ``'sequences'`` (teacher generations,
+  :mod:`kdjax.cache.sequences`).
+
+  >>> cache_kind({}), cache_kind({'kind': 'tokens'})
+  ('examples', 'tokens')
+  """
+  return manifest.get('kind', 'examples')

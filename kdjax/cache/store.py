@@ -13,6 +13,11 @@
         teacher_topk_offset.npy     [m]     float32 (int8 only)
         feature.NAME.npy            [m, ...] optional named teacher features
 
+A language-model cache (``manifest['kind']``) has other arrays in the same layout: per
+token, ``values.npy``/``indices.npy``/``stats.npy`` ``[m, T, nbytes]`` uint8, a codec's
+bytes (``kdjax.cache.tokens``); per prompt, ``prompt_ids``, ``prompt_mask``, ``tokens``,
+``mask``, ``logprobs`` (``kdjax.cache.sequences``).
+
 **Only complete chunks count.** A chunk is written into ``chunks/.tmp-NAME-PID`` (files
 fsynced), then renamed to ``chunks/NAME`` in one ``os.replace``: a directory rename is
 atomic on POSIX, so a chunk either exists whole or not at all. A killed build leaves at
@@ -167,25 +172,28 @@ def read_json(path: str) -> dict | None:
     return json.load(f)
 
 
+def chunk_problem(cache_dir: str, name: str, entry: dict) -> str | None:
+  """What is wrong with one chunk (missing, unreadable, or not its manifest ``entry``'s
+  sha256), in one line naming it; None when it is intact."""
+  if not chunk_exists(cache_dir, name):
+    return f'chunk {name} is missing ({chunk_path(cache_dir, name)})'
+  try:
+    digest, _ = chunk_checksum(cache_dir, name)
+  except OSError as e:
+    return f'chunk {name} cannot be read: {e}'
+  if digest != entry['sha256']:
+    return (f'chunk {name} is corrupt: sha256 {digest[:16]}... != manifest '
+            f'{entry["sha256"][:16]}... ({chunk_path(cache_dir, name)})')
+  return None
+
+
 def verify(cache_dir: str, manifest: dict) -> list[str]:
   """Problems found (empty when every chunk exists and matches its checksum).
 
   Each problem is one line naming the chunk.
   """
-  problems = []
-  for name in sorted(manifest['chunks']):
-    entry = manifest['chunks'][name]
-    if not chunk_exists(cache_dir, name):
-      problems.append(f'chunk {name} is missing ({chunk_path(cache_dir, name)})')
-      continue
-    try:
-      digest, _ = chunk_checksum(cache_dir, name)
-    except OSError as e:
-      problems.append(f'chunk {name} cannot be read: {e}')
-      continue
-    if digest != entry['sha256']:
-      problems.append(f'chunk {name} is corrupt: sha256 {digest[:16]}... != manifest '
-                      f'{entry["sha256"][:16]}... ({chunk_path(cache_dir, name)})')
+  problems = [p for p in (chunk_problem(cache_dir, name, manifest['chunks'][name])
+                          for name in sorted(manifest['chunks'])) if p]
   if not problems and content_checksum(manifest['chunks']) != manifest.get('content_checksum'):
     problems.append('manifest content_checksum does not match its chunk checksums')
   return problems

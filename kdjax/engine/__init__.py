@@ -22,6 +22,11 @@ from kdjax.engine.loop import train_loop
 from kdjax.engine.metrics import Accumulator
 from kdjax.engine.metrics import MetricsWriter
 from kdjax.engine.optim import make_optimizer
+from kdjax.engine.policy import Policy
+from kdjax.engine.policy import Sampler
+from kdjax.engine.policy import continue_prompts
+from kdjax.engine.policy import distillm
+from kdjax.engine.policy import gkd
 from kdjax.engine.setup import Data
 from kdjax.engine.setup import Setup
 from kdjax.engine.setup import setup

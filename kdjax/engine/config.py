@@ -18,12 +18,16 @@ from kdjax.config import check_int
 from kdjax.config import check_number
 from kdjax.config import check_numbers_in
 from kdjax.errors import UserError
+from kdjax.models.base import OUTPUTS as MODEL_OUTPUTS
 
 NONFINITE = ('stop', 'skip')
 FEEDS = ('auto', 'device', 'stream')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('constant', 'cosine', 'step')
 CACHE_READERS = ('auto', 'memory', 'chunks')
+ON_POLICY_METHODS = ('gkd', 'distillm')
+# DistiLLM's schedules of its fresh-sample probability over training (kdjax.engine.policy).
+REPLAY_RATIOS = ('decreasing', 'constant', 'increasing')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -58,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = 'mlp'
   c.model.kwargs = ml_collections.ConfigDict()
   c.model.dtype = 'float32'
+  # Transformers' per-layer outputs the losses read: 'attentions', 'hidden_states' (features
+  # hidden0..hiddenL), 'qkv' (features query{i}, key{i}, value{i}); computed only if listed.
+  c.model.outputs = []
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adam'        # adam | adamw | sgd
@@ -76,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.workdir = ''           # a finished `kdjax train` workdir
   c.teacher.partition_rules = [('.*', None)]
+  c.teacher.outputs = []           # as model.outputs, for the teacher
   c.teacher.cache = ''             # a `kdjax cache build` directory
   # Stream feed: load the cache whole up to this size, else read rows per batch from its
   # chunk files ('auto'); 'memory' or 'chunks' force one (kdjax.cache.read.choose_reader).
@@ -86,13 +94,17 @@ def base_config() -> ml_collections.ConfigDict:
   # the teacher's forward for the next call runs on its own devices while the student's
   # call runs (kdjax.engine.feed.TeacherAhead); same result either way.
   c.teacher.devices = 0
+  # On-policy distillation (kdjax.engine.policy) adds a group `on_policy` (configs/lm/gkd.py,
+  # configs/lm/distillm.py): `method` ('gkd' | 'distillm'), the sampling fields
+  # (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_tokens`) and the method's own.
   return c
 
 
 # Fields that define what a checkpoint means. A workdir whose saved config differs in
 # any of them holds another run's checkpoints and is refused.
 IDENTITY_FIELDS = ('seed', 'batch_size', 'data.name', 'data.train_split', 'data.augment',
-                   'model', 'optimizer', 'loss', 'teacher.workdir', 'teacher.cache')
+                   'model', 'optimizer', 'loss', 'teacher.workdir', 'teacher.cache',
+                   'on_policy')
 
 
 def _one_of(config, dotted: str, allowed) -> None:
@@ -117,6 +129,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_int(config, field, 1)
   _one_of(config, 'nonfinite', NONFINITE)
   _check_mesh(config.mesh)
+  for field in ('model', 'teacher'):
+    outputs = list(config[field].get('outputs', []))
+    unknown = sorted(set(outputs) - set(MODEL_OUTPUTS))
+    if unknown:
+      raise UserError(f'config.{field}.outputs: unknown {unknown}; choose from '
+                      f'{", ".join(MODEL_OUTPUTS)}')
   _check_rules(config.partition_rules, 'partition_rules')
   _one_of(config, 'data.feed', FEEDS)
   check_int(config, 'data.device_max_bytes', 0)
@@ -135,6 +153,50 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, 'teacher.cache_reader', CACHE_READERS)
   check_int(config, 'teacher.cache_memory_max_bytes', 0)
   check_int(config, 'teacher.devices', 0)
+  _check_on_policy(config)
+
+
+def _check_on_policy(config) -> None:
+  """``config.on_policy`` (when present): its method, sampling and method fields, and a
+  live teacher inside the student's call (the teacher scores the student's samples)."""
+  if config.get('on_policy') is None:
+    return
+  _one_of(config, 'on_policy.method', ON_POLICY_METHODS)
+  check_int(config, 'on_policy.max_new_tokens', 1)
+  check_number(config, 'on_policy.temperature', lambda v: v >= 0, '>= 0 (0: greedy)')
+  check_int(config, 'on_policy.top_k', 0)
+  check_number(config, 'on_policy.top_p', lambda v: 0 < v <= 1, 'in (0, 1]')
+  stops = config.on_policy.get('stop_tokens')
+  if not isinstance(stops, (list, tuple)) or any(
+      isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stops):
+    raise UserError(f'config.on_policy.stop_tokens must be a list of token ids >= 0 '
+                    f'(got {stops!r})')
+  if config.on_policy.method == 'gkd':
+    check_number(config, 'on_policy.lmbda', lambda v: 0 <= v <= 1, 'in [0, 1]')
+    if not isinstance(config.on_policy.get('seq_kd'), bool):
+      raise UserError(f'config.on_policy.seq_kd must be true or false '
+                      f'(got {config.on_policy.get("seq_kd")!r})')
+  else:
+    check_number(config, 'on_policy.init_threshold', lambda v: 0 <= v <= 1, 'in [0, 1]')
+    check_number(config, 'on_policy.threshold_step', lambda v: 0 < v <= 1, 'in (0, 1]')
+    check_number(config, 'on_policy.loss_eps', lambda v: v >= 0, '>= 0')
+    check_int(config, 'on_policy.capacity', 1)
+    _one_of(config, 'on_policy.replay_ratio', REPLAY_RATIOS)
+    if config.on_policy.capacity < config.batch_size:
+      raise UserError(f'config.on_policy.capacity ({config.on_policy.capacity}) must hold at '
+                      f'least one batch ({config.batch_size} rows); raise it')
+  if 'on_policy' in _mapping(config.loss.terms):
+    raise UserError("config.loss.terms.on_policy: the name is taken by the on-policy state; "
+                    'rename the term')
+  if config.teacher.cache:
+    raise UserError('on-policy distillation scores the student\'s own samples with a live '
+                    'teacher; unset config.teacher.cache')
+  if int(config.teacher.devices):
+    raise UserError('on-policy distillation runs the teacher inside the student\'s call; set '
+                    'config.teacher.devices=0')
+  if config.get('scheme') is not None:
+    raise UserError('on-policy distillation trains one student; remove config.scheme or '
+                    'config.on_policy')
 
 
 def _check_optimizer(config) -> None:

@@ -4,10 +4,14 @@ A :class:`Feed` answers two questions, one on each side of ``jax.jit``:
 
 * host side, ``feed.inputs(step, n)``: the arrays the call that runs steps
   ``step .. step + n - 1`` needs, placed on the mesh;
-* inside the call, ``feed.batches(inputs, n)``: a function ``i -> batch`` (traced) that
-  makes step ``step + i``'s ready batch: the source's examples, augmented as a pure
-  function of ``(seed, example id, epoch)``, and the teacher's entries (live, cached, or
-  computed one call ahead on devices of the teacher's own).
+* inside the call, ``feed.ready(inputs, n)``: a function ``(i, state) -> (batch, state,
+  metrics)`` (traced) that makes step ``step + i``'s ready batch: the source's examples,
+  augmented as a pure function of ``(seed, example id, epoch)``, then, with a *policy*
+  (on-policy distillation, :mod:`kdjax.engine.policy`), rewritten from the student of
+  ``state`` (the train state before that step; the policy's own state is updated in it),
+  and the teacher's entries (live, cached, or computed one call ahead on devices of the
+  teacher's own). Without a policy ``state`` passes through untouched and ``metrics`` is
+  empty; ``feed.batches(inputs, n)`` is then the plain ``i -> batch``.
 
 Sources (where the examples come from):
 
@@ -34,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import teacher as teacher_lib
+from kdjax.engine import policy as policy_lib
 from kdjax.models.base import MODEL_INPUT_KEYS
 from kdjax.models.base import model_kwargs
 
@@ -44,13 +49,14 @@ EXAMPLE_KEYS = ('x', 'label', 'id')
 OPTIONAL_KEYS = ('mask', *MODEL_INPUT_KEYS)
 
 
-def example_keys(arrays) -> tuple[str, ...]:
-  """The columns of ``arrays`` (a split or a batch) a feed carries.
+def example_keys(arrays, extra_keys=()) -> tuple[str, ...]:
+  """The columns of ``arrays`` (a split or a batch) a feed carries; ``extra_keys`` are
+  columns a policy reads (``prompt_ids``, ...), carried when ``arrays`` has them.
 
   >>> example_keys({'x': 0, 'label': 0, 'id': 0, 'client': 0, 'segment_ids': 0})
   ('x', 'label', 'id', 'segment_ids')
   """
-  return EXAMPLE_KEYS + tuple(k for k in OPTIONAL_KEYS if k in arrays)
+  return EXAMPLE_KEYS + tuple(k for k in (*OPTIONAL_KEYS, *extra_keys) if k in arrays)
 
 
 class Source(Protocol):
@@ -133,11 +139,13 @@ class DeviceSource:
     join: ``join(columns, epoch, positions) -> entries`` (jittable): the rows of cached
       epoch ``epoch mod epochs``; the batch's ``epoch`` becomes ``epoch mod epochs``, so
       the augmentation is the one the cached teacher saw.
+    extra_keys: more columns of ``arrays`` to carry (a policy's ``keys``).
   """
 
   def __init__(self, arrays: dict, *, batch_size: int, seed: int, mesh: jax.sharding.Mesh,
                columns: dict | None = None,
-               join: Callable[[Any, Any, Any], dict] | None = None):
+               join: Callable[[Any, Any, Any], dict] | None = None,
+               extra_keys: tuple[str, ...] = ()):
     self.num_examples = int(len(arrays['label']))
     self.batch_size = int(batch_size)
     self.steps_per_epoch = self.num_examples // self.batch_size
@@ -147,7 +155,7 @@ class DeviceSource:
     self.seed = int(seed)
     self.repl = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
-    self.keys = example_keys(arrays)
+    self.keys = example_keys(arrays, extra_keys)
     data = {k: arrays[k] for k in self.keys}
     if columns is not None:
       data['cache'] = columns
@@ -205,22 +213,24 @@ class StreamSource:
     mesh: the devices; the first axis shards the batch.
     rows: ``rows(epochs, ids) -> entries`` (numpy): the teacher cache rows of a batch.
     num_cached: the cache's epochs (a batch's ``epoch`` becomes ``epoch mod num_cached``).
+    extra_keys: more columns of the batches to carry (a policy's ``keys``).
   """
 
   KEYS = ('x', 'label', 'id', 'epoch', 'mask')
 
   def __init__(self, iterator, *, mesh: jax.sharding.Mesh,
                rows: Callable[[np.ndarray, np.ndarray], dict] | None = None,
-               num_cached: int | None = None):
+               num_cached: int | None = None, extra_keys: tuple[str, ...] = ()):
     self.iterator = iterator
     self.rows, self.num_cached = rows, num_cached
+    self.extra_keys = tuple(extra_keys)
     self.sharding = NamedSharding(mesh, P(None, mesh.axis_names[0]))
     self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
     self.repl = NamedSharding(mesh, P())
 
   def _next(self) -> dict:
     batch = next(self.iterator)
-    keys = self.KEYS + tuple(k for k in MODEL_INPUT_KEYS if k in batch)
+    keys = self.KEYS + tuple(k for k in (*MODEL_INPUT_KEYS, *self.extra_keys) if k in batch)
     out = {k: np.asarray(batch[k]) for k in keys}
     if self.rows is not None:
       out.update(self.rows(out['epoch'], out['id']))
@@ -254,7 +264,8 @@ class StreamSource:
 # --------------------------------------------------------------------------- the feed
 
 class Feed:
-  """Ready batches: a source's examples, augmented, with the teacher's entries.
+  """Ready batches: a source's examples, augmented, maybe rewritten by a policy, with the
+  teacher's entries.
 
   Args:
     source: a :class:`DeviceSource` or :class:`StreamSource`.
@@ -265,13 +276,23 @@ class Feed:
     needs: the teacher entries the objective reads.
     ahead: a :class:`TeacherAhead` that computes the teacher's entries on its own
       devices (``teacher`` is then None).
+    policy: a :class:`kdjax.engine.policy.Policy` run on each augmented batch with the
+      train state before its step, before the teacher's forward (on-policy
+      distillation: the student writes the continuations the teacher scores). Needs a
+      live ``teacher`` inside the call (no cache, no ``ahead``).
   """
 
   def __init__(self, source: Source, *, augment: Callable, seed: int,
                teacher: teacher_lib.Teacher | None = None, needs=teacher_lib.OUTPUT_KEYS,
-               ahead: 'TeacherAhead | None' = None):
+               ahead: 'TeacherAhead | None' = None,
+               policy: policy_lib.Policy | None = None):
+    if policy is not None and ahead is not None:
+      raise ValueError('a policy rewrites batches inside the student\'s call; a teacher '
+                       'ahead scores the source\'s batches: use one or the other')
     self.source, self.augment, self.seed = source, augment, int(seed)
     self.teacher, self.needs, self.ahead = teacher, tuple(needs), ahead
+    self.policy = policy
+    self._evaluated = None
 
   def inputs(self, step: int, n: int) -> dict:
     # The seed is an input, not a constant: runs that differ only in it share programs
@@ -291,23 +312,56 @@ class Feed:
       out['ahead'] = self.ahead.sharding
     return out
 
-  def batches(self, inputs, n: int) -> Callable[[jax.Array], Batch]:
+  def ready(self, inputs, n: int) -> Callable[[jax.Array, Any], tuple[Batch, Any, dict]]:
+    """``ready(i, state) -> (batch, state, metrics)``: step ``step + i``'s ready batch.
+
+    The source's batch, augmented; with a policy, rewritten by it from the student of
+    ``state`` (the train state before the step), whose policy part it updates, and its
+    ``(sum, count)`` metrics; then the teacher's entries for the final batch. Without a
+    policy, ``state`` is returned as it came and ``metrics`` is ``{}``.
+    """
     ahead = inputs.get('ahead')
     raw = self.source.batches(inputs['source'], n,
                               positions=None if ahead is None else ahead['position'])
 
-    def batch_at(i):
+    def ready_at(i, state):
       batch = raw(i)
       batch['x'] = self.augment(batch['x'], batch['id'], batch['epoch'], seed=inputs['seed'])
+      metrics = {}
+      if self.policy is not None:
+        batch, state, metrics = policy_lib.run(self.policy, batch, state,
+                                               teacher=inputs.get('teacher'))
       if ahead is not None:
         batch.update({k: jax.tree.map(lambda a: a[i], v) for k, v in ahead.items()
                       if k != 'position'})
       elif self.teacher is not None:
         batch.update(teacher_lib.outputs(self.teacher.apply, inputs['teacher'], batch['x'],
                                          self.needs, **model_kwargs(batch)))
-      return batch
+      return batch, state, metrics
 
-    return batch_at
+    return ready_at
+
+  def batches(self, inputs, n: int) -> Callable[[jax.Array], Batch]:
+    """``batch_at(i) -> batch``: :meth:`ready` without a train state (a feed without a
+    policy, whose batches do not depend on the student)."""
+    if self.policy is not None:
+      raise ValueError('a feed with a policy makes its batches from the train state: call '
+                       'ready(inputs, n)(i, state)')
+    ready = self.ready(inputs, n)
+    return lambda i: ready(i, None)[0]
+
+  def evaluated(self, state, metrics: dict):
+    """The train state after an evaluation with these ``metrics``: the policy's
+    ``evaluated`` applied to its part (DistiLLM's threshold), or ``state`` itself."""
+    if self.policy is None or self.policy.evaluated is None:
+      return state
+    if self._evaluated is None:   # jitted once, the state donated and kept in its shardings
+      def update(train_state, values):
+        new = self.policy.evaluated(policy_lib.policy_state(train_state), values)
+        return policy_lib.with_policy_state(train_state, new)
+      self._evaluated = jax.jit(update, donate_argnums=0,
+                                out_shardings=jax.tree.map(lambda a: a.sharding, state))
+    return self._evaluated(state, {k: np.float32(v) for k, v in metrics.items()})
 
   def position(self, step: int) -> dict:
     return self.source.position(step)

@@ -3,8 +3,9 @@
 ``train_loop`` reads top to bottom. Each iteration asks the feed for the inputs of the
 next call (:mod:`kdjax.engine.feed`), runs the jitted call (:class:`TrainCalls`: a
 ``lax.scan`` of the one train step over the feed's batches), then, with the call's
-per-step metrics on the host: stops at a non-finite loss, logs, evaluates,
-checkpoints, and stops on preemption. A call ends where an evaluation or a
+per-step metrics on the host: stops at a non-finite loss, logs, evaluates (and hands
+the evaluation to the feed's policy, if any, before the checkpoint), checkpoints, and
+stops on preemption. A call ends where an evaluation or a
 checkpoint falls (and after ``steps_per_call`` steps); logging reads the per-step
 metrics, so it needs no cut, and a resumed run logs exactly what an uninterrupted
 one would.
@@ -53,9 +54,11 @@ class Schedule:
 class TrainCalls:
   """``calls(state, inputs, n) -> (state, metrics)``: ``n`` train steps in one jitted call.
 
-  A ``lax.scan`` of ``step`` over ``feed.batches(inputs, n)``; the state is donated and
-  keeps ``state_shardings``; every metric comes back stacked ``[n]``, replicated. Each
-  ``n`` compiles once.
+  A ``lax.scan`` of ``step`` over the feed's ready batches (``feed.ready(inputs, n)``:
+  each made from the state before its step, which an on-policy feed samples the
+  student of); the state is donated and keeps ``state_shardings``; every metric (the
+  step's and the feed's policy's) comes back stacked ``[n]``, replicated. Each ``n``
+  compiles once.
   """
 
   def __init__(self, step: Callable, feed: Feed, *, state_shardings, mesh):
@@ -68,8 +71,14 @@ class TrainCalls:
       step, feed = self.step, self.feed
 
       def call(state, inputs):
-        batch_at = feed.batches(inputs, n)
-        return jax.lax.scan(lambda st, i: step(st, batch_at(i)), state, jnp.arange(n))
+        ready = feed.ready(inputs, n)
+
+        def body(st, i):
+          batch, st, extra = ready(i, st)   # without a policy: st as it came, no extra
+          st, metrics = step(st, batch)
+          return st, {**metrics, **extra}
+
+        return jax.lax.scan(body, state, jnp.arange(n))
 
       self._jitted[n] = jax.jit(call, in_shardings=(self.state_shardings, feed.shardings()),
                                 out_shardings=(self.state_shardings, self.repl),
@@ -169,6 +178,7 @@ def train_loop(state, *, start: int, schedule: Schedule, calls: TrainCalls, feed
       if step % schedule.eval_every == 0 or step == schedule.num_steps:
         last_eval = evaluate(state)
         writer.write(step, last_eval, split='eval')
+        state = feed.evaluated(state, last_eval)   # a policy's answer (DistiLLM), else state
       preempted = preempt.requested or (jax.process_count() > 1
                                         and bool(manager.reached_preemption(step)))
       if step % schedule.checkpoint_every == 0 or step == schedule.num_steps or preempted:

@@ -11,6 +11,7 @@ the tests all start here.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from kdjax import data as kdata
 from kdjax import teacher as teacher_lib
+from kdjax.engine import policy as policy_lib
 from kdjax.engine.config import validate
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.feed import DeviceSource
@@ -35,6 +37,8 @@ from kdjax.engine.step import make_train_step
 from kdjax.errors import UserError
 from kdjax.losses import build_objective
 from kdjax.models import from_config
+from kdjax.models.base import named_features
+from kdjax.models.base import output_kwargs
 from kdjax.parallel import initialize_from_env
 from kdjax.parallel import make_mesh
 from kdjax.parallel import shardings_from_rules
@@ -91,8 +95,9 @@ class Setup(NamedTuple):
 
   @property
   def distills(self) -> bool:
-    """Whether the objective reads a teacher (live or cached)."""
-    return bool(self.objective.needs & (TEACHER_NEEDS | CACHE_NEEDS))
+    """Whether the run learns from a teacher: an objective that reads one (live or
+    cached), or a cache of its generations (sequence-level KD trains with CE on them)."""
+    return bool(self.objective.needs & (TEACHER_NEEDS | CACHE_NEEDS)) or self.cache is not None
 
 
 def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = None,
@@ -149,12 +154,24 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
     raise UserError(f'the teacher predicts {teacher.num_classes} classes but {config.data.name} '
                     f'has {spec.num_classes}; use a teacher trained on the same label space')
 
+  if teacher is not None and config.teacher.outputs:
+    teacher = teacher._replace(apply=functools.partial(
+        teacher.apply, **output_kwargs(config.teacher.outputs)))
+
   # ---- the student and its optimizer
-  apply, init_params, _ = from_config(config.model, num_classes=spec.num_classes,
-                                      input_shape=spec.input_shape)
+  eval_apply, init_params, _ = from_config(config.model, num_classes=spec.num_classes,
+                                           input_shape=spec.input_shape)
+  # The per-layer outputs the losses read (attentions, hidden states, q/k/v), only in training.
+  apply = functools.partial(eval_apply, **output_kwargs(config.model.outputs))
   tx = make_optimizer(config.optimizer, int(config.num_steps))
   schedule = Schedule(int(config.num_steps), int(config.steps_per_call), int(config.log_every),
                       int(config.eval_every), int(config.checkpoint_every))
+
+  # ---- on-policy distillation: the student (GKD, DistiLLM) writes the continuations
+  policy = None
+  if config.get('on_policy') is not None:
+    policy = policy_lib.from_config(config, spec, apply=eval_apply, teacher=teacher, data=data)
+    objective = policy_lib.carry_policy_state(objective, policy)   # its state, checkpointed
 
   # ---- the feed: device-resident split or grain stream; cache rows; teacher's devices
   augment = kdata.make_augment(_plain(config.data.augment))
@@ -164,7 +181,7 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
                     "the device feed (config.data.feed='device'); set it to 0")
   feed = _feed(config, kind, mesh=mesh, cache=cache, needs=needs, augment=augment,
                teacher=teacher, teacher_mesh=teacher_mesh, schedule=schedule, log=log,
-               arrays=data.train if data is not None else None)
+               arrays=data.train if data is not None else None, policy=policy)
 
   # ---- the state: shapes, shardings by rule, and an init that makes it in them
   init = _init_fn(apply, init_params, objective, tx, config=config, spec=spec,
@@ -181,7 +198,7 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   calls = TrainCalls(step, feed, state_shardings=state_shardings, mesh=mesh)
   eval_arrays = (data.eval if data is not None else
                  kdata.load_arrays(config.data.name, config.data.eval_split, data_dir=data_dir))
-  evaluate_params = make_evaluator(apply, eval_arrays, mesh,
+  evaluate_params = make_evaluator(eval_apply, eval_arrays, mesh,
                                    batch_size=int(config.data.eval_batch_size))
   return Setup(config, mesh, spec, objective, teacher, cache, apply, tx, feed, kind, step,
                calls, state_shardings, abstract, lambda: make_state(seed),
@@ -264,9 +281,10 @@ def _feed_kind(config, spec, cache) -> str:
 
 
 def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_mesh,
-          schedule: Schedule, log, arrays=None) -> Feed:
+          schedule: Schedule, log, arrays=None, policy=None) -> Feed:
   data_dir = config.data.data_dir or None
   seed, batch_size = int(config.seed), int(config.batch_size)
+  keys = policy.keys if policy is not None else ()
   if kind == 'device':
     if arrays is None:
       arrays = kdata.load_arrays(config.data.name, config.data.train_split, data_dir=data_dir)
@@ -279,13 +297,13 @@ def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_me
       columns = cache.columns(needs)
       log(f'teacher cache: {cache.nbytes / 2**20:.1f} MiB, on device with the data')
     source = DeviceSource(arrays, batch_size=batch_size, seed=seed, mesh=mesh, columns=columns,
-                          join=cache.join if cache is not None else None)
+                          join=cache.join if cache is not None else None, extra_keys=keys)
     if teacher_mesh is not None:
       ahead = TeacherAhead(arrays, teacher, teacher_mesh=teacher_mesh, student_mesh=mesh,
                            batch_size=batch_size, seed=seed, augment=augment, needs=needs,
                            next_chunk=schedule.chunk)
       return Feed(source, augment=augment, seed=seed, needs=needs, ahead=ahead)
-    return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs)
+    return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs, policy=policy)
   iterator = kdata.make_train_iterator(
       config.data.name, split=config.data.train_split, batch_size=batch_size, seed=seed,
       data_dir=data_dir, shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -297,8 +315,8 @@ def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_me
     log(f'teacher cache: {cache.nbytes / 2**20:.1f} MiB, ' + (
         'loaded whole' if reader == 'memory' else 'rows read per batch from its chunk files'))
   source = StreamSource(iterator, mesh=mesh, rows=rows,
-                        num_cached=cache.epochs if cache is not None else None)
-  return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs)
+                        num_cached=cache.epochs if cache is not None else None, extra_keys=keys)
+  return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs, policy=policy)
 
 
 def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache, needs):
@@ -319,7 +337,7 @@ def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache,
     params, model_state = init_params(seed)
     out, _ = apply(params, model_state, x, train=False)
     labels = np.zeros(out.logits.shape[:-1], np.int32)   # [2] or, token data, [2, tokens]
-    sample = {'student_logits': out.logits, 'student_features': out.features,
+    sample = {'student_logits': out.logits, 'student_features': named_features(out),
               'student_attentions': out.attentions, 'labels': labels,
               'where': np.ones(labels.shape, bool), 'step': 0, **extra}
     key = jax.random.key(seed)

@@ -1,0 +1,36 @@
+"""The student LM distilled from the teacher cache: sparse KD on per-token top-k rows (+ CE).
+
+    kdjax cache build --config configs/lm/cached_kd.py --cache-dir workdirs/lm_cache \
+        --config.teacher.workdir=workdirs/lm_teacher
+    kdjax distill --config configs/lm/cached_kd.py --workdir workdirs/lm_cached_kd \
+        --config.teacher.cache=workdirs/lm_cache
+    # another k or codec: pass the same overrides to the build and the run
+    #   --config.cache.k=64 --config.cache.codec=log3+ef
+
+The teacher runs once (``kdjax cache build``): per token its top-k logits, classes and
+log-sum-exp, stored with the codec ``config.cache.codec`` (``kdjax.cache.codec``; bytes per
+token: ``kdjax cache inspect``). The run then trains the student alone: ``sparse_kd``
+with the tail mass spread uniformly over the other classes (``missing_mass='uniform'``,
+exact at ``k`` = vocabulary, where it is the dense ``kd`` of ``token_kd.py``), with the
+same weights as ``token_kd.py``. A run refuses a cache built with another ``k`` or codec
+than its ``config.cache``. Variants: '' (the demo size), 'tiny' (tests).
+"""
+
+from kdjax.cache import cache_config
+from kdjax.config import sibling
+
+student = sibling(__file__, 'student')
+
+K, CODEC = 32, 'int4+ef'             # 36 bytes per token at 2048 classes (f32+i32: 260)
+
+
+def get_config(arg=None):
+  if arg not in (None, '', 'tiny'):
+    raise ValueError(f'unknown variant {arg!r}; use tiny or nothing')
+  c = student.get_config(arg)
+  c.cache = cache_config(mode='topk', k=K, codec=CODEC)
+  c.loss.terms = {
+      'kd': {'loss': 'sparse_kd', 'weight': 0.5, 'temperature': 1.0, 'missing_mass': 'uniform'},
+      'ce': {'weight': 0.5},
+  }
+  return c

@@ -1,0 +1,30 @@
+"""``open_for_run``: a finished teacher cache opened for a distill run, by its kind."""
+
+from __future__ import annotations
+
+import os
+
+from kdjax import teacher as teacher_lib
+from kdjax.cache.read import RunCache
+from kdjax.cache.read import cache_kind
+from kdjax.cache.read import open_cache
+from kdjax.cache.sequences import SequenceCache
+from kdjax.cache.tokens import TokenCache
+
+
+def open_for_run(config):
+  """Opens ``config.teacher.cache`` for a run: a :class:`RunCache`, a
+  :class:`~kdjax.cache.tokens.TokenCache` or a :class:`~kdjax.cache.sequences.SequenceCache`
+  by the cache's kind (its ``check`` checks it against the run). When
+  ``config.teacher.workdir`` is set, its teacher's fingerprint is read (parameters only,
+  on the host) and must equal the cache's."""
+  cache_dir = os.path.abspath(config.teacher.cache)
+  manifest = open_cache(cache_dir)
+  fingerprint = (teacher_lib.read_fingerprint(config.teacher.workdir)
+                 if config.teacher.workdir else None)
+  kind = cache_kind(manifest)
+  if kind == 'tokens':
+    return TokenCache(cache_dir, manifest, fingerprint)
+  if kind == 'sequences':
+    return SequenceCache(cache_dir, manifest, fingerprint)
+  return RunCache(cache_dir, manifest, fingerprint)
