@@ -58,7 +58,11 @@ def test_load_config_file(tmp_path):
 
 @pytest.mark.parametrize('name', ['mnist1d/teacher.py', 'mnist1d/student_baseline.py', 'mnist1d/kd.py',
                                   'digits/teacher.py', 'digits/student_baseline.py', 'digits/kd.py',
-                                  'cifar10/resnet32x4.py', 'cifar10/resnet8x4_kd.py'])
+                                  'cifar10/resnet32x4.py', 'cifar10/resnet8x4_kd.py',
+                                  'cifar10/resnet8x4_dkd.py', 'mnist1d/dkd.py', 'mnist1d/dml.py',
+                                  'digits/dml.py', 'lm/teacher.py', 'lm/student.py',
+                                  'lm/token_kd.py', 'lm/minilm.py', 'lm/gkd.py', 'lm/distillm.py',
+                                  'lm/taid.py', 'lm/cached_kd.py', 'lm/seq_kd.py'])
 def test_shipped_configs_have_tiny(name):
   import os
   root = os.path.join(os.path.dirname(__file__), '..', 'configs')

@@ -1,9 +1,22 @@
 """Shared pieces of the logit losses: upcasting, axis handling, the double-where masking
-(a masked position contributes exactly zero, value and gradient) and stable KL terms.
+(a masked position contributes exactly zero, value and gradient), stable KL terms and
+the guard against infinite logits.
+
+Infinite logits (a padded vocabulary gives ``-inf`` columns) follow DistiLLM's rule
+(Ko et al. 2024, jongwooko/distillm ``distillm/losses.py``): an entry where either
+side's logit is infinite contributes zero. Each side's softmax is taken over its own
+finite entries (exact for ``-inf``: such an entry has no mass), and every term at a
+flagged entry is computed on sanitized finite inputs and then masked, so neither the
+value nor any gradient (temperature included) sees an ``inf - inf`` or ``0 * inf``.
+When both sides are ``-inf`` at the same entries this equals the loss on the logits
+with those columns removed.
+
 Package-internal: used by ``logits``, ``divergences``, ``sparse`` and ``progressive``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,21 +76,80 @@ def prepare(student_logits, teacher_logits, where, axis):
   return s, t, where, axis
 
 
-def kl_from_log_probs(log_p, log_q, axis):
-  """``sum p (log p - log q)``; terms with ``p == 0`` are exactly zero."""
-  p = jnp.exp(log_p)
-  return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=axis)
+# --------------------------------------------------------------------------- infinite logits
+
+# A finite stand-in for -inf: exp() of it, and of it minus any log-sum-exp of real logits,
+# is exactly 0 in float32 and float64, and it never makes an inf - inf or a 0 * inf (a NaN
+# in a value or, through an unselected where branch, in a gradient).
+ABSENT = -1e30
 
 
-def entropy_from_log_probs(log_p, axis):
-  p = jnp.exp(log_p)
-  return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=axis)
+def sanitize(x):
+  """``(x with its infinite entries replaced by 0, the boolean mask of those entries)``."""
+  inf = jnp.isinf(x)
+  return jnp.where(inf, jnp.zeros((), x.dtype), x), inf
 
 
-def log_softmax_pair(s, t, temperature, axis):
+def finite_log_softmax(z, inf, axis):
+  """Log-softmax of sanitized ``z`` over its entries with ``inf`` False.
+
+  The flagged entries have no mass: their log-probability is about :data:`ABSENT`.
+  """
+  return jax.nn.log_softmax(jnp.where(inf, jnp.asarray(ABSENT, z.dtype), z), axis=axis)
+
+
+class LogProbs(NamedTuple):
+  """Tempered student and teacher log-probabilities with the entries to skip.
+
+  ``log_q`` and ``log_p`` are finite everywhere (about :data:`ABSENT` at a side's own
+  infinite entries); every term masks ``skip`` (either logit infinite).
+  """
+  log_q: Array
+  log_p: Array
+  skip: Array
+  temperature: Array
+
+
+def tempered_log_probs(s, t, temperature, axis) -> LogProbs:
+  """``log_softmax(s / T)``, ``log_softmax(t / T)`` over each side's finite entries.
+
+  The logits are sanitized before the division, so a traced temperature's gradient
+  never sees ``inf / T``.
+  """
   temperature = jnp.asarray(temperature, s.dtype)
-  return (jax.nn.log_softmax(s / temperature, axis=axis),
-          jax.nn.log_softmax(t / temperature, axis=axis), temperature)
+  s, inf_s = sanitize(s)
+  t, inf_t = sanitize(t)
+  log_q = finite_log_softmax(s / temperature, inf_s, axis)
+  log_p = finite_log_softmax(t / temperature, inf_t, axis)
+  return LogProbs(log_q, log_p, jnp.logical_or(inf_s, inf_t), temperature)
+
+
+def probs(log_p, skip=None):
+  """``exp(log_p)``, zero at ``skip`` entries."""
+  p = jnp.exp(log_p)
+  return p if skip is None else jnp.where(skip, jnp.zeros((), p.dtype), p)
+
+
+def kl_terms(log_p, log_q, skip=None):
+  """Elementwise ``p (log p - log q)``, zero at ``skip`` entries.
+
+  The log-probabilities must be finite (:data:`ABSENT` for no mass, which gives an
+  exact 0 where ``p`` has none).
+  """
+  terms = jnp.exp(log_p) * (log_p - log_q)
+  return terms if skip is None else jnp.where(skip, 0.0, terms)
+
+
+def kl_from_log_probs(log_p, log_q, axis, skip=None):
+  """``sum p (log p - log q)`` along ``axis`` (see :func:`kl_terms`)."""
+  return jnp.sum(kl_terms(log_p, log_q, skip), axis=axis)
+
+
+def entropy_from_log_probs(log_p, axis, skip=None):
+  terms = jnp.exp(log_p) * log_p
+  if skip is not None:
+    terms = jnp.where(skip, 0.0, terms)
+  return -jnp.sum(terms, axis=axis)
 
 
 def rows(x, where, axis):

@@ -5,6 +5,12 @@ Every function takes ``(student_logits, teacher_logits, *, temperature, where, a
 classes]``, ``[batch, time, vocab]``), computes in float32 (bfloat16 inputs are
 upcast) and returns one value per example: the input shape without ``axis``.
 A position with ``where=False`` contributes exactly zero value and gradient.
+
+Infinite logits (``-inf`` columns of a padded vocabulary) are guarded as DistiLLM
+does: an entry where either side's logit is infinite contributes zero, each side's
+softmax is over its own finite entries, and value and gradients stay finite. With
+``-inf`` at the same entries on both sides this is the loss on the logits with those
+columns removed (see :mod:`kdjax.losses._logit_helpers`).
 """
 
 from __future__ import annotations
@@ -15,15 +21,20 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses import registry
+from kdjax.losses._logit_helpers import ABSENT
 from kdjax.losses._logit_helpers import entropy_from_log_probs
 from kdjax.losses._logit_helpers import example_shape
+from kdjax.losses._logit_helpers import finite_log_softmax
 from kdjax.losses._logit_helpers import kl_from_log_probs
-from kdjax.losses._logit_helpers import log_softmax_pair
+from kdjax.losses._logit_helpers import kl_terms
 from kdjax.losses._logit_helpers import mask_inputs
 from kdjax.losses._logit_helpers import mask_value
 from kdjax.losses._logit_helpers import norm_axis
 from kdjax.losses._logit_helpers import prepare
+from kdjax.losses._logit_helpers import probs
 from kdjax.losses._logit_helpers import rows
+from kdjax.losses._logit_helpers import sanitize
+from kdjax.losses._logit_helpers import tempered_log_probs
 from kdjax.losses._logit_helpers import upcast
 from kdjax.losses._logit_helpers import where_per_example
 
@@ -42,7 +53,8 @@ DIST_2022 = ('Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger
 LSKD_2024 = ('Sun, Ren, Li, Wang, Cao. Logit Standardization in Knowledge Distillation. '
              'CVPR 2024. arXiv:2403.01427')
 BDKD_2022 = ('Amara, Sepahvand, Meyer, Gross, Clark. BD-KD: Balancing the Divergences for '
-             'Online Knowledge Distillation. 2022. arXiv:2212.12965')
+             'Online Knowledge Distillation. 2022. arXiv:2212.12965 (kdjax\'s closed-form '
+             'entropy weight; the teacher-side term is bdkd(side="teacher"))')
 PLD_2025 = ('Bassam, Zhu, Bian. PLD: A Choice-Theoretic List-Wise Knowledge Distillation. '
             '2025. arXiv:2506.12542')
 TFKD_2020 = ('Yuan, Tay, Li, Wang, Feng. Revisiting Knowledge Distillation via Label '
@@ -71,6 +83,12 @@ def _one_hot(labels, num_classes, axis, dtype):
   return jnp.moveaxis(jax.nn.one_hot(labels, num_classes, dtype=dtype), -1, axis)
 
 
+def _finite_count(inf, axis, keepdims: bool = True):
+  """The number of finite entries along ``axis`` (at least 1), float32."""
+  n = jnp.sum(~inf, axis=axis, keepdims=keepdims).astype(jnp.float32)
+  return jnp.maximum(n, 1.0)
+
+
 # --------------------------------------------------------------------------- ce
 
 
@@ -85,7 +103,9 @@ def ce(student_logits, labels, *, label_smoothing: float = 0.0, where=None,
 
   A label of ``-1`` marks an unlabeled example: its value and gradient are zero.
   Use ``where`` (or the ``(value, where)`` pair returned by the registered term) to
-  leave such examples out of a mean.
+  leave such examples out of a mean. Classes with an infinite logit (a padded
+  vocabulary) are not classes: the softmax and the smoothing run over the finite
+  ones (:math:`C` counts those) and an infinite entry contributes zero.
 
   Args:
     student_logits: ``[..., classes]`` logits.
@@ -110,13 +130,14 @@ def ce(student_logits, labels, *, label_smoothing: float = 0.0, where=None,
   axis = norm_axis(axis, s.ndim)
   valid, safe_labels = _labels_where(labels, where, s.shape, axis)
   (s,) = mask_inputs(valid, axis, s)
-  log_q = jax.nn.log_softmax(s, axis=axis)
-  num_classes = s.shape[axis]
-  target = _one_hot(safe_labels, num_classes, axis, s.dtype)
+  s, inf = sanitize(s)
+  log_q = finite_log_softmax(s, inf, axis)
+  target = _one_hot(safe_labels, s.shape[axis], axis, s.dtype)
   if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
     eps = jnp.asarray(label_smoothing, s.dtype)
+    num_classes = _finite_count(inf, axis)
     target = (1.0 - eps) * target + eps / num_classes
-  return mask_value(valid, -jnp.sum(target * log_q, axis=axis))
+  return mask_value(valid, -jnp.sum(jnp.where(inf, 0.0, target * log_q), axis=axis))
 
 
 # --------------------------------------------------------------------------- kd
@@ -147,7 +168,8 @@ def kd(student_logits, teacher_logits, *, temperature=1.0, where=None,
 
   References:
     Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. NIPS Deep
-    Learning Workshop 2015. arXiv:1503.02531.
+    Learning Workshop 2015. arXiv:1503.02531. The batch mean equals mdistiller's
+    ``kd_loss`` (megvii-research/mdistiller, ``mdistiller/distillers/KD.py``).
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[1.0, 0.0, -1.0]]); t = jnp.array([[2.0, 0.0, -2.0]])
@@ -155,8 +177,9 @@ def kd(student_logits, teacher_logits, *, temperature=1.0, where=None,
   [0.1156] [0.]
   """
   s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
-  return mask_value(where, temperature**2 * kl_from_log_probs(log_p, log_q, axis))
+  lp = tempered_log_probs(s, t, temperature, axis)
+  return mask_value(where, lp.temperature**2 * kl_from_log_probs(lp.log_p, lp.log_q, axis,
+                                                                 lp.skip))
 
 
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, where=None,
@@ -191,15 +214,16 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, where=None,
   [0.1601]
   """
   s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
-  return mask_value(where, temperature**2 * kl_from_log_probs(log_q, log_p, axis))
+  lp = tempered_log_probs(s, t, temperature, axis)
+  return mask_value(where, lp.temperature**2 * kl_from_log_probs(lp.log_q, lp.log_p, axis,
+                                                                 lp.skip))
 
 
 # --------------------------------------------------------------------------- dkd
 
 
 def _binary_log_probs(z, onehot, axis):
-  """``(log P(target), log P(not target))`` of ``softmax(z)``, stably."""
+  """``(log P(target), log P(not target), lse of the rest)`` of ``softmax(z)``, stably."""
   lse = jax.nn.logsumexp(z, axis=axis)
   z_target = jnp.sum(jnp.where(onehot, z, 0.0), axis=axis)
   lse_rest = jax.nn.logsumexp(z, axis=axis, where=~onehot)
@@ -220,7 +244,11 @@ def dkd(student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0, temperat
                   + \beta\,\mathrm{KL}(\hat p \,\|\, \hat q)\big]
 
   (TCKD and NCKD). Classic KD is :math:`\mathrm{TCKD} + (1 - p_y)\,\mathrm{NCKD}`.
-  Examples with label ``-1`` are masked (value and gradient zero).
+  Examples with label ``-1`` are masked (value and gradient zero). The batch mean
+  equals mdistiller's ``dkd_loss`` with the same ``alpha, beta, temperature``
+  (defaults: its CIFAR ones, 1, 8 and 4). mdistiller also ramps the DKD weight
+  linearly over the first 20 epochs (``min(epoch / 20, 1)``): give the term a
+  ``weight`` schedule for that (``configs/cifar10/resnet8x4_dkd.py``).
 
   Args:
     student_logits: ``[..., classes]`` (at least two classes).
@@ -237,7 +265,8 @@ def dkd(student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0, temperat
 
   References:
     Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation. CVPR 2022.
-    arXiv:2203.08679.
+    arXiv:2203.08679. Reference code: megvii-research/mdistiller,
+    ``mdistiller/distillers/DKD.py``.
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[1.0, 0.0, -1.0]]); t = jnp.array([[2.0, 0.0, -2.0]])
@@ -249,15 +278,19 @@ def dkd(student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0, temperat
   valid, safe_labels = _labels_where(labels, where, s.shape, axis)
   s, t = mask_inputs(valid, axis, s, t)
   temperature = jnp.asarray(temperature, s.dtype)
-  zs, zt = s / temperature, t / temperature
+  (s, inf_s), (t, inf_t) = sanitize(s), sanitize(t)
+  skip = jnp.logical_or(inf_s, inf_t)
+  absent = jnp.asarray(ABSENT, s.dtype)  # an infinite logit: no mass (finite, no NaN)
+  zs = jnp.where(inf_s, absent, s / temperature)
+  zt = jnp.where(inf_t, absent, t / temperature)
   onehot = _one_hot(safe_labels, s.shape[axis], axis, jnp.int32) > 0
   log_qy, log_qn, lse_s_rest = _binary_log_probs(zs, onehot, axis)
   log_py, log_pn, lse_t_rest = _binary_log_probs(zt, onehot, axis)
-  tckd = (jnp.exp(log_py) * (log_py - log_qy) + jnp.exp(log_pn) * (log_pn - log_qn))
+  skip_y = jnp.any(jnp.logical_and(onehot, skip), axis=axis)
+  tckd = kl_terms(log_py, log_qy, skip_y) + kl_terms(log_pn, log_qn)
   log_p_hat = zt - jnp.expand_dims(lse_t_rest, axis)
   log_q_hat = zs - jnp.expand_dims(lse_s_rest, axis)
-  terms = jnp.exp(log_p_hat) * (log_p_hat - log_q_hat)
-  nckd = jnp.sum(jnp.where(onehot, 0.0, terms), axis=axis)
+  nckd = kl_from_log_probs(log_p_hat, log_q_hat, axis, jnp.logical_or(onehot, skip))
   return mask_value(valid, temperature**2 * (alpha * tckd + beta * nckd))
 
 
@@ -311,9 +344,10 @@ def dist_inter_class(student_logits, teacher_logits, *, temperature=1.0, where=N
   0.0243
   """
   s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
-  rho = _centered_cosine(jnp.exp(log_q), jnp.exp(log_p), axis)
-  return mask_value(where, temperature**2 * (1.0 - rho))
+  lp = tempered_log_probs(s, t, temperature, axis)
+  keep = (~lp.skip).astype(s.dtype)  # infinite entries are left out of the correlation
+  rho = _centered_cosine(probs(lp.log_q, lp.skip), probs(lp.log_p, lp.skip), axis, keep)
+  return mask_value(where, lp.temperature**2 * (1.0 - rho))
 
 
 def dist_intra_class(student_logits, teacher_logits, *, temperature=1.0, where=None,
@@ -325,7 +359,9 @@ def dist_intra_class(student_logits, teacher_logits, *, temperature=1.0, where=N
     \ell = \frac{T^2}{C} \sum_{c=1}^{C} \big(1 - \rho(q_{:,c},\, p_{:,c})\big)
 
   where :math:`\rho` is the Pearson correlation over all unmasked examples (every
-  leading axis flattened, e.g. batch and time). Returns a scalar.
+  leading axis flattened, e.g. batch and time). Returns a scalar. Entries with an
+  infinite logit are left out; a class with none left (a padded column) is not
+  counted in :math:`C`.
 
   Args:
     student_logits: ``[..., classes]``.
@@ -348,11 +384,15 @@ def dist_intra_class(student_logits, teacher_logits, *, temperature=1.0, where=N
   0.0
   """
   s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
-  q, w = rows(jnp.exp(log_q), where, axis)
-  p, _ = rows(jnp.exp(log_p), where, axis)
+  lp = tempered_log_probs(s, t, temperature, axis)
+  q, w = rows(probs(lp.log_q, lp.skip), where, axis)
+  p, _ = rows(probs(lp.log_p, lp.skip), where, axis)
+  keep, _ = rows((~lp.skip).astype(s.dtype), None, axis)
+  w = keep if w is None else w * keep
   rho = _centered_cosine(q, p, 0, w)
-  return temperature**2 * jnp.mean(1.0 - rho)
+  present = jnp.any(w > 0, axis=0)  # classes with an entry (a padded column has none)
+  total = jnp.sum(jnp.where(present, 1.0 - rho, 0.0))
+  return lp.temperature**2 * total / jnp.maximum(jnp.sum(present), 1)
 
 
 def dist(student_logits, teacher_logits, *, beta=1.0, gamma=1.0, temperature=1.0,
@@ -403,29 +443,60 @@ def dist(student_logits, teacher_logits, *, beta=1.0, gamma=1.0, temperature=1.0
 # --------------------------------------------------------------------------- lskd
 
 
-def standardize_logits(z, axis: int = -1, eps: float = 1e-7) -> Array:
-  r"""Z-score along ``axis``: :math:`(z - \bar z) / \sqrt{\mathrm{Var}(z) + \epsilon}`."""
-  mean = jnp.mean(z, axis=axis, keepdims=True)
-  var = jnp.mean(jnp.square(z - mean), axis=axis, keepdims=True)
-  return (z - mean) / jnp.sqrt(var + eps)
+def standardize_logits(z, axis: int = -1, eps: float = 1e-7, ddof: int = 1) -> Array:
+  r"""Z-score along ``axis``: :math:`(z - \bar z) / (\epsilon + \sigma)`.
+
+  :math:`\sigma = \sqrt{\sum_c (z_c - \bar z)^2 / (C - \mathrm{ddof})}`: ``ddof=1``
+  is the unbiased standard deviation of the authors' code (``torch.std``), ``ddof=0``
+  the population one. Infinite entries are left out of :math:`C`, the mean and the
+  deviation, and stay as they are. A constant row maps to zeros (the gradient
+  through :math:`\sigma` is zero there instead of ``torch.std``'s NaN).
+
+  >>> import jax.numpy as jnp
+  >>> print(standardize_logits(jnp.array([1.0, 3.0])).round(4))  # sigma = sqrt(2)
+  [-0.7071  0.7071]
+  >>> print(standardize_logits(jnp.array([1.0, 3.0]), ddof=0).round(4))  # sigma = 1
+  [-1.  1.]
+  """
+  if ddof not in (0, 1):
+    raise ValueError(f'ddof must be 0 (population) or 1 (unbiased), got {ddof!r}')
+  z = upcast(z)
+  x, inf = sanitize(z)
+  n = jnp.sum(~inf, axis=axis, keepdims=True).astype(x.dtype)
+  mean = jnp.sum(x, axis=axis, keepdims=True) / jnp.maximum(n, 1.0)
+  dev = jnp.where(inf, 0.0, x - mean)
+  var = jnp.sum(jnp.square(dev), axis=axis, keepdims=True) / jnp.maximum(n - ddof, 1.0)
+  positive = var > 0
+  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+  return jnp.where(inf, z, dev / (eps + std))
 
 
-def logit_standardized_kd(student_logits, teacher_logits, *, temperature=2.0, where=None,
-                          axis: int = -1) -> Array:
+def logit_standardized_kd(student_logits, teacher_logits, *, temperature=2.0, ddof: int = 1,
+                          eps: float = 1e-7, where=None, axis: int = -1) -> Array:
   r"""KD on z-scored logits: invariant to a shift and a positive scale of each row.
 
   .. math::
 
     \ell = T^2\,\mathrm{KL}\Big(\mathrm{softmax}\big(\mathcal Z(t)/T\big) \,\Big\|\,
                                  \mathrm{softmax}\big(\mathcal Z(s)/T\big)\Big),\qquad
-    \mathcal Z(z) = \frac{z - \bar z}{\sqrt{\mathrm{Var}(z) + 10^{-7}}}
+    \mathcal Z(z) = \frac{z - \bar z}{\epsilon + \sigma(z)}
 
-  The student need not match the teacher's logit range, only its relations.
+  with :math:`\sigma` the standard deviation over the classes
+  (:func:`standardize_logits`). The student need not match the teacher's logit
+  range, only its relations. The defaults are the authors' code (unbiased
+  :math:`\sigma`, :math:`\epsilon = 10^{-7}` outside the root, base temperature 2):
+  the batch mean equals its ``kd_loss`` with ``logit_stand=True``; their published
+  recipe weights it 9 against cross-entropy 0.1 (``--kd-weight 9``, mdistiller's
+  ``CE_WEIGHT``). ``ddof=0`` uses the population :math:`\sigma` (kdjax's earlier
+  form, up to where :math:`\epsilon` sits): z-scores larger by
+  :math:`\sqrt{C/(C-1)}`, which matters most for few classes.
 
   Args:
     student_logits: ``[..., classes]``.
     teacher_logits: same shape.
     temperature: base temperature :math:`T > 0` applied after standardization.
+    ddof: 1 (unbiased :math:`\sigma`, the authors' code) or 0 (population).
+    eps: :math:`\epsilon`, added to :math:`\sigma`.
     where: optional boolean mask of the per-example shape.
     axis: the class axis.
 
@@ -434,7 +505,8 @@ def logit_standardized_kd(student_logits, teacher_logits, *, temperature=2.0, wh
 
   References:
     Sun, Ren, Li, Wang, Cao. Logit Standardization in Knowledge Distillation.
-    CVPR 2024. arXiv:2403.01427.
+    CVPR 2024. arXiv:2403.01427. Reference code: sunshangquan/logit-standardization-KD,
+    ``mdistiller/distillers/KD.py`` (``normalize``, ``kd_loss``).
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[1.0, 0.0, -1.0]])
@@ -442,17 +514,19 @@ def logit_standardized_kd(student_logits, teacher_logits, *, temperature=2.0, wh
   [0.]
   """
   s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
-  zs, zt = standardize_logits(s, axis), standardize_logits(t, axis)
-  log_q, log_p, temperature = log_softmax_pair(zs, zt, temperature, axis)
-  return mask_value(where, temperature**2 * kl_from_log_probs(log_p, log_q, axis))
+  zs = standardize_logits(s, axis, eps, ddof)
+  zt = standardize_logits(t, axis, eps, ddof)
+  lp = tempered_log_probs(zs, zt, temperature, axis)
+  return mask_value(where, lp.temperature**2 * kl_from_log_probs(lp.log_p, lp.log_q, axis,
+                                                                 lp.skip))
 
 
 # --------------------------------------------------------------------------- bdkd
 
 
-def bdkd(student_logits, teacher_logits, *, temperature=1.0, where=None, axis: int = -1,
-         eps: float = 1e-6) -> Array:
-  r"""BD-KD: per-example balance of forward and reverse KL by the two entropies.
+def bdkd(student_logits, teacher_logits, *, temperature=1.0, side: str = 'student',
+         where=None, axis: int = -1, eps: float = 1e-6) -> Array:
+  r"""After BD-KD: forward and reverse KL balanced per example by the two entropies.
 
   .. math::
 
@@ -460,17 +534,28 @@ def bdkd(student_logits, teacher_logits, *, temperature=1.0, where=None, axis: i
     \qquad w_i = \frac{H(p_i) + \epsilon}{H(p_i) + H(q_i) + 2\epsilon}
 
   with :math:`p, q` the tempered teacher and student softmaxes and :math:`w_i` held
-  constant (``stop_gradient``). BD-KD weights the two divergences sample-wise by
-  the entropy gap between teacher and student; the paper's abstract gives the idea,
-  not one closed form, and this is the form kdjax uses: an overconfident student
-  (:math:`H(q) < H(p)`) gets more of the mass-covering forward KL, which softens
-  it; an underconfident one (:math:`H(q) > H(p)`) more of the mode-seeking reverse
-  KL, which sharpens it. At equal entropies it is the mean of the two KLs.
+  constant (``stop_gradient``). BD-KD (online KD: teacher and student train together)
+  weights forward and reverse KL sample-wise, in the student's loss and in the
+  teacher's. Its abstract gives the idea; the weight above is kdjax's closed form,
+  not the paper's (whose method section kdjax did not reproduce): an overconfident
+  learner (lower entropy than its target) gets more of the mass-covering KL, which
+  softens it; an underconfident one more of the mode-seeking KL, which sharpens it.
+  At equal entropies it is the mean of the two KLs.
+
+  ``side`` says who learns. ``'student'`` (the default, and the only side a frozen
+  teacher needs): the teacher is the target, held constant. ``'teacher'``: the
+  teacher-side term of online KD, the same rule with the roles exchanged (the
+  student is the target, held constant; the teacher's forward KL is
+  :math:`\mathrm{KL}(q\|p)`, weighted by :math:`(H(q) + \epsilon)/(H(p) + H(q) +
+  2\epsilon) = 1 - w_i`). Exchanging the roles gives the same value, so the two
+  sides differ only in which logits receive the gradient; an online trainer adds
+  ``bdkd(s, t, side='student') + bdkd(s, t, side='teacher')``.
 
   Args:
     student_logits: ``[..., classes]``.
     teacher_logits: same shape.
     temperature: :math:`T > 0`.
+    side: ``'student'`` or ``'teacher'``, the side whose logits are differentiated.
     where: optional boolean mask of the per-example shape.
     axis: the class axis.
     eps: :math:`\epsilon`, keeps the weight defined when both entropies are 0.
@@ -479,22 +564,31 @@ def bdkd(student_logits, teacher_logits, *, temperature=1.0, where=None, axis: i
     Per-example loss, float32.
 
   References:
-    Amara, Sepahvand, Meyer, Gross, Clark. BD-KD: Balancing the Divergences for
+    After Amara, Sepahvand, Meyer, Gross, Clark. BD-KD: Balancing the Divergences for
     Online Knowledge Distillation. 2022. arXiv:2212.12965.
 
-  >>> import jax.numpy as jnp
+  >>> import jax, jax.numpy as jnp
   >>> s = jnp.array([[1.0, 0.0, -1.0]]); t = jnp.array([[2.0, 0.0, -2.0]])
-  >>> print(f'{float(bdkd(s, t)[0]):.4f}')
-  0.1447
+  >>> print(f'{float(bdkd(s, t)[0]):.4f} {float(bdkd(s, t, side="teacher")[0]):.4f}')
+  0.1447 0.1447
+  >>> g = jax.grad(lambda t_: bdkd(s, t_, side='teacher').sum())(t)  # the teacher learns
+  >>> bool(jnp.all(jax.grad(lambda t_: bdkd(s, t_).sum())(t) == 0) and jnp.any(g != 0))
+  True
   """
+  if side not in ('student', 'teacher'):
+    raise ValueError(f"side must be 'student' or 'teacher', got {side!r}")
   s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
-  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
-  h_p = entropy_from_log_probs(log_p, axis)
-  h_q = entropy_from_log_probs(log_q, axis)
+  if side == 'student':
+    t = jax.lax.stop_gradient(t)
+  else:
+    s = jax.lax.stop_gradient(s)
+  lp = tempered_log_probs(s, t, temperature, axis)
+  h_p = entropy_from_log_probs(lp.log_p, axis, lp.skip)
+  h_q = entropy_from_log_probs(lp.log_q, axis, lp.skip)
   w = jax.lax.stop_gradient((h_p + eps) / (h_p + h_q + 2 * eps))
-  value = w * kl_from_log_probs(log_p, log_q, axis) + (1 - w) * kl_from_log_probs(
-      log_q, log_p, axis)
-  return mask_value(where, temperature**2 * value)
+  value = (w * kl_from_log_probs(lp.log_p, lp.log_q, axis, lp.skip)
+           + (1 - w) * kl_from_log_probs(lp.log_q, lp.log_p, axis, lp.skip))
+  return mask_value(where, lp.temperature**2 * value)
 
 
 # --------------------------------------------------------------------------- pld
@@ -539,6 +633,8 @@ def pld(student_logits, teacher_logits, labels=None, *, temperature=1.0, where=N
   """
   s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
   s, t = jnp.moveaxis(s, axis, -1), jnp.moveaxis(t, axis, -1)
+  (s, inf_s), (t, inf_t) = sanitize(s), sanitize(t)
+  skip = jnp.logical_or(inf_s, inf_t)
   if labels is not None:
     labels = jnp.asarray(labels)
     if where is not None:
@@ -548,34 +644,57 @@ def pld(student_logits, teacher_logits, labels=None, *, temperature=1.0, where=N
     rank_key = jnp.where(labeled & is_label, jnp.inf, t)
   else:
     rank_key = t
+  # Entries with an infinite logit go last and take no part: no weight, no tail mass.
+  rank_key = jnp.where(skip, -jnp.inf, rank_key)
   order = jnp.argsort(-jax.lax.stop_gradient(rank_key), axis=-1, stable=True)
-  s_sorted = jnp.take_along_axis(s, order, axis=-1)
+  skip_sorted = jnp.take_along_axis(skip, order, axis=-1)
+  absent = jnp.asarray(ABSENT, s.dtype)
+  s_sorted = jnp.where(skip_sorted, absent, jnp.take_along_axis(s, order, axis=-1))
   temperature = jnp.asarray(temperature, s.dtype)
-  weights = jnp.take_along_axis(jax.nn.softmax(t / temperature, axis=-1), order, axis=-1)
+  p = probs(finite_log_softmax(t / temperature, inf_t, -1), skip)
+  weights = jnp.take_along_axis(p, order, axis=-1)
   tail_lse = jax.lax.cumlogsumexp(s_sorted, axis=s_sorted.ndim - 1, reverse=True)
-  value = jnp.sum(weights * (tail_lse - s_sorted), axis=-1)
+  value = jnp.sum(jnp.where(skip_sorted, 0.0, weights * (tail_lse - s_sorted)), axis=-1)
   return mask_value(where, value)
 
 
 # --------------------------------------------------------------------------- tf_kd
 
 
-def tf_kd(student_logits, labels, *, correct_prob=0.9, temperature=1.0, where=None,
-          axis: int = -1) -> Array:
-  r"""Teacher-free KD: distill from a hand-made virtual teacher, times T².
+TF_KD_FORMS = ('reference', 'tempered')
+
+
+def tf_kd(student_logits, labels, *, correct_prob=0.99, temperature=20.0, multiplier=100.0,
+          form: str = 'reference', where=None, axis: int = -1) -> Array:
+  r"""Teacher-free KD (Tf-KD\ :sub:`reg`): distill from a hand-made virtual teacher.
 
   The virtual teacher puts :math:`a` on the label and spreads the rest uniformly,
-  :math:`v_c = a` if :math:`c = y` else :math:`(1 - a)/(C - 1)`; it is tempered as a
-  distribution, :math:`v^T \propto v^{1/T}` (i.e. ``softmax(log v / T)``), and
+  :math:`v_c = a` if :math:`c = y` else :math:`(1 - a)/(C - 1)`. With the default
+  ``form='reference'`` (the authors' code, ``loss_kd_regularization``):
 
   .. math::
 
-    \ell = T^2\,\mathrm{KL}\big(v^T \,\|\, \mathrm{softmax}(s/T)\big)
+    \ell = \frac{m}{C}\,\mathrm{KL}\big(\mathrm{softmax}(v/T) \,\|\,
+                                      \mathrm{softmax}(s)\big)
 
-  (The authors' code tempers ``softmax(v / T)`` instead; kdjax tempers the
-  distribution so that :math:`T = 1` gives :math:`v` itself.) Add the ``ce`` term
-  for the paper's full objective :math:`(1-\alpha)\,\mathrm{CE} + \alpha\,\ell`.
-  Examples with label ``-1`` are masked.
+  the softmax of the probabilities :math:`v` divided by :math:`T`, against the
+  untempered student; :math:`1/C` is ``nn.KLDivLoss``'s element-wise mean and
+  :math:`m` the code's ``multiplier``. The batch mean equals the reference's
+  ``loss_soft_regu`` with its published defaults (``correct_prob`` 0.99,
+  ``reg_temperature`` 20, ``multiplier`` 100: the ResNet18 CIFAR-100 ``params.json``);
+  the full objective :math:`(1-\alpha)\,\mathrm{CE} + \alpha\,\ell` is two terms,
+  ``{'ce': dict(weight=1 - alpha), 'tf_kd': dict(weight=alpha)}`` (``reg_alpha`` 0.1
+  there). ``form='tempered'`` is kdjax's earlier reading of the paper, a tempered
+  virtual teacher :math:`v^T \propto v^{1/T}` against a tempered student:
+
+  .. math::
+
+    \ell = m\,T^2\,\mathrm{KL}\big(\mathrm{softmax}(\log v / T) \,\|\,
+                                   \mathrm{softmax}(s/T)\big)
+
+  (use ``multiplier=1.0``; at :math:`T = 1` the target is :math:`v` itself).
+  Examples with label ``-1`` are masked. Classes with an infinite logit are not
+  classes: :math:`C` counts the finite ones and the virtual teacher lives on them.
 
   Args:
     student_logits: ``[..., classes]``.
@@ -583,6 +702,8 @@ def tf_kd(student_logits, labels, *, correct_prob=0.9, temperature=1.0, where=No
     correct_prob: :math:`a`, the virtual teacher's probability of the label
       (:math:`a \ge 1/C`).
     temperature: :math:`T > 0`.
+    multiplier: :math:`m`, the reference code's ``params.multiplier``.
+    form: ``'reference'`` or ``'tempered'`` (see above).
     where: optional boolean mask of the per-example shape.
     axis: the class axis.
 
@@ -591,23 +712,42 @@ def tf_kd(student_logits, labels, *, correct_prob=0.9, temperature=1.0, where=No
 
   References:
     Yuan, Tay, Li, Wang, Feng. Revisiting Knowledge Distillation via Label
-    Smoothing Regularization. CVPR 2020. arXiv:1909.11723.
+    Smoothing Regularization. CVPR 2020. arXiv:1909.11723. Reference code:
+    yuanli2333/Teacher-free-Knowledge-Distillation, ``my_loss_function.py``
+    (``loss_kd_regularization``).
 
   >>> import jax.numpy as jnp
   >>> s = jnp.log(jnp.array([[0.9, 0.05, 0.05]]))
-  >>> print(tf_kd(s, jnp.array([0]), correct_prob=0.9).round(4))
+  >>> print(tf_kd(s, jnp.array([0]), correct_prob=0.9, temperature=1.0, multiplier=1.0,
+  ...             form='tempered').round(4))  # the student is the virtual teacher
   [0.]
+  >>> print(f'{float(tf_kd(jnp.zeros((1, 10)), jnp.array([0]))[0]):.5f}')  # the defaults
+  0.00113
   """
+  if form not in TF_KD_FORMS:
+    raise ValueError(f'form must be one of {TF_KD_FORMS}, got {form!r}')
   s = upcast(student_logits)
   axis = norm_axis(axis, s.ndim)
   valid, safe_labels = _labels_where(labels, where, s.shape, axis)
   (s,) = mask_inputs(valid, axis, s)
-  num_classes = s.shape[axis]
+  s, inf = sanitize(s)
+  num_classes = _finite_count(inf, axis).astype(s.dtype)
   a = jnp.asarray(correct_prob, s.dtype)
-  onehot = _one_hot(safe_labels, num_classes, axis, s.dtype) > 0
-  log_v = jnp.where(onehot, jnp.log(a), jnp.log1p(-a) - jnp.log(num_classes - 1.0))
-  log_q, log_v_t, temperature = log_softmax_pair(s, log_v, temperature, axis)
-  return mask_value(valid, temperature**2 * kl_from_log_probs(log_v_t, log_q, axis))
+  temperature = jnp.asarray(temperature, s.dtype)
+  onehot = _one_hot(safe_labels, s.shape[axis], axis, s.dtype) > 0
+  if form == 'reference':
+    v = jnp.where(onehot, a, (1.0 - a) / jnp.maximum(num_classes - 1.0, 1.0))
+    log_target = finite_log_softmax(v / temperature, inf, axis)
+    log_q = finite_log_softmax(s, inf, axis)
+    scale = multiplier / jnp.squeeze(num_classes, axis)
+  else:
+    log_v = jnp.where(onehot, jnp.log(a),
+                      jnp.log1p(-a) - jnp.log(jnp.maximum(num_classes - 1.0, 1.0)))
+    log_v, no_mass = sanitize(log_v)  # a = 1: the other classes have no mass
+    log_target = finite_log_softmax(log_v / temperature, jnp.logical_or(inf, no_mass), axis)
+    log_q = finite_log_softmax(s / temperature, inf, axis)
+    scale = multiplier * temperature**2
+  return mask_value(valid, scale * kl_from_log_probs(log_target, log_q, axis, inf))
 
 
 # --------------------------------------------------------------------------- adaptive
@@ -616,7 +756,7 @@ def tf_kd(student_logits, labels, *, correct_prob=0.9, temperature=1.0, where=No
 def adaptive_weight_kd(student_logits, teacher_logits, labels, *, temperature=4.0,
                        weighting: str = 'geometry', where=None, axis: int = -1,
                        eps: float = 1e-6) -> Array:
-  r"""Per-example fusion of teacher (KD) and ground truth (CE) with an adaptive weight.
+  r"""KD and CE fused per example by a closed-form weight in the spirit of TGeo-KD.
 
   .. math::
 
@@ -633,12 +773,12 @@ def adaptive_weight_kd(student_logits, teacher_logits, labels, *, temperature=4.
   * ``'teacher_confidence'``: :math:`w_i = p_{i,y_i}`, the teacher's probability of
     the true label.
 
-  Unlabeled examples (label ``-1``) get :math:`w_i = 1` (pure KD). This is a
-  closed-form weighting in the spirit of the two papers cited, which learn the
-  sample-wise fusion ratio (TGeo-KD: a small network on the trilateral geometry
-  of S, T and G, trained by bilevel optimization; KD-AIF: influence-function
-  weights); kdjax keeps the same inputs (the S-T-G distances) but no extra
-  network or outer loop, so the loss stays a pure function of arrays.
+  Unlabeled examples (label ``-1``) get :math:`w_i = 1` (pure KD). This is *not*
+  the method of the papers cited, only built after them: they learn the sample-wise
+  fusion ratio (TGeo-KD: a small network on the trilateral geometry of S, T and G,
+  trained by bilevel optimisation; KD-AIF: influence-function weights). kdjax keeps
+  the same inputs (the S-T-G distances) in a closed form, with no extra network or
+  outer loop, so the loss stays a pure function of arrays.
 
   Args:
     student_logits: ``[..., classes]``.
@@ -654,9 +794,9 @@ def adaptive_weight_kd(student_logits, teacher_logits, labels, *, temperature=4.
     Per-example loss, float32.
 
   References:
-    Hu et al. Less or More From Teacher: Exploiting Trilateral Geometry For Knowledge
-    Distillation. 2023. arXiv:2312.15112. Knowledge Distillation with Adapted Weight
-    (KD-AIF). 2025.
+    After Hu et al. Less or More From Teacher: Exploiting Trilateral Geometry For
+    Knowledge Distillation. 2023. arXiv:2312.15112; and Knowledge Distillation with
+    Adapted Weight (KD-AIF). 2025.
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[0.0, 0.0]]); t = jnp.array([[9.0, 0.0]])
@@ -673,7 +813,8 @@ def adaptive_weight_kd(student_logits, teacher_logits, labels, *, temperature=4.
   labeled = labels >= 0
   safe_labels = jnp.where(labeled, labels, 0)
   onehot = _one_hot(safe_labels, s.shape[axis], axis, s.dtype)
-  p1, q1 = jax.nn.softmax(t, axis=axis), jax.nn.softmax(s, axis=axis)
+  lp1 = tempered_log_probs(s, t, 1.0, axis)
+  p1, q1 = probs(lp1.log_p, lp1.skip), probs(lp1.log_q, lp1.skip)
   if weighting == 'geometry':
     d_s = jnp.sqrt(jnp.sum(jnp.square(q1 - onehot), axis=axis))
     d_t = jnp.sqrt(jnp.sum(jnp.square(p1 - onehot), axis=axis))
@@ -681,9 +822,9 @@ def adaptive_weight_kd(student_logits, teacher_logits, labels, *, temperature=4.
   else:
     w = jnp.sum(p1 * onehot, axis=axis)
   w = jax.lax.stop_gradient(jnp.where(labeled, w, 1.0))
-  log_q, log_p, temperature = log_softmax_pair(s, t, temperature, axis)
-  soft = temperature**2 * kl_from_log_probs(log_p, log_q, axis)
-  hard = -jnp.sum(onehot * jax.nn.log_softmax(s, axis=axis), axis=axis)
+  lp = tempered_log_probs(s, t, temperature, axis)
+  soft = lp.temperature**2 * kl_from_log_probs(lp.log_p, lp.log_q, axis, lp.skip)
+  hard = -jnp.sum(jnp.where(lp1.skip, 0.0, onehot * lp1.log_q), axis=axis)
   hard = jnp.where(labeled, hard, 0.0)
   return mask_value(where, w * soft + (1.0 - w) * hard)
 
@@ -758,14 +899,16 @@ def _dist_term(*, beta: Any = 1.0, gamma: Any = 1.0, temperature: Any = 1.0) -> 
 
 
 @registry.register('logit_standardized_kd', family='response', reference=LSKD_2024)
-def _lskd_term(*, temperature: Any = 2.0) -> registry.Term:
+def _lskd_term(*, temperature: Any = 2.0, ddof: int = 1) -> registry.Term:
   """KD between z-score standardized teacher and student logits, times T²."""
-  return registry.logit_term(logit_standardized_kd, temperature=temperature)
+  if ddof not in (0, 1):
+    raise ValueError(f'ddof must be 0 (population) or 1 (unbiased), got {ddof!r}')
+  return registry.logit_term(logit_standardized_kd, temperature=temperature, ddof=ddof)
 
 
-@registry.register('bdkd', family='response', reference=BDKD_2022)
+@registry.register('bdkd', family='response', reference='After ' + BDKD_2022)
 def _bdkd_term(*, temperature: Any = 1.0) -> registry.Term:
-  """BD-KD: forward and reverse KL balanced per example by the entropies."""
+  """After BD-KD: forward and reverse KL balanced per example by kdjax's entropy weight."""
   return registry.logit_term(bdkd, temperature=temperature)
 
 
@@ -782,16 +925,25 @@ def _pld_term(*, temperature: Any = 1.0) -> registry.Term:
 
 @registry.register('tf_kd', family='teacher_free', reference=TFKD_2020,
                    needs=('student_logits', 'labels'))
-def _tf_kd_term(*, correct_prob: Any = 0.9, temperature: Any = 1.0) -> registry.Term:
+def _tf_kd_term(*, correct_prob: Any = 0.99, temperature: Any = 20.0, multiplier: Any = 100.0,
+                form: str = 'reference') -> registry.Term:
   """Teacher-free KD from a virtual teacher built from the label (unlabeled left out)."""
-  return labeled_term(tf_kd, correct_prob=correct_prob, temperature=temperature)
+  if form not in TF_KD_FORMS:
+    raise ValueError(f'form must be one of {TF_KD_FORMS}, got {form!r}')
+  return labeled_term(tf_kd, correct_prob=correct_prob, temperature=temperature,
+                      multiplier=multiplier, form=form)
 
 
-@registry.register('adaptive_weight_kd', family='response', reference=TGEO_2023,
+@registry.register('adaptive_weight_kd', family='response',
+                   reference='After ' + TGEO_2023 + ' (a closed-form weight in the spirit of '
+                   'TGeo-KD, which learns it with a network and bilevel optimisation)',
                    needs=('student_logits', 'teacher_logits', 'labels'))
 def _adaptive_weight_kd_term(*, temperature: Any = 4.0,
                              weighting: str = 'geometry') -> registry.Term:
-  """Per-example adaptive fusion of KD and cross-entropy from the S-T-G geometry."""
+  """KD and CE fused per example by a closed-form weight in the spirit of TGeo-KD."""
+  if weighting not in ('geometry', 'teacher_confidence'):
+    raise ValueError(f"weighting must be 'geometry' or 'teacher_confidence', got {weighting!r}")
+
   def fn(inputs):
     opts = registry.resolve(dict(temperature=temperature), inputs.get('step', 0))
     return adaptive_weight_kd(inputs['student_logits'], inputs['teacher_logits'],

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses import registry
-from kdjax.losses._logit_helpers import upcast
+from kdjax.losses._logit_helpers import entropy_from_log_probs
 from kdjax.losses._logit_helpers import kl_from_log_probs
-from kdjax.losses._logit_helpers import log_softmax_pair
 from kdjax.losses._logit_helpers import mask_value
 from kdjax.losses._logit_helpers import prepare
+from kdjax.losses._logit_helpers import sanitize
+from kdjax.losses._logit_helpers import tempered_log_probs
+from kdjax.losses._logit_helpers import upcast
 from kdjax.losses.logits import kd
 
 Array = jax.Array
@@ -69,11 +71,25 @@ def taid(student_logits, teacher_logits, *, interpolation, temperature=1.0, wher
   >>> print(taid(s, t, interpolation=0.0).round(4), taid(s, t, interpolation=1.0).round(4))
   [0.] [0.1156]
   """
+  kl, _, where = _taid_parts(student_logits, teacher_logits, interpolation, temperature,
+                            where, axis)
+  return mask_value(where, kl)
+
+
+def _taid_parts(student_logits, teacher_logits, interpolation, temperature, where, axis):
+  """``(T² KL(p_t || q), T² H(p_t), where)`` per example; their sum is the reference's
+  cross-entropy. An entry where either logit is infinite takes no part."""
   s, t, where, axis = prepare(student_logits, teacher_logits, where, axis)
+  (s0, inf_s), (t0, inf_t) = sanitize(s), sanitize(t)
+  skip = jnp.logical_or(inf_s, inf_t)
   mix = jnp.asarray(interpolation, s.dtype)
-  target = (1.0 - mix) * jax.lax.stop_gradient(s) + mix * t
-  log_q, log_p, temperature = log_softmax_pair(s, target, temperature, axis)
-  return mask_value(where, temperature**2 * kl_from_log_probs(log_p, log_q, axis))
+  target = (1.0 - mix) * jax.lax.stop_gradient(s0) + mix * t0
+  target = jnp.where(skip, -jnp.inf, target)   # a mixture with an infinite side has no mass
+  lp = tempered_log_probs(s, target, temperature, axis)
+  t2 = lp.temperature**2
+  kl = t2 * kl_from_log_probs(lp.log_p, lp.log_q, axis, lp.skip)
+  entropy = t2 * entropy_from_log_probs(lp.log_p, axis, lp.skip)
+  return kl, entropy, where
 
 
 class TAIDState(NamedTuple):
@@ -93,22 +109,26 @@ def taid_init(t_start: float = 0.4) -> TAIDState:
 
 def taid_update(state: TAIDState, loss, step, *, total_steps: int, t_start: float = 0.4,
                 t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
-                eps: float = 1e-8) -> TAIDState:
+                eps: float = 1e-15) -> TAIDState:
   r"""One adaptive update of TAID's interpolation coefficient, after step ``step``.
 
-  With :math:`J_n` the batch loss of step :math:`n`:
+  With :math:`J_n` the batch loss of step :math:`n` (the first call only records
+  :math:`J_0`: :math:`t` and the momentum stay as they are):
 
   .. math::
 
-    \delta_n &= (J_{n-1} - J_n) / (J_{n-1} + \epsilon) \quad(0 \text{ at the first step})\\
+    \delta_n &= (J_{n-1} - J_n) / (J_{n-1} + \epsilon)\\
     m_n &= \beta\,m_{n-1} + (1-\beta)\,\delta_n\\
-    t_{n+1} &= \min\Big(t_{\mathrm{end}},\ \max\big(t^{\mathrm{lin}}_{n+1},\
+    t_{n+1} &= \min\Big(t_{\mathrm{end}},\ \max\big(t^{\mathrm{lin}}_n,\
                t_n + \alpha\,\sigma(m_n)\,(1 - t_n)\big)\Big)
 
   where :math:`t^{\mathrm{lin}}_n = t_{\mathrm{start}} + (t_{\mathrm{end}} -
   t_{\mathrm{start}})\min(n / N, 1)` is the linear floor over ``total_steps``
-  :math:`N`: :math:`t` moves faster while the loss is falling fast, and never
-  lags the linear schedule.
+  :math:`N`: :math:`t` moves faster while the loss is falling fast, and never lags
+  the linear schedule. This is the authors' ``TAID.update_t`` (SakanaAI/TAID,
+  ``src/distil_losses/taid.py``; ``step`` is its ``global_step``, the number of
+  steps done before this one), fed by the registered term with the same loss value
+  (the cross-entropy, see there).
 
   Args:
     state: the current :class:`TAIDState`.
@@ -129,19 +149,24 @@ def taid_update(state: TAIDState, loss, step, *, total_steps: int, t_start: floa
     Distillation for Efficient Knowledge Transfer in Language Models. ICLR 2025.
     arXiv:2501.16937 (the adaptive update of t).
 
-  >>> s = taid_update(taid_init(0.4), 2.0, 0, total_steps=10)
-  >>> print(round(float(s.interpolation), 4))
+  >>> s = taid_update(taid_init(0.4), 2.0, 0, total_steps=10)  # records the loss only
+  >>> print(round(float(s.interpolation), 4), float(s.prev_loss))
+  0.4 2.0
+  >>> s = taid_update(s, 1.0, 1, total_steps=10)
+  >>> print(round(float(s.interpolation), 4))  # the linear floor: 0.4 + 0.6 / 10
   0.46
   """
   loss = jax.lax.stop_gradient(jnp.asarray(loss, jnp.float32))
   has_prev = state.prev_loss >= 0
-  delta = jnp.where(has_prev, (state.prev_loss - loss) / (state.prev_loss + eps), 0.0)
+  delta = (state.prev_loss - loss) / (state.prev_loss + eps)
   momentum = beta * state.momentum + (1.0 - beta) * delta
   t = state.interpolation
   adaptive = t + alpha * jax.nn.sigmoid(momentum) * (1.0 - t)
-  progress = jnp.clip((jnp.asarray(step, jnp.float32) + 1.0) / float(total_steps), 0.0, 1.0)
+  progress = jnp.clip(jnp.asarray(step, jnp.float32) / float(total_steps), 0.0, 1.0)
   linear = t_start + (t_end - t_start) * progress
   t_next = jnp.minimum(jnp.maximum(linear, adaptive), t_end)
+  t_next = jnp.where(has_prev, t_next, t)
+  momentum = jnp.where(has_prev, momentum, state.momentum)
   return TAIDState(t_next.astype(jnp.float32), momentum.astype(jnp.float32), loss)
 
 
@@ -149,7 +174,13 @@ def taid_update(state: TAIDState, loss, step, *, total_steps: int, t_start: floa
 def _taid_term(*, total_steps: int, t_start: float = 0.4, t_end: float = 1.0,
                alpha: float = 5e-4, beta: float = 0.99,
                temperature: Any = 1.0) -> registry.Term:
-  """TAID: KL to an adaptive interpolation between the student and the teacher."""
+  r"""TAID: KL to an adaptive interpolation between the student and the teacher.
+
+  The per-example value is :func:`taid` (a KL); :math:`t` is updated after each step
+  by :func:`taid_update` from the batch mean of the cross-entropy
+  :math:`-T^2\sum p_t \log q` (the KL plus the target's entropy), the loss value
+  the authors' code feeds its update.
+  """
   if not 0.0 <= t_start < 1.0 or not 0.0 < t_end <= 1.0 or t_start > t_end:
     raise ValueError(f'taid needs 0 <= t_start <= t_end <= 1, got {t_start}, {t_end}')
 
@@ -161,11 +192,14 @@ def _taid_term(*, total_steps: int, t_start: float = 0.4, t_end: float = 1.0,
     del params
     step = inputs.get('step', 0)
     opts = registry.resolve(dict(temperature=temperature), step)
-    value = taid(inputs['student_logits'], inputs['teacher_logits'],
-                 interpolation=state.interpolation, where=inputs.get('where'), **opts)
-    mean, _ = registry.reduce_value(value, inputs.get('where'))
-    new_state = taid_update(state, mean, step, total_steps=total_steps, t_start=t_start,
-                            t_end=t_end, alpha=alpha, beta=beta)
+    where = inputs.get('where')
+    kl, entropy, example_where = _taid_parts(
+        inputs['student_logits'], inputs['teacher_logits'], state.interpolation,
+        opts['temperature'], where, -1)
+    value = mask_value(example_where, kl)
+    cross_entropy, _ = registry.reduce_value(mask_value(example_where, kl + entropy), where)
+    new_state = taid_update(state, cross_entropy, step, total_steps=total_steps,
+                            t_start=t_start, t_end=t_end, alpha=alpha, beta=beta)
     return value, new_state
 
   return registry.Term(init, apply)

@@ -67,3 +67,16 @@ def make_schedule(spec: Any) -> Schedule:
   except KeyError as e:
     raise ValueError(f'schedule {kind!r} needs the field {e.args[0]!r}') from None
   return lambda step: jnp.asarray(fn(step), jnp.float32)
+
+
+def epoch_ramp(steps_per_epoch: int, warmup_epochs: int) -> dict:
+  """A weight ``min(epoch / warmup_epochs, 1)`` over 1-based epochs, constant within an
+  epoch, as a ``piecewise`` step schedule spec (mdistiller's DKD warm-up).
+
+  >>> ramp = epoch_ramp(10, 4)
+  >>> ramp['boundaries'], ramp['values']
+  ([10, 20, 30], [0.25, 0.5, 0.75, 1.0])
+  """
+  return {'schedule': 'piecewise',
+          'boundaries': [e * steps_per_epoch for e in range(1, warmup_epochs)],
+          'values': [e / warmup_epochs for e in range(1, warmup_epochs + 1)]}

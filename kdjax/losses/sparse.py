@@ -32,6 +32,13 @@ is concave for :math:`T > 1`, it is then an *upper* bound of the true tail mass
 
 With ``k`` equal to the number of classes all three modes equal the dense losses.
 The teacher inputs are data: they are not differentiated (``stop_gradient``).
+
+**Infinite logits.** A class whose student logit is infinite (a padded vocabulary)
+is not a class: it is left out of the student's softmax, of the tail and of every
+sum; a top-k entry whose cached logit is ``-inf`` (``k`` beyond the teacher's real
+classes) takes no part either. With the teacher's padded columns ``-inf`` too (so
+its log-sum-exp ignores them), every mode then equals the loss on the logits with
+those columns removed, and values and gradients stay finite.
 """
 
 from __future__ import annotations
@@ -46,9 +53,12 @@ from kdjax.losses import registry
 from kdjax.losses.divergences import gjsd_from_log_probs
 from kdjax.losses.logits import HINTON_2015
 from kdjax.losses.logits import MINILLM_2024
-from kdjax.losses._logit_helpers import upcast
+from kdjax.losses._logit_helpers import ABSENT
+from kdjax.losses._logit_helpers import finite_log_softmax
 from kdjax.losses._logit_helpers import kl_from_log_probs
 from kdjax.losses._logit_helpers import mask_value
+from kdjax.losses._logit_helpers import sanitize
+from kdjax.losses._logit_helpers import upcast
 from kdjax.losses.divergences import FDIV_2023
 from kdjax.losses.divergences import GKD_2024
 
@@ -59,20 +69,29 @@ SPARSE_NEEDS = ('student_logits', 'teacher_topk_logits', 'teacher_topk_indices')
 
 
 class _Teacher:
-  """The tempered sparse teacher: top-k log-probs, tail log-prob, support mask."""
+  """The tempered sparse teacher: top-k log-probs, tail log-prob, support, the entries
+  that take no part (an infinite logit on either side) and the tail classes."""
 
-  def __init__(self, log_p_topk, log_tail, tail_count, indices, num_classes, mode):
+  def __init__(self, log_p_topk, log_tail, tail_count, indices, num_classes, mode, skip_topk,
+               inf_s):
     self.log_p_topk = log_p_topk  # [..., k]
     self.log_tail = log_tail      # [...] log-prob of each tail class ('uniform'), else None
-    self.tail_count = tail_count  # static int, C - k
+    self.tail_count = tail_count  # [...] tail classes per row (float), 0 when k = C
     self.indices = indices        # [..., k] int
     self.num_classes = num_classes
     self.mode = mode
+    self.skip_topk = skip_topk    # [..., k] bool: teacher or student logit infinite
+    self.inf_s = inf_s            # [..., C] bool: the student's infinite logits
 
   def support(self) -> Array:
     """``[..., C]`` bool: True on the top-k classes."""
     shape = self.indices.shape[:-1] + (self.num_classes,)
     return _scatter(jnp.zeros(shape, bool), self.indices, jnp.ones(self.indices.shape, bool))
+
+  def skip(self) -> Array:
+    """``[..., C]`` bool: the classes that take no part (an infinite logit)."""
+    return jnp.logical_or(self.inf_s, _scatter(jnp.zeros(self.inf_s.shape, bool),
+                                               self.indices, self.skip_topk))
 
   def dense_log_probs(self, fill) -> Array:
     """``[..., C]`` log-probs; the tail gets ``log_tail`` ('uniform') or ``fill``."""
@@ -107,39 +126,51 @@ def _prepare_sparse(student_logits, topk_logits, topk_indices, temperature, miss
   if z.shape != idx.shape or z.shape[:-1] != s.shape[:-1] or k > num_classes:
     raise ValueError(f'top-k logits {z.shape} and indices {idx.shape} must share the leading '
                      f'shape of the student logits {s.shape} with k <= classes')
-  tail_count = num_classes - k
   if where is not None:
     where = jnp.broadcast_to(jnp.asarray(where, bool), s.shape[:-1])
     s = jnp.where(where[..., None], s, 0.0)
     z = jnp.where(where[..., None], z, 0.0)
     idx = jnp.where(where[..., None], idx, jnp.arange(k, dtype=idx.dtype))
+  # Infinite logits (padded vocabularies) take no part: the student's are left out of
+  # its softmax and of the tail, a top-k entry infinite on either side of everything.
+  s, inf_s = sanitize(s)
+  z, inf_z = sanitize(z)
+  skip_topk = jnp.logical_or(inf_z, jnp.take_along_axis(inf_s, idx, axis=-1))
+  absent = jnp.asarray(ABSENT, s.dtype)   # an infinite cached logit: no mass
   temperature = jnp.asarray(temperature, s.dtype)
-  zt = z / temperature
+  zt = jnp.where(inf_z, absent, z / temperature)
   log_tail = None
-  if missing_mass == 'renormalize' or tail_count == 0:
-    log_z_t = jax.nn.logsumexp(zt, axis=-1)
+  tail_count = (jnp.sum(~inf_s, axis=-1) - jnp.sum(
+      ~jnp.take_along_axis(inf_s, idx, axis=-1), axis=-1)).astype(s.dtype)
+  lse_top_t = jax.nn.logsumexp(zt, axis=-1)
+  if missing_mass == 'renormalize' or num_classes == k:
+    log_z_t = lse_top_t
   else:
     if teacher_logsumexp is None:
       raise ValueError(f"missing_mass={missing_mass!r} needs teacher_logsumexp (the cache "
                        "stores it); pass it or use missing_mass='renormalize'")
     lse1 = jax.lax.stop_gradient(jnp.broadcast_to(upcast(teacher_logsumexp), s.shape[:-1]))
-    top1 = jax.nn.logsumexp(z, axis=-1)
+    top1 = jax.nn.logsumexp(jnp.where(inf_z, absent, z), axis=-1)
     if where is not None:
       lse1 = jnp.where(where, lse1, top1 + 1.0)
+    has_tail = tail_count > 0
     # log of the tail's total unnormalized mass at T = 1: lse1 + log(1 - e^(top1 - lse1)).
-    gap = jnp.minimum(top1 - lse1, 0.0)
+    gap = jnp.where(has_tail, jnp.minimum(top1 - lse1, 0.0), -1.0)
     log_r1 = lse1 + jnp.log(-jnp.expm1(gap))
-    log_count = jnp.log(float(tail_count))
+    log_count = jnp.log(jnp.maximum(tail_count, 1.0))
     flat_tail_logit = log_r1 - log_count
-    log_z_t = jnp.logaddexp(jax.nn.logsumexp(zt, axis=-1),
-                            log_count + flat_tail_logit / temperature)
+    log_z_t = jnp.where(has_tail, jnp.logaddexp(lse_top_t,
+                                                log_count + flat_tail_logit / temperature),
+                        lse_top_t)
     if missing_mass == 'uniform':
       tiny = jnp.log(jnp.finfo(s.dtype).tiny)
       log_tail = jnp.maximum(flat_tail_logit / temperature - log_z_t, tiny)
   log_p_topk = zt - log_z_t[..., None]
+  if num_classes == k:
+    tail_count = jnp.zeros_like(tail_count)
   teacher = _Teacher(log_p_topk, log_tail, tail_count, idx, num_classes,
-                     'renormalize' if tail_count == 0 else missing_mass)
-  log_q = jax.nn.log_softmax(s / temperature, axis=-1)
+                     'renormalize' if num_classes == k else missing_mass, skip_topk, inf_s)
+  log_q = finite_log_softmax(s / temperature, inf_s, -1)
   return log_q, teacher, where, temperature
 
 
@@ -149,27 +180,29 @@ def _gather(x, idx):
 
 def _forward_kl(log_q, teacher: _Teacher) -> Array:
   log_q_topk = _gather(log_q, teacher.indices)
-  value = kl_from_log_probs(teacher.log_p_topk, log_q_topk, -1)
+  value = kl_from_log_probs(teacher.log_p_topk, log_q_topk, -1, teacher.skip_topk)
   if teacher.mode == 'uniform':
     u_log = teacher.log_tail
     u = jnp.exp(u_log)
-    tail_log_q = jnp.sum(log_q, axis=-1) - jnp.sum(log_q_topk, axis=-1)
+    # Gathers only: the finite classes' sum minus the top-k's.
+    finite_top = ~_gather(teacher.inf_s, teacher.indices)
+    tail_log_q = (jnp.sum(jnp.where(teacher.inf_s, 0.0, log_q), axis=-1)
+                  - jnp.sum(jnp.where(finite_top, log_q_topk, 0.0), axis=-1))
     value = value + teacher.tail_count * u * u_log - u * tail_log_q
   return value
 
 
 def _reverse_kl(log_q, teacher: _Teacher) -> Array:
-  support = teacher.support()
-  if teacher.mode == 'uniform':
-    log_p = teacher.dense_log_probs(0.0)
-    return kl_from_log_probs(log_q, log_p, -1)
+  skip = teacher.skip()
   log_p = teacher.dense_log_probs(0.0)
+  if teacher.mode == 'uniform':
+    return kl_from_log_probs(log_q, log_p, -1, skip)
+  support = jnp.logical_and(teacher.support(), ~skip)
   if teacher.mode == 'renormalize':
-    lse_support = jax.nn.logsumexp(log_q, axis=-1, where=support, keepdims=True)
+    lse_support = jax.nn.logsumexp(jnp.where(support, log_q, ABSENT), axis=-1, keepdims=True)
     # Off the support log_q - lse can overflow exp(); zero it there (double where).
     log_q = jnp.where(support, log_q - lse_support, 0.0)
-  q = jnp.exp(log_q)
-  return jnp.sum(jnp.where(support, q * (log_q - log_p), 0.0), axis=-1)
+  return kl_from_log_probs(log_q, log_p, -1, ~support)
 
 
 def sparse_kd(student_logits, teacher_topk_logits, teacher_topk_indices, *, temperature=1.0,
@@ -305,7 +338,8 @@ def sparse_generalized_jsd(student_logits, teacher_topk_logits, teacher_topk_ind
   log_q, teacher, where, temperature = _prepare_sparse(
       student_logits, teacher_topk_logits, teacher_topk_indices, temperature, missing_mass,
       teacher_logsumexp, where)
-  log_p = teacher.dense_log_probs(-jnp.inf)
+  log_p = teacher.dense_log_probs(ABSENT)
+  skip = teacher.skip()
   if isinstance(beta, numbers.Real):
     beta = float(beta)
     if not 0.0 <= beta <= 1.0:
@@ -315,11 +349,12 @@ def sparse_generalized_jsd(student_logits, teacher_topk_logits, teacher_topk_ind
     elif beta == 1.0:
       value = _reverse_kl(log_q, teacher)
     else:
-      value = gjsd_from_log_probs(log_p, log_q, beta)
+      value = gjsd_from_log_probs(log_p, log_q, beta, -1, skip)
   else:
     beta = jnp.asarray(beta, log_q.dtype)
     at_zero, at_one = beta <= 0.0, beta >= 1.0
-    interior = gjsd_from_log_probs(log_p, log_q, jnp.where(at_zero | at_one, 0.5, beta))
+    interior = gjsd_from_log_probs(log_p, log_q, jnp.where(at_zero | at_one, 0.5, beta), -1,
+                                   skip)
     value = jnp.where(at_zero, _forward_kl(log_q, teacher),
                       jnp.where(at_one, _reverse_kl(log_q, teacher), interior))
   return mask_value(where, temperature**2 * value)
@@ -363,8 +398,9 @@ def sparse_tvd(student_logits, teacher_topk_logits, teacher_topk_indices, *, tem
   log_q, teacher, where, _ = _prepare_sparse(
       student_logits, teacher_topk_logits, teacher_topk_indices, temperature, missing_mass,
       teacher_logsumexp, where)
-  p = jnp.exp(teacher.dense_log_probs(-jnp.inf))
-  return mask_value(where, 0.5 * jnp.sum(jnp.abs(p - jnp.exp(log_q)), axis=-1))
+  p = jnp.exp(teacher.dense_log_probs(ABSENT))
+  diff = jnp.where(teacher.skip(), 0.0, jnp.abs(p - jnp.exp(log_q)))
+  return mask_value(where, 0.5 * jnp.sum(diff, axis=-1))
 
 
 # --------------------------------------------------------------------------- registry

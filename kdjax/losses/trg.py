@@ -1,11 +1,11 @@
-r"""TRG: distillation through a token-level relationship graph plus a contextual loss.
+r"""After TRG: distillation through a token-level relationship graph plus a contextual loss.
 
-TRG (Zhang, Liu, He 2023) distils the relations between *tokens* (patches of a ViT,
-cells of a CNN feature map) rather than between whole examples, and adds a
-token-wise *contextual loss* for the relations inside each instance. The paper's
-method section could not be consulted in full for this implementation; the parts
-below follow its abstract and published summaries, and the concrete choices are
-ours:
+Built after TRG (Zhang, Liu, He 2023), not a reproduction of it. TRG distils the
+relations between *tokens* (patches of a ViT, cells of a CNN feature map) rather than
+between whole examples, and adds a token-wise *contextual loss* for the relations
+inside each instance. The paper's method section could not be consulted in full for
+this implementation; the parts below follow its abstract and published summaries, and
+the concrete choices are ours:
 
 * **Nodes.** Every valid token of every valid example in the batch, in each
   network's own feature space (so student and teacher widths may differ). A feature
@@ -46,6 +46,9 @@ from kdjax.losses.registry import register
 from kdjax.losses.registry import stateless
 
 _NEG = -1e30
+# Cosine similarities are divided by temperatures of ~0.1: TF32 or bfloat16 matmul passes
+# (the default on some accelerators) would put percent-level errors into the softmaxes.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _tokens(student, teacher, where, pool_to):
@@ -98,8 +101,8 @@ def token_graph_loss(student_tokens: jax.Array, teacher_tokens: jax.Array,
   node = token_mask.reshape(-1)
   n = b * t
   edge = node[:, None] & node[None, :] & ~jnp.eye(n, dtype=bool)
-  sim_t = jnp.where(edge, xt @ xt.T, _NEG)
-  sim_s = xs @ xs.T
+  sim_t = jnp.where(edge, jnp.matmul(xt, xt.T, precision=_HIGHEST), _NEG)
+  sim_s = jnp.matmul(xs, xs.T, precision=_HIGHEST)
   kk = min(k, n - 1)
   top_t, idx = jax.lax.top_k(jax.lax.stop_gradient(sim_t), kk)   # teacher's neighbours
   nb = jnp.take_along_axis(edge, idx, axis=1)                     # False if fewer than k
@@ -126,9 +129,11 @@ def contextual_loss(student_tokens: jax.Array, teacher_tokens: jax.Array,
   t = token_mask.shape[1]
   pair = token_mask[:, :, None] & token_mask[:, None, :] & ~jnp.eye(t, dtype=bool)[None]
   log_pt = jax.nn.log_softmax(
-      jnp.where(pair, jnp.einsum('bid,bjd->bij', xt, xt) / temperature, _NEG), axis=-1)
+      jnp.where(pair, jnp.einsum('bid,bjd->bij', xt, xt, precision=_HIGHEST) / temperature,
+                _NEG), axis=-1)
   log_ps = jax.nn.log_softmax(
-      jnp.where(pair, jnp.einsum('bid,bjd->bij', xs, xs) / temperature, _NEG), axis=-1)
+      jnp.where(pair, jnp.einsum('bid,bjd->bij', xs, xs, precision=_HIGHEST) / temperature,
+                _NEG), axis=-1)
   kl = _kl_masked(log_pt, log_ps, pair)                          # [B, T]
   rows = jnp.logical_and(token_mask, jnp.any(pair, axis=-1))
   count = jnp.sum(rows.astype(jnp.float32), axis=1)
@@ -182,12 +187,13 @@ def trg_loss(student: jax.Array, teacher: jax.Array, *, k: int = 8, temperature:
 
 @register('trg', family='relation', needs=('student_features', 'teacher_features'),
           batch_level=True,
-          reference='Zhang, Liu & He, Knowledge Distillation via Token-level Relationship '
-                    'Graph, arXiv:2306.12442, 2023')
+          reference='After Zhang, Liu & He, Knowledge Distillation via Token-level '
+                    'Relationship Graph, arXiv:2306.12442, 2023 (built from the abstract and '
+                    'summaries; graph and contextual terms are kdjax\'s choices)')
 def trg_term(student: str = 'stage3', teacher: str = 'stage3', k: int = 8,
              temperature: float = 0.1, context_temperature: float = 0.1,
              context_weight: float = 1.0, pool_to: Sequence[int] | None = None):
-  """Token-level relationship graph + contextual loss on named token features (batch-level)."""
+  """After TRG: token-level relationship graph + contextual loss on token features (batch-level)."""
   def fn(inputs):
     s = fi.feature(inputs, 'student', student, 'trg')
     t = fi.feature(inputs, 'teacher', teacher, 'trg')

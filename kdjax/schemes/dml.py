@@ -149,7 +149,8 @@ def mutual_kl(logits: jax.Array, *, temperature: float = 1.0, where=None) -> jax
     p_j^T = \mathrm{softmax}(z_j / T)
 
   Every target :math:`p_j` is under ``stop_gradient``, so :math:`\ell_k` trains
-  student :math:`k` only. Each pair is :func:`kdjax.losses.kd` (Hinton's :math:`T^2`
+  student :math:`k` only. A peer whose logits for an example are not finite is left out
+  of that example's mean (a diverged student stops teaching the others). Each pair is :func:`kdjax.losses.kd` (Hinton's :math:`T^2`
   scaling; at :math:`T = 1` the plain KL of the paper).
 
   Args:
@@ -173,13 +174,20 @@ def mutual_kl(logits: jax.Array, *, temperature: float = 1.0, where=None) -> jax
   if k < 2:
     raise ValueError(f'mutual_kl needs at least two students, got {k}')
   targets = jax.lax.stop_gradient(logits)
+  # A peer whose prediction for an example is not finite (a diverged student) stops
+  # teaching that example instead of poisoning its peers: it leaves the mean, and its
+  # logits are replaced before the KL so no NaN reaches a gradient.
+  finite = jnp.all(jnp.isfinite(targets), axis=-1)                  # [K, ...]
+  targets = jnp.where(finite[..., None], targets, 0.0)
 
   def row(student):   # [K (others), ...]: KL from every target to one student
     return jax.vmap(lambda t: kd(student, t, temperature=temperature, where=where))(targets)
 
   table = jax.vmap(row)(logits)                      # [K (self), K (other), ...]
   others = ~jnp.eye(k, dtype=bool).reshape(k, k, *([1] * (table.ndim - 2)))
-  return jnp.sum(jnp.where(others, table, 0.0), axis=1) / (k - 1)
+  teaching = jnp.logical_and(others, finite[None])
+  count = jnp.sum(teaching, axis=1)
+  return jnp.sum(jnp.where(teaching, table, 0.0), axis=1) / jnp.maximum(count, 1)
 
 
 # --------------------------------------------------------------------------- the step

@@ -13,6 +13,13 @@ import kdjax.losses as L
 B, C = 6, 5
 
 
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """Exact comparisons: no TF32 (or bfloat16 passes) where XLA turns sums into dots."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
 def np_softmax(x):
   x = np.asarray(x, np.float64)
   e = np.exp(x - x.max(-1, keepdims=True))
@@ -26,23 +33,17 @@ def np_dist(s, t, T, beta=1.0, gamma=1.0):
   return T**2 * (beta * inter + gamma * intra), T**2 * intra
 
 
-def np_sinkhorn(s, t, T, eps, iters, cost='sqeuclidean'):
-  """Log-domain Sinkhorn with uniform marginals, written from the formula."""
-  p, q = np_softmax(t / T), np_softmax(s / T)
-  diff = p[:, None, :] - q[None, :, :]
+def np_sinkhorn(s, t, T, eps, iters, cost='l1', marginal='ones'):
+  """Sinkhorn's matrix scaling from the kernel, rows (students) then columns (teachers),
+  written from the formula in the direct domain."""
+  q, p = np_softmax(s / T), np_softmax(t / T)
+  diff = q[:, None, :] - p[None, :, :]
   c = (diff**2).sum(-1) if cost == 'sqeuclidean' else np.abs(diff).sum(-1)
-  n = len(p)
-  log_a = np.full(n, -np.log(n))
-  f, g = np.zeros(n), np.zeros(n)
-
-  def lse(x, axis):
-    m = x.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
+  mass = 1.0 if marginal == 'ones' else 1.0 / len(q)
+  plan = np.exp(-c / eps)
   for _ in range(iters):
-    f = eps * (log_a - lse((g[None, :] - c) / eps, 1))
-    g = eps * (log_a - lse((f[:, None] - c) / eps, 0))
-  plan = np.exp((f[:, None] + g[None, :] - c) / eps)
+    plan = plan * (mass / plan.sum(1, keepdims=True))
+    plan = plan * (mass / plan.sum(0, keepdims=True))
   return (plan * c).sum(), plan
 
 
@@ -56,12 +57,13 @@ BATCH_LOSSES = {
              lambda s, t: np_dist(s, t, 2.0, 0.7, 1.3)[0]),
     'dist_intra': (lambda s, t, w: L.dist_intra_class(s, t, temperature=2.0, where=w),
                    lambda s, t: np_dist(s, t, 2.0)[1]),
-    'sinkhorn': (lambda s, t, w: L.sinkhorn_kd(s, t, temperature=2.0, epsilon=0.05,
-                                               num_iters=30, where=w),
-                 lambda s, t: np_sinkhorn(s, t, 2.0, 0.05, 30)[0]),
-    'sinkhorn_l1': (lambda s, t, w: L.sinkhorn_kd(s, t, epsilon=0.1, num_iters=10, cost='l1',
-                                                  where=w),
-                    lambda s, t: np_sinkhorn(s, t, 1.0, 0.1, 10, 'l1')[0]),
+    'sinkhorn': (lambda s, t, w: L.sinkhorn_kd(s, t, where=w),
+                 lambda s, t: np_sinkhorn(s, t, 2.0, 0.1, 20)[0]),
+    'sinkhorn_sq_uniform': (lambda s, t, w: L.sinkhorn_kd(
+        s, t, temperature=1.0, epsilon=0.05, num_iters=30, cost='sqeuclidean',
+        marginal='uniform', where=w),
+                            lambda s, t: np_sinkhorn(s, t, 1.0, 0.05, 30, 'sqeuclidean',
+                                                     'uniform')[0]),
 }
 NAMES = list(BATCH_LOSSES)
 
@@ -123,17 +125,26 @@ def test_sequence_inputs_flatten_the_tokens(name):
 
 def test_sinkhorn_single_example_is_the_cost():
   s, t = make(7, shape=(1, C))
+  s32, t32 = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+  p, q = np_softmax(t / 2.0), np_softmax(s / 2.0)
+  np.testing.assert_allclose(L.sinkhorn_kd(s32, t32), np.abs(p - q).sum(), rtol=1e-5)
   p, q = np_softmax(t), np_softmax(s)
-  np.testing.assert_allclose(L.sinkhorn_kd(jnp.asarray(s, jnp.float32),
-                                           jnp.asarray(t, jnp.float32)),
+  np.testing.assert_allclose(L.sinkhorn_kd(s32, t32, temperature=1.0, cost='sqeuclidean'),
                              ((p - q)**2).sum(), rtol=1e-5)
 
 
-def test_sinkhorn_plan_has_uniform_marginals():
+def test_sinkhorn_plan_marginals_and_mass():
   s, t = make(8)
-  _, plan = np_sinkhorn(s, t, 1.0, 0.1, 200)
-  np.testing.assert_allclose(plan.sum(0), 1 / B, rtol=1e-6)
-  np.testing.assert_allclose(plan.sum(1), 1 / B, rtol=1e-6)
+  _, plan = np_sinkhorn(s, t, 2.0, 0.1, 200)
+  np.testing.assert_allclose(plan.sum(0), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(plan.sum(1), 1.0, rtol=1e-6)
+  s32, t32 = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+  np.testing.assert_allclose(L.sinkhorn_kd(s32, t32, marginal='uniform'),
+                             L.sinkhorn_kd(s32, t32) / B, rtol=1e-5)
+  with pytest.raises(ValueError, match='marginal'):
+    L.sinkhorn_kd(s32, t32, marginal='probability')
+  with pytest.raises(ValueError, match='cost'):
+    L.build_objective({'sinkhorn_kd': dict(cost='l2')})
 
 
 def test_sinkhorn_of_a_permuted_batch_is_small():
@@ -162,6 +173,6 @@ def test_registered_batch_level_through_build_objective(name):
   params, state = objective.init(jax.random.key(0), inputs)
   loss, _, metrics = objective.apply(params, state, inputs)
   want = (np_dist(s[where], t[where], 2.0)[0] if name == 'dist'
-          else np_sinkhorn(s[where], t[where], 2.0, 0.1, 20)[0])
+          else np_sinkhorn(s[where], t[where], 2.0, 0.1, 20)[0])  # sinkhorn's defaults
   np.testing.assert_allclose(loss, 2.0 * want, rtol=1e-5)
   np.testing.assert_allclose(metrics[f'loss/{name}'][1], 1.0)

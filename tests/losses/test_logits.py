@@ -13,6 +13,13 @@ from jax.test_util import check_grads
 
 import kdjax.losses as L
 
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """Exact comparisons: no TF32 (or bfloat16 passes) where XLA turns sums into dots."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
 # --------------------------------------------------------------------------- numpy
 
 
@@ -98,8 +105,8 @@ def np_dist_inter(s, t, T=1.0):
   return np.array([T**2 * (1 - np.corrcoef(q[i], p[i])[0, 1]) for i in range(len(p))])
 
 
-def np_lskd(s, t, T):
-  z = lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-7)
+def np_lskd(s, t, T, ddof=1, eps=1e-7):
+  z = lambda x: (x - x.mean(-1, keepdims=True)) / (eps + x.std(-1, ddof=ddof, keepdims=True))
   return np_kd(z(s), z(t), T)
 
 
@@ -121,12 +128,16 @@ def np_pld(s, t, y, T=1.0):
   return out
 
 
-def np_tf_kd(s, y, a, T):
+def np_tf_kd(s, y, a, T, m, form='reference'):
   c = s.shape[-1]
   v = np.full(s.shape, (1 - a) / (c - 1))
   v[np.arange(len(y)), np.maximum(y, 0)] = a
-  v_t = v**(1 / T) / (v**(1 / T)).sum(-1, keepdims=True)
-  return np.where(y >= 0, T**2 * np_kl(v_t, np_softmax(s / T)), 0.0)
+  if form == 'reference':
+    out = m / c * np_kl(np_softmax(v / T), np_softmax(s))
+  else:
+    v_t = v**(1 / T) / (v**(1 / T)).sum(-1, keepdims=True)
+    out = m * T**2 * np_kl(v_t, np_softmax(s / T))
+  return np.where(y >= 0, out, 0.0)
 
 
 def np_adaptive(s, t, y, T, weighting, eps=1e-6):
@@ -196,16 +207,23 @@ CASES = [
     Case('dist_inter', lambda s, t, y, w: L.dist_inter_class(s, t, temperature=2.0, where=w),
          lambda s, t, y: np_dist_inter(s, t, 2.0)),
     Case('logit_standardized_kd',
-         lambda s, t, y, w: L.logit_standardized_kd(s, t, temperature=2.0, where=w),
+         lambda s, t, y, w: L.logit_standardized_kd(s, t, where=w),
          lambda s, t, y: np_lskd(s, t, 2.0)),
+    Case('lskd_ddof0_t3',
+         lambda s, t, y, w: L.logit_standardized_kd(s, t, temperature=3.0, ddof=0, where=w),
+         lambda s, t, y: np_lskd(s, t, 3.0, ddof=0)),
     Case('bdkd', lambda s, t, y, w: L.bdkd(s, t, temperature=2.0, where=w),
          lambda s, t, y: np_bdkd(s, t, 2.0), numeric_grad=False),
     Case('pld', lambda s, t, y, w: L.pld(s, t, y, temperature=2.0, where=w),
          lambda s, t, y: np_pld(s, t, y, 2.0)),
     Case('pld_no_labels', lambda s, t, y, w: L.pld(s, t, where=w),
          lambda s, t, y: np_pld(s, t, None)),
-    Case('tf_kd', lambda s, t, y, w: L.tf_kd(s, y, correct_prob=0.8, temperature=3.0, where=w),
-         lambda s, t, y: np_tf_kd(s, y, 0.8, 3.0), uses_teacher=False),
+    Case('tf_kd', lambda s, t, y, w: L.tf_kd(s, y, where=w),
+         lambda s, t, y: np_tf_kd(s, y, 0.99, 20.0, 100.0), uses_teacher=False),
+    Case('tf_kd_tempered',
+         lambda s, t, y, w: L.tf_kd(s, y, correct_prob=0.8, temperature=3.0, multiplier=2.0,
+                                    form='tempered', where=w),
+         lambda s, t, y: np_tf_kd(s, y, 0.8, 3.0, 2.0, 'tempered'), uses_teacher=False),
     Case('adaptive_geometry',
          lambda s, t, y, w: L.adaptive_weight_kd(s, t, y, temperature=3.0, where=w),
          lambda s, t, y: np_adaptive(s, t, y, 3.0, 'geometry'), numeric_grad=False),
@@ -391,13 +409,45 @@ def test_logit_standardized_kd_ignores_scale_and_shift():
                              L.logit_standardized_kd(s, t), rtol=1e-4, atol=1e-6)
 
 
-def test_tf_kd_at_temperature_one_matches_virtual_teacher():
+def test_tf_kd_tempered_at_temperature_one_matches_virtual_teacher():
   s, _, y = make_inputs(20)
   a = 0.7
   v = np.full((B, C), (1 - a) / (C - 1))
   v[np.arange(B), y] = a
-  np.testing.assert_allclose(L.tf_kd(jnp.asarray(s, jnp.float32), y, correct_prob=a),
-                             np_kl(v, np_softmax(s)), rtol=1e-5)
+  got = L.tf_kd(jnp.asarray(s, jnp.float32), y, correct_prob=a, temperature=1.0,
+                multiplier=1.0, form='tempered')
+  np.testing.assert_allclose(got, np_kl(v, np_softmax(s)), rtol=1e-5)
+  # A virtual teacher sure of the label (a = 1) is the cross-entropy.
+  got = L.tf_kd(jnp.asarray(s, jnp.float32), y, correct_prob=1.0, temperature=1.0,
+                multiplier=1.0, form='tempered')
+  np.testing.assert_allclose(got, np_ce(s, y), rtol=1e-5)
+
+
+def test_tf_kd_and_lskd_options_are_checked():
+  s, _, y = make_inputs(22)
+  with pytest.raises(ValueError, match='form'):
+    L.tf_kd(jnp.asarray(s), y, form='paper')
+  with pytest.raises(ValueError, match='form'):
+    L.build_objective({'tf_kd': dict(form='paper')})
+  with pytest.raises(ValueError, match='ddof'):
+    L.build_objective({'logit_standardized_kd': dict(ddof=2)})
+  with pytest.raises(ValueError, match='side'):
+    L.bdkd(jnp.asarray(s), jnp.asarray(s), side='both')
+
+
+def test_bdkd_teacher_side_is_the_student_side_with_roles_exchanged():
+  """Online BD-KD: the teacher-side term trains the teacher, the student held constant."""
+  s, t, _ = make_inputs(23)
+  s, t = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+  teacher_side = L.bdkd(s, t, side='teacher', temperature=2.0)
+  np.testing.assert_allclose(teacher_side, L.bdkd(s, t, temperature=2.0), rtol=1e-6)
+  np.testing.assert_allclose(teacher_side, L.bdkd(t, s, temperature=2.0), rtol=1e-5)
+  got = np.asarray(jax.grad(lambda t_: jnp.sum(L.bdkd(s, t_, side='teacher', temperature=2.0)
+                                               * GW))(t))
+  np.testing.assert_allclose(got, _grad(L.bdkd, t, s, temperature=2.0), rtol=1e-4, atol=1e-6)
+  # Each side differentiates only its own logits.
+  assert not np.any(jax.grad(lambda s_: jnp.sum(L.bdkd(s_, t, side='teacher')))(s))
+  assert not np.any(jax.grad(lambda t_: jnp.sum(L.bdkd(s, t_, side='student')))(t))
 
 
 def test_class_axis_other_than_last():

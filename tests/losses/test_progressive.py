@@ -14,6 +14,13 @@ import kdjax.losses as L
 B, C = 5, 6
 
 
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """Exact comparisons: no TF32 (or bfloat16 passes) where XLA turns sums into dots."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
 def make(seed=0):
   rng = np.random.default_rng(seed)
   return (jnp.asarray(rng.normal(size=(B, C)) * 2.0, jnp.float32),
@@ -24,17 +31,28 @@ def make(seed=0):
 
 
 def py_taid(losses, *, total_steps, t_start, t_end, alpha, beta):
-  """TAID's update written out with Python floats, from the docstring formula."""
+  """TAID's update written out with Python floats, from the docstring formula (the
+  first call only records the loss)."""
   t, m, prev, ts = t_start, 0.0, None, []
   for n, loss in enumerate(losses):
-    delta = 0.0 if prev is None else (prev - loss) / (prev + 1e-8)
-    m = beta * m + (1 - beta) * delta
-    adaptive = t + alpha / (1 + math.exp(-m)) * (1 - t)
-    linear = t_start + (t_end - t_start) * min((n + 1) / total_steps, 1.0)
-    t = min(max(linear, adaptive), t_end)
+    if prev is not None:
+      delta = (prev - loss) / (prev + 1e-15)
+      m = beta * m + (1 - beta) * delta
+      adaptive = t + alpha / (1 + math.exp(-m)) * (1 - t)
+      linear = t_start + (t_end - t_start) * min(n / total_steps, 1.0)
+      t = min(max(linear, adaptive), t_end)
     prev = loss
     ts.append(t)
   return ts
+
+
+def np_cross_entropy(s, t, mix, temperature):
+  """Mean over rows of T^2 (-sum p_t log q): the loss value TAID's update sees."""
+  s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+  log_softmax = lambda x: x - x.max(-1, keepdims=True) - np.log(
+      np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  p = np.exp(log_softmax(((1 - mix) * s + mix * t) / temperature))
+  return float(np.mean(-(p * log_softmax(s / temperature)).sum(-1)) * temperature**2)
 
 
 def test_taid_update_matches_python_reference():
@@ -46,8 +64,9 @@ def test_taid_update_matches_python_reference():
     state = L.taid_update(state, loss, n, **kw)
     got.append(float(state.interpolation))
   np.testing.assert_allclose(got, py_taid(losses, **kw), rtol=1e-6)
+  assert got[0] == pytest.approx(0.2)  # the first step only records its loss
   # With a large alpha the adaptive branch wins over the linear floor at some step.
-  linear = [0.2 + 0.7 * min((n + 1) / 10, 1.0) for n in range(len(losses))]
+  linear = [0.2 + 0.7 * min(n / 10, 1.0) for n in range(len(losses))]
   assert any(g > l + 1e-6 for g, l in zip(got, linear))
   assert got[-1] == pytest.approx(0.9)
 
@@ -73,9 +92,11 @@ def test_taid_term_carries_state_through_build_objective():
     t_now = float(state['taid'].interpolation)
     loss, state, _ = apply(params, state, {**inputs, 'step': jnp.asarray(step)})
     np.testing.assert_allclose(
-        loss, jnp.mean(L.taid(s, t, interpolation=t_now, temperature=2.0)), rtol=1e-6)
+        loss, jnp.mean(L.taid(s, t, interpolation=t_now, temperature=2.0)), rtol=1e-5)
     ts.append(float(state['taid'].interpolation))
-    losses.append(float(loss))
+    # The update sees the cross-entropy (KL + the target's entropy), as the authors' code.
+    losses.append(np_cross_entropy(s, t, t_now, 2.0))
+    np.testing.assert_allclose(float(state['taid'].prev_loss), losses[-1], rtol=1e-5)
   np.testing.assert_allclose(ts, py_taid(losses, total_steps=4, t_start=0.4, t_end=1.0,
                                          alpha=0.1, beta=0.99), rtol=1e-5)
   assert all(b >= a for a, b in zip(ts, ts[1:])) and ts[-1] == pytest.approx(1.0)

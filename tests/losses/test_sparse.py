@@ -10,6 +10,13 @@ from jax.test_util import check_grads
 
 import kdjax.losses as L
 
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """Exact comparisons: no TF32 (or bfloat16 passes) where XLA turns sums into dots."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
 MODES = ('renormalize', 'uniform', 'zero')
 LOSSES = {
     'kd': L.sparse_kd,
