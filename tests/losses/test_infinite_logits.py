@@ -35,8 +35,10 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
 def logit_losses():
-  """Registered losses that read the student's logits (the ones a padded vocabulary hits)."""
-  return [spec for spec in L.catalog() if 'student_logits' in spec.needs]
+  """kdjax's registered losses that read the student's logits (the ones a padded vocabulary
+  hits); losses registered by users in the same process (the notebook's) are not kdjax's."""
+  return [spec for spec in L.catalog() if 'student_logits' in spec.needs
+          and spec.factory.__module__.startswith('kdjax.losses')]
 
 
 def terms():

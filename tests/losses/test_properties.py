@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import assume
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -104,6 +105,11 @@ def test_invariant_to_a_constant_per_row(name, data):
   s, t, y, shift_s, shift_t = data
   fn = SHIFT_INVARIANT[name]
   base = fn(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y))
+  if name == 'logit_standardized_kd':
+    # z-scoring divides by the row's std (+ eps 1e-7, outside the root, as the reference):
+    # a row flat to within float32's rounding of the shift is ill-conditioned, so keep rows
+    # whose spread is well above that rounding (30 * 2^-24 ~ 2e-6).
+    assume(np.all(np.ptp(s, axis=-1) > 1e-2) and np.all(np.ptp(t, axis=-1) > 1e-2))
   moved = fn(jnp.asarray(s + shift_s), jnp.asarray(t + shift_t), jnp.asarray(y))
   # float32: a shift of 30 costs ~30 * 2^-24 relative in every logit.
   np.testing.assert_allclose(moved, base, rtol=1e-3, atol=1e-4)

@@ -21,13 +21,21 @@ def model():
 
 
 def _greedy_without_cache(model, prompts, steps, stop=None):
-  """Greedy continuation of each prompt alone, recomputing the whole sequence each step."""
+  """Greedy continuation of each prompt alone, recomputing the whole sequence each step
+  (right-padded to one width, so one compiled forward; causal: padding after the last
+  real token changes nothing before it)."""
+  from kdjax.models import functional
+  apply, params, state = functional(model)
+  width = max(len(p) for p in prompts) + steps
+  forward = jax.jit(lambda ids: apply(params, state, ids)[0].logits)
   out = []
   for prompt in prompts:
     seq = list(prompt)
     new = []
     for _ in range(steps):
-      logits = model(jnp.asarray([seq], jnp.int32)).logits[0, -1]
+      ids = np.zeros((1, width), np.int32)
+      ids[0, :len(seq)] = seq
+      logits = forward(jnp.asarray(ids))[0, len(seq) - 1]
       token = int(jnp.argmax(logits))
       new.append(token)
       seq.append(token)
