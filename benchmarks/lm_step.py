@@ -15,7 +15,12 @@ side by side in one run:
   from the demo's distillation config (``configs/lm/token_kd.py``: its loss terms and
   optimizer), the teacher handed in memory and run inside the jitted call as the
   engine's feed does, the data on the device, ``steps_per_call`` steps per jitted call
-  (``lax.scan``), the state donated.
+  (``lax.scan``), the state donated. Attention by ``DecoderConfig.attention_impl``
+  (``--attention``: ``auto``, blocked causal attention at this length; ``dense`` for the
+  one-matrix path), the tied head's hand-written gradient
+  (``kdjax.models.transformer.tied_logits``), and no per-step train accuracy
+  (``--train-accuracy off``: the torch step computes none; it takes effect where the
+  engine's setup passes ``config.train_accuracy`` to ``make_train_step``).
 * **torch eager**: the same weights (kdjax's modules written with
   ``kdjax.models.save_pretrained`` and read by ``transformers.LlamaForCausalLM.
   from_pretrained``, float32, SDPA attention), the loss written in torch
@@ -71,6 +76,13 @@ float32 run's MFU is then against the bf16 peak).
     # On a GPU (JAX with CUDA and a CUDA torch in the environment):
     python benchmarks/lm_step.py --device cuda --dtype bfloat16 --json /tmp/lm_gpu.json
     python benchmarks/lm_step.py --device cuda --dtype bfloat16 --large --json /tmp/lm_large.json
+
+``--teacher-sizes`` / ``--student-sizes`` (JSON) override the preset's model sizes, e.g.
+the first published run's pair (4 x 256 and 2 x 96)::
+
+    python benchmarks/lm_step.py --json F \
+      --teacher-sizes '{"hidden_size": 256, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 688}' \
+      --student-sizes '{"hidden_size": 96, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}'
 
 ``--large``: a 144M-parameter student (12 x 1024, 16 heads / 8 key-value heads,
 SwiGLU 2816) and a 406M-parameter teacher (16 x 1536, 12 / 4 heads, SwiGLU 4096) at
@@ -134,6 +146,8 @@ class Setting:
   loss_terms: dict            # kdjax loss terms: {'kd': {...}, 'ce': {...}}
   student_seed: int = 0
   teacher_seed: int = 1
+  attention_impl: str = 'auto'  # kdjax's DecoderConfig.attention_impl, both models
+  train_accuracy: bool = False  # the engine's per-step accuracy (torch computes none)
 
   @property
   def tokens_per_step(self) -> int:
@@ -156,6 +170,8 @@ def make_setting(args) -> Setting:
       'large': (LARGE_TEACHER, LARGE_STUDENT, 2048, 1024, 16, 10),
   }[preset]
   teacher, student, vocab, seq_len, batch, spc = sizes
+  teacher = {**teacher, **json.loads(args.teacher_sizes or '{}')}
+  student = {**student, **json.loads(args.student_sizes or '{}')}
   # The demo's distillation config: its loss terms and its optimizer.
   kd = load_config_file(os.path.join(LM_CONFIGS, 'token_kd.py'))
   terms = kd.loss.terms.to_dict()
@@ -174,7 +190,8 @@ def make_setting(args) -> Setting:
   return Setting(preset=preset, vocab=args.vocab or vocab, seq_len=args.seq_len or seq_len,
                  batch_size=batch, num_rows=max(8 * batch, batch * spc), steps_per_call=spc,
                  dtype=args.dtype, device=args.device, teacher=dict(teacher),
-                 student=dict(student), optimizer=optimizer, loss_terms=terms)
+                 student=dict(student), optimizer=optimizer, loss_terms=terms,
+                 attention_impl=args.attention, train_accuracy=args.train_accuracy == 'on')
 
 
 def make_rows(setting: Setting, seed: int = 0) -> dict:
@@ -229,7 +246,7 @@ def kdjax_config(setting: Setting):
   c.data.name = 'lm_step'
   c.data.feed = 'device'
   c.model.name = 'llama'
-  c.model.kwargs = dict(setting.student)
+  c.model.kwargs = dict(setting.student, attention_impl=setting.attention_impl)
   c.model.dtype = setting.dtype
   c.batch_size = setting.batch_size
   c.num_steps = 10 ** 9                 # never reached: the benchmark times calls
@@ -240,6 +257,8 @@ def kdjax_config(setting: Setting):
   c.optimizer.schedule = 'constant'     # torch's AdamW keeps its rate too
   c.optimizer.warmup_steps = 0
   c.teacher.devices = 0                 # the teacher inside the student's call
+  if 'train_accuracy' in c:             # the torch step counts no accuracy either
+    c.train_accuracy = setting.train_accuracy
   return c
 
 
@@ -274,7 +293,7 @@ def kdjax_modules(setting: Setting):
   from flax import nnx
   from kdjax import models
   kw = dict(num_classes=setting.vocab, input_shape=(setting.seq_len,),
-            dtype=jax_dtype(setting.dtype))
+            dtype=jax_dtype(setting.dtype), attention_impl=setting.attention_impl)
   teacher = models.create('llama', seed=setting.teacher_seed, **kw, **setting.teacher)
   student = nnx.eval_shape(lambda: models.create('llama', seed=setting.student_seed, **kw,
                                                  **setting.student))
@@ -626,6 +645,14 @@ def parse_args(argv=None):
   p.add_argument('--check-tol', type=float, default=None,
                  help='relative tolerance of the first-step loss check (default 1e-4 in '
                       'float32, 2e-2 in bfloat16)')
+  p.add_argument('--attention', choices=('auto', 'dense', 'blocked'), default='auto',
+                 help="kdjax's attention (DecoderConfig.attention_impl) in both models")
+  p.add_argument('--train-accuracy', choices=('on', 'off'), default='off',
+                 help="the engine's per-step train accuracy (config.train_accuracy); the "
+                      'torch step computes none')
+  p.add_argument('--teacher-sizes', help='JSON of DecoderConfig sizes overriding the '
+                 "preset teacher's, e.g. '{\"hidden_size\": 256, \"intermediate_size\": 688}'")
+  p.add_argument('--student-sizes', help="JSON overriding the preset student's sizes")
   p.add_argument('--matmul-n', type=int, default=None,
                  help='size of the peak matmul (default 2048 on a CPU, 8192 on a GPU)')
   p.add_argument('--child', help=argparse.SUPPRESS)
@@ -746,6 +773,8 @@ def main(argv=None) -> dict:
   t0 = time.perf_counter()
   metrics = jax.device_get(kd_run.call())
   kd_first = time.perf_counter() - t0
+  # What the engine did (it counts the accuracy unless its setup passes the config's field).
+  out['settings']['kdjax_train_accuracy_computed'] = 'accuracy' in metrics
   s, c = metrics['loss']
   losses = {'kdjax': [float(a) / max(float(b), 1.0) for a, b in zip(s, c)]}
   losses['torch_eager'] = eager.first_steps(positions)

@@ -249,14 +249,19 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, has_results: boo
 
 # --------------------------------------------------------------------------- checkpoints
 
-def latest_step(workdir: str) -> int | None:
-  """The newest finished checkpoint step under ``WORKDIR/checkpoints`` (None: none)."""
+def all_steps(workdir: str) -> list[int]:
+  """The finished checkpoint steps under ``WORKDIR/checkpoints``, ascending."""
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
-    return None
-  steps = [int(name) for name in os.listdir(path) if name.isdigit()
-           and ocp.path.step.is_checkpoint_finalized(os.path.join(path, name))]
-  return max(steps) if steps else None
+    return []
+  return sorted(int(name) for name in os.listdir(path) if name.isdigit()
+                and ocp.path.step.is_checkpoint_finalized(os.path.join(path, name)))
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest finished checkpoint step under ``WORKDIR/checkpoints`` (None: none)."""
+  steps = all_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def has_checkpoints(workdir: str) -> bool:

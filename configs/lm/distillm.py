@@ -37,7 +37,7 @@ def get_config(arg=None):
   if unknown:
     raise ValueError(f'unknown variant {sorted(unknown)}; use srkl and/or tiny')
   tiny = 'tiny' in variants
-  c = gkd.prompt_config(tiny)
+  c = gkd.prompt_config('tiny' if tiny else '')
   c.loss.terms = dict(LOSSES['srkl' if 'srkl' in variants else 'sfkl'])
   c.on_policy = ml_collections.ConfigDict(dict(
       method='distillm', init_threshold=0.0, threshold_step=0.1, loss_eps=0.1,

@@ -17,7 +17,9 @@ continuation (or, with ``seq_kd``, on the teacher's sample). ``lmbda``, ``beta``
 temperature is the paper's 1 (TRL's default is 0.9). Add a cross-entropy term with
 ``--config.loss.terms.ce.weight=0.5`` (its labels are the sampled tokens on on-policy steps).
 Evaluation: the student's cross-entropy on the held-out plays' continuations
-(``prompts_test``). Variants: '' and 'tiny'.
+(``prompts_test``). The paper starts from a supervised student:
+``--config.init.workdir=workdirs/lm_student`` (``kdjax demo --task lm`` starts it from the
+data-only student's halfway checkpoint). Variants: '', 'tiny', 'large'.
 """
 
 import ml_collections
@@ -35,9 +37,11 @@ def sampling(continuation_len: int) -> dict:
               stop_tokens=[EOS_ID])
 
 
-def prompt_config(tiny: bool) -> ml_collections.ConfigDict:
-  """The student's config on the prompt -> continuation splits (``P = C = L / 2``)."""
-  c = student.get_config('tiny' if tiny else None)
+def prompt_config(size: str = '') -> ml_collections.ConfigDict:
+  """The student's config (size variant ``size``) on the prompt -> continuation splits
+  (``P = C = L / 2``)."""
+  tiny = size == 'tiny'
+  c = student.get_config(size)
   c.data.train_split = 'prompts_train'
   c.data.eval_split = 'prompts_test'
   if tiny:
@@ -48,10 +52,9 @@ def prompt_config(tiny: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  if arg not in (None, '', 'tiny'):
-    raise ValueError(f'unknown variant {arg!r}; use tiny or nothing')
-  tiny = arg == 'tiny'
-  c = prompt_config(tiny)
+  size = student.teacher.size_variant(arg)
+  tiny = size == 'tiny'
+  c = prompt_config(size)
   c.loss.terms = {'generalized_jsd': {'weight': 1.0, 'beta': 0.5}}
   c.on_policy = ml_collections.ConfigDict(dict(
       method='gkd', lmbda=0.5, seq_kd=False, **sampling(16 if tiny else 64)))

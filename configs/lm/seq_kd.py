@@ -12,7 +12,7 @@ cross-entropy on prompt + teacher continuation, the loss on the continuation onl
 cache's rows replace the split's own continuations): the loss reads no teacher output,
 the teacher's knowledge is in the data (``kdjax train`` runs it as well). Evaluation is on
 the held-out plays' packed rows, as for the other LM configs. Variants (comma-separated):
-'' (greedy), 'sample', 'tiny'.
+'' (greedy), 'sample', and a size: 'tiny', 'large'.
 """
 
 from kdjax.cache import cache_config
@@ -25,10 +25,7 @@ SAMPLE = dict(temperature=1.0, top_p=0.95)
 
 def get_config(arg=None):
   variants = set(filter(None, (arg or '').split(',')))
-  unknown = variants - {'sample', 'tiny'}
-  if unknown:
-    raise ValueError(f'unknown variant {sorted(unknown)}; use sample and/or tiny')
-  c = student.get_config('tiny' if 'tiny' in variants else None)
+  c = student.get_config(student.teacher.size_variant(arg, others=('sample',)))
   c.data.train_split = 'prompts_train'
   c.cache = cache_config(mode='generate', **(SAMPLE if 'sample' in variants else {}))
   c.loss.terms = {'ce': {'weight': 1.0}}

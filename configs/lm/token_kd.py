@@ -8,7 +8,8 @@
 Every logit loss takes ``[batch, tokens, vocab]`` logits with the token mask (padding and
 each document's last token carry no target). The ``chunked`` variant computes the loss in
 chunks of tokens (rematerialized), for large vocabularies. Variants (comma-separated):
-'' (forward KL, Hinton), 'reverse_kl', 'skew_kl', 'gjsd', 'chunked', 'tiny'.
+'' (forward KL, Hinton), 'reverse_kl', 'skew_kl', 'gjsd', 'chunked', and a size: 'tiny',
+'large'.
 """
 
 from kdjax.config import sibling
@@ -26,13 +27,10 @@ LOSSES = {
 
 def get_config(arg=None):
   variants = set(filter(None, (arg or '').split(',')))
-  unknown = variants - set(LOSSES) - {'tiny'}
-  if unknown:
-    raise ValueError(f'unknown variant {sorted(unknown)}; use one of {sorted(LOSSES)} '
-                     'and/or tiny')
+  size = student.teacher.size_variant(arg, others=LOSSES)
   losses = variants & set(LOSSES)
   if len(losses) > 1:
     raise ValueError(f'pick one loss variant, got {sorted(losses)}')
-  c = student.get_config('tiny' if 'tiny' in variants else None)
+  c = student.get_config(size)
   c.loss.terms = {**LOSSES[losses.pop() if losses else 'kd'], 'ce': {'weight': 0.5}}
   return c

@@ -52,6 +52,9 @@ from kdjax.cache.settings import is_token_data
 from kdjax.engine.config import validate
 from kdjax.errors import UserError
 from kdjax.models.base import MODEL_INPUT_KEYS
+from kdjax.parallel import batch_axes
+from kdjax.parallel import batch_shards
+from kdjax.parallel import batch_sharding
 from kdjax.parallel import initialize_from_env
 from kdjax.parallel import make_mesh
 
@@ -175,10 +178,10 @@ def build_cache(config, cache_dir: str, *, mode: str | None = None, epochs: int 
     mesh = make_mesh([tuple(axis) for axis in config.mesh])
   except ValueError as e:
     raise UserError(f'config.mesh: {e}') from None
-  data_axis = mesh.axis_names[0]
   batch = int(config.batch_size)
-  if batch % mesh.shape[data_axis]:
-    raise UserError(f'batch_size {batch} does not divide over the {mesh.shape[data_axis]} devices')
+  if batch % batch_shards(mesh):
+    raise UserError(f'batch_size {batch} does not divide over the {batch_shards(mesh)} devices '
+                    f'of mesh axes {" x ".join(batch_axes(mesh))}')
   data_dir = config.data.data_dir or None
   spec = kdata.dataset_spec(config.data.name, data_dir=data_dir)
   token_data = is_token_data(spec)
@@ -194,7 +197,17 @@ def build_cache(config, cache_dir: str, *, mode: str | None = None, epochs: int 
   features = [parse_feature(f) for f in features]
   settings = (cache_settings(config, num_classes=spec.num_classes, mode=mode, k=k, codec=codec)
               if token_data else None)
-  teacher = teacher_lib.load_teacher(config.teacher.workdir, mesh, config.teacher.partition_rules)
+  if config.teacher.get('vocab_method', 'none') != 'none':
+    raise UserError(f'config.teacher.vocab_method={config.teacher.vocab_method} distills from a '
+                    'live teacher on its own tokens; a cache holds the teacher on the student\'s '
+                    'tokens: set it to none, or train without a cache')
+  teacher_tokens = teacher_lib.tokenizer(config.teacher) if token_data else None
+  data_tokens = teacher_lib.data_tokenizer(config.data.name, data_dir) if token_data else None
+  if teacher_tokens is not None and data_tokens is not None and (
+      teacher_lib.tokenizer_digest(teacher_tokens) != teacher_lib.tokenizer_digest(data_tokens)):
+    raise UserError(f"the teacher's and {config.data.name}'s tokenizers differ; a cache keyed "
+                    "by the student's tokens needs a teacher with the same tokenizer")
+  teacher = teacher_lib.load(config.teacher, mesh)
   num_classes = spec.num_classes
   if teacher.num_classes != num_classes:
     raise UserError(f'the teacher predicts {teacher.num_classes} classes but '
@@ -291,7 +304,7 @@ def _plan(config, teacher, arrays, mesh, *, epochs, k, dtype, features, chunk_si
                      k=k, num_classes=num_classes, dtype=dtype, features=features,
                      index_dtype=index_dtype)
   repl = NamedSharding(mesh, P())
-  batch_sh = NamedSharding(mesh, P(mesh.axis_names[0]))
+  batch_sh = batch_sharding(mesh)
 
   def sharded(variables, x, ids, epochs_):
     x, ids, epochs_ = jax.lax.with_sharding_constraint((x, ids, epochs_), batch_sh)
@@ -333,7 +346,7 @@ def _plan_tokens(config, teacher, arrays, mesh, *, epochs, settings, chunk_size)
   })
   inputs = tuple(key for key in MODEL_INPUT_KEYS if key in arrays)
   infer = tokens.make_token_infer(teacher.apply, k=k, vocab_size=vocab)
-  batch_sh = NamedSharding(mesh, P(mesh.axis_names[0]))
+  batch_sh = batch_sharding(mesh)
 
   def sharded(variables, x, mask, *model_inputs):
     x, mask, model_inputs = jax.lax.with_sharding_constraint((x, mask, model_inputs), batch_sh)
@@ -396,6 +409,7 @@ def _plan_generate(config, teacher, arrays, mesh, *, epochs, settings, chunk_siz
   if not 1 <= max_new <= width:
     raise UserError(f'config.cache.generate.max_new_tokens must be in [1, {width}] (the '
                     f'continuation of {where} is {width} tokens; got {max_new})')
+  sequences.check_context(teacher, prompt_len=prompt_len, max_new_tokens=max_new)
   decoding = {'temperature': gen['temperature'], 'top_k': gen['top_k'] or None,
               'top_p': gen['top_p'] if gen['top_p'] < 1 else None, 'max_new_tokens': max_new,
               'stop_tokens': [kdata.text.EOS_ID] if gen['stop_at_eos'] else [],
@@ -419,7 +433,7 @@ def _plan_generate(config, teacher, arrays, mesh, *, epochs, settings, chunk_siz
       max_new_tokens=max_new, temperature=decoding['temperature'], top_k=decoding['top_k'],
       top_p=decoding['top_p'], stop_tokens=tuple(decoding['stop_tokens']),
       pad_id=decoding['pad_id'])
-  batch_sh = NamedSharding(mesh, P(mesh.axis_names[0]))
+  batch_sh = batch_sharding(mesh)
 
   def sharded(variables, prompt_ids, prompt_mask, seed, epoch, batch_index):
     prompt_ids, prompt_mask = jax.lax.with_sharding_constraint((prompt_ids, prompt_mask),

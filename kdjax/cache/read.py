@@ -67,7 +67,8 @@ def check_source(manifest: dict, config, *, num_classes: int, cache_dir: str,
   if teacher_fingerprint is not None and teacher_fingerprint != manifest['teacher']['fingerprint']:
     raise UserError(f'{where} was built from another teacher (fingerprint '
                     f"{manifest['teacher']['fingerprint'][:12]}, not {teacher_fingerprint[:12]} of "
-                    f'{config.teacher.workdir}); rebuild it with `kdjax cache build`')
+                    f'{config.teacher.workdir or config.teacher.get("hf_path")}); rebuild it '
+                    'with `kdjax cache build`')
   ds = manifest['dataset']
   if (ds['name'], ds['split']) != (config.data.name, config.data.train_split):
     raise UserError(f"{where} covers {ds['name']}:{ds['split']}, but the run trains on "

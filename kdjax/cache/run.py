@@ -16,12 +16,11 @@ def open_for_run(config):
   """Opens ``config.teacher.cache`` for a run: a :class:`RunCache`, a
   :class:`~kdjax.cache.tokens.TokenCache` or a :class:`~kdjax.cache.sequences.SequenceCache`
   by the cache's kind (its ``check`` checks it against the run). When
-  ``config.teacher.workdir`` is set, its teacher's fingerprint is read (parameters only,
-  on the host) and must equal the cache's."""
+  ``config.teacher.workdir`` (or ``hf_path``) is set, its teacher's fingerprint is read
+  (parameters only, on the host) and must equal the cache's."""
   cache_dir = os.path.abspath(config.teacher.cache)
   manifest = open_cache(cache_dir)
-  fingerprint = (teacher_lib.read_fingerprint(config.teacher.workdir)
-                 if config.teacher.workdir else None)
+  fingerprint = teacher_lib.config_fingerprint(config.teacher)
   kind = cache_kind(manifest)
   if kind == 'tokens':
     return TokenCache(cache_dir, manifest, fingerprint)

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax import teacher as teacher_lib
 from kdjax.cache import read
 from kdjax.cache.settings import check_config_settings
 from kdjax.errors import UserError
@@ -66,6 +67,30 @@ def generation_key(seed, epoch, batch_index) -> jax.Array:
   """
   key = jax.random.fold_in(jax.random.key(seed), epoch)
   return jax.random.fold_in(key, batch_index)
+
+
+def check_context(teacher, *, prompt_len: int, max_new_tokens: int) -> None:
+  """Raises a one-line ``UserError`` when the prompts plus ``max_new_tokens`` do not fit
+  the teacher's context; call it before the cache directory is written.
+
+  The context is :func:`kdjax.teacher.context_length`'s: a Hugging Face decoder's
+  ``max_positions``; a workdir teacher's ``model.kwargs.max_positions`` or else the row
+  length of the data it was *trained* on, which may be shorter than the rows of the
+  data whose prompts it continues. A teacher with no context (not a decoder) passes
+  (the plan refuses it as such).
+
+  Args:
+    teacher: a :class:`kdjax.teacher.Teacher`.
+    prompt_len: the prompts' columns ``P``.
+    max_new_tokens: the continuation tokens to generate.
+  """
+  context = teacher_lib.context_length(teacher)
+  if context is None:
+    return
+  room = context - int(prompt_len)
+  fix = (f'lower config.cache.generate.max_new_tokens to at most {room}' if room > 0 else
+         f'cache the prompts of a data set with prompts shorter than {context} tokens')
+  decoding.check_context(prompt_len, max_new_tokens, context, who="the teacher's", fix=fix)
 
 
 def make_generate(apply, init_cache, *, width: int, max_new_tokens: int, temperature: float,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -20,9 +19,8 @@ from kdjax import cache as cache_lib
 from kdjax import workdir as workdir_lib
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
-from kdjax.engine.loop import train_loop
+from kdjax.engine.loop import fit
 from kdjax.engine.setup import setup
-from kdjax.errors import Diverged
 from kdjax.errors import UserError
 
 
@@ -47,41 +45,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise UserError('`kdjax distill` needs a loss that uses the teacher (e.g. kd); '
                     'use `kdjax train` for training from labels')
   start = workdir_lib.latest_step(workdir)
+  if start is None:
+    state = run.init()
+    if config.init.workdir:   # checked before anything is written
+      state = warm_start(state, config.init.workdir, int(config.init.step))
+      _log(f'student initialized from {config.init.workdir}')
   workdir_lib.prepare(workdir, config, has_results=start is not None, identity=IDENTITY_FIELDS)
 
   manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
   position: dict = {}
-  if start is None:
-    state = run.init()
-  else:
+  if start is not None:
     state, position = workdir_lib.restore(manager, start, run.abstract_state)
     run.feed.restore(position)
     _log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  progress = _progress(config, start=start or 0)
-  t_run = time.time()
-  try:
-    result = train_loop(state, start=start or 0, schedule=run.schedule, calls=run.calls,
-                        feed=run.feed, evaluate=run.evaluate, manager=manager, writer=writer,
-                        batch_size=int(config.batch_size), log_window=position.get('log_window'),
-                        progress=progress, log=_log)
-  except Diverged as e:
-    _write_summary(workdir, {'step': e.step, 'diverged': True, 'last_checkpoint': e.checkpoint,
-                             'error': str(e)})
-    raise
-  finally:
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-
-  train, evaluation = result.train, result.eval
-  if not result.steps_run:
-    # Nothing left to train (a rerun of a finished run): report the run as it stands.
-    # Every process evaluates (a collective); the train figures are the ones logged at
-    # this step, where this process can read them.
-    evaluation = run.evaluate(result.state)
-    train = metrics_lib.logged(writer.path, 'train', result.step)
+  fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
+               schedule=run.schedule, calls=run.calls, feed=run.feed, evaluate=run.evaluate,
+               log=_log)
+  result, train, evaluation = fitted.result, fitted.train, fitted.eval
   teacher = run.teacher
   summary = {
       'step': result.step,
@@ -91,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       'train_accuracy': train.get('accuracy'),
       'examples_per_sec': result.examples_per_sec or train.get('examples_per_sec'),
       'skipped_steps': result.skipped,
-      'wall_seconds': time.time() - t_run,
+      'wall_seconds': fitted.seconds,
       'resumed_from': start,
       'feed': run.feed_kind,
       'num_devices': jax.device_count(),
@@ -112,6 +92,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return summary
 
 
+def warm_start(state, workdir: str, step: int = 0):
+  """``state`` with the student's parameters and model state of ``workdir``'s checkpoint
+  at ``step`` (0: its latest), each array in the sharding of the one it replaces; the
+  optimizer, the loss terms' parameters and the step stay fresh.
+
+  Raises:
+    UserError: no such workdir or checkpoint, or one of another model (shapes differ).
+  """
+  steps = workdir_lib.all_steps(workdir)
+  if not steps:
+    raise UserError(f'config.init.workdir {workdir} has no checkpoint to start the student '
+                    'from; train that run first')
+  step = step or max(steps)
+  if step not in steps:
+    raise UserError(f'config.init.workdir {workdir} has no checkpoint at step {step} '
+                    f'(it has {", ".join(map(str, sorted(steps)))})')
+
+  def take(template, subtree):
+    leaves, treedef = jax.tree.flatten(template)
+    another = (f'config.init.workdir {workdir} holds another model than this run\'s '
+               '(its parameters differ in number or shape)')
+    try:
+      got = jax.tree.leaves(workdir_lib.restore_subtree(
+          workdir, step, subtree, shardings=[x.sharding for x in leaves]))
+    except UserError as e:
+      raise UserError(f'{another}: {e}') from None
+    if len(got) != len(leaves) or any(a.shape != b.shape for a, b in zip(leaves, got)):
+      raise UserError(another)
+    return jax.tree.unflatten(treedef, [b.astype(a.dtype) for a, b in zip(leaves, got)])
+
+  params = dict(state.params)
+  params['student'] = take(state.params['student'], ('params', 'student'))
+  model_state = (take(state.model_state, ('model_state',))
+                 if jax.tree.leaves(state.model_state) else state.model_state)
+  return state.replace(params=params, model_state=model_state)
+
+
 def _exp(loss):
   return None if loss is None else float(math.exp(min(loss, 700.0)))
 
@@ -123,10 +140,3 @@ def _bits(loss):
 def _write_summary(workdir: str, summary: dict) -> None:
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
-
-
-def _progress(config, *, start: int):
-  from tqdm.auto import tqdm
-  disable = (not config.progress) or jax.process_index() != 0
-  return tqdm(total=int(config.num_steps), initial=start, disable=disable, unit='step',
-              dynamic_ncols=True, mininterval=1.0)

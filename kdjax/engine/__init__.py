@@ -15,9 +15,11 @@ from kdjax.engine.feed import Feed
 from kdjax.engine.feed import StreamSource
 from kdjax.engine.feed import TeacherAhead
 from kdjax.engine.feed import packed_permutation
+from kdjax.engine.loop import Fitted
 from kdjax.engine.loop import LoopResult
 from kdjax.engine.loop import Schedule
 from kdjax.engine.loop import TrainCalls
+from kdjax.engine.loop import fit
 from kdjax.engine.loop import train_loop
 from kdjax.engine.metrics import Accumulator
 from kdjax.engine.metrics import MetricsWriter

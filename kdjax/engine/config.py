@@ -26,6 +26,11 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('constant', 'cosine', 'step')
 CACHE_READERS = ('auto', 'memory', 'chunks')
 ON_POLICY_METHODS = ('gkd', 'distillm')
+TEACHER_DTYPES = ('float32', 'bfloat16')
+# How a teacher with another tokenizer than the student's data is distilled from:
+# 'none' refuses it; 'uld' re-tokenizes the text for the teacher (kdjax.engine.feed.Retokenizer)
+# and reads its logits with the `uld` loss (kdjax.losses.uld).
+VOCAB_METHODS = ('none', 'uld')
 # DistiLLM's schedules of its fresh-sample probability over training (kdjax.engine.policy).
 REPLAY_RATIOS = ('decreasing', 'constant', 'increasing')
 
@@ -44,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   # A step whose loss or gradient norm is not finite: 'stop' the run there (exit 3,
   # nothing saved after the last good checkpoint) or 'skip' its update and count it.
   c.nonfinite = 'stop'
+  # Start the student from another run's checkpoint (its parameters and model state; a
+  # fresh optimizer): a data-trained student before on-policy distillation, say. Only a
+  # fresh run reads it; a resumed one continues from its own checkpoints.
+  c.init = ml_collections.ConfigDict({'workdir': '', 'step': 0})   # step 0: its latest
 
   c.mesh = [('data', -1)]          # -1: every device (the teacher's apart); fixed sizes take the first
   c.partition_rules = [('.*', None)]  # (regex over parameter paths, None | spec | 'fsdp')
@@ -82,6 +91,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.workdir = ''           # a finished `kdjax train` workdir
+  # Or a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json) of a
+  # decoder LM (kdjax.models.from_pretrained); exactly one of workdir / hf_path.
+  c.teacher.hf_path = ''
+  c.teacher.dtype = 'float32'      # a Hugging Face teacher's parameters and computation
+  # A teacher whose tokenizer differs from the student data's: 'none' refuses the run,
+  # 'uld' distills across tokenizers (the `uld` loss; live teacher only).
+  c.teacher.vocab_method = 'none'
+  # 'uld': the teacher's row length for the re-tokenized text; 0: the student's row
+  # length, at most the teacher's context (its data set's rows, or max_positions).
+  c.teacher.seq_len = 0
+  # [('.*', None)] (the default) replicates a workdir teacher and gives a Hugging Face
+  # teacher its family's rules (kdjax.models.from_pretrained); any other list is used as is.
   c.teacher.partition_rules = [('.*', None)]
   c.teacher.outputs = []           # as model.outputs, for the teacher
   c.teacher.cache = ''             # a `kdjax cache build` directory
@@ -97,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   # On-policy distillation (kdjax.engine.policy) adds a group `on_policy` (configs/lm/gkd.py,
   # configs/lm/distillm.py): `method` ('gkd' | 'distillm'), the sampling fields
   # (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_tokens`) and the method's own.
+  # Count the train accuracy every step (an argmax over the logits); False: the summary's
+  # train_accuracy is None (language models: a pass over [batch, tokens, vocab] saved).
+  c.train_accuracy = True
   return c
 
 
@@ -104,7 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
 # any of them holds another run's checkpoints and is refused.
 IDENTITY_FIELDS = ('seed', 'batch_size', 'data.name', 'data.train_split', 'data.augment',
                    'model', 'optimizer', 'loss', 'teacher.workdir', 'teacher.cache',
-                   'on_policy')
+                   'teacher.hf_path', 'teacher.dtype', 'teacher.vocab_method',
+                   'teacher.seq_len', 'on_policy')
 
 
 def _one_of(config, dotted: str, allowed) -> None:
@@ -128,6 +153,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'keep_checkpoints', 'steps_per_call'):
     check_int(config, field, 1)
   _one_of(config, 'nonfinite', NONFINITE)
+  check_int(config, 'init.step', 0)
   _check_mesh(config.mesh)
   for field in ('model', 'teacher'):
     outputs = list(config[field].get('outputs', []))
@@ -153,7 +179,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, 'teacher.cache_reader', CACHE_READERS)
   check_int(config, 'teacher.cache_memory_max_bytes', 0)
   check_int(config, 'teacher.devices', 0)
+  _check_teacher_source(config)
   _check_on_policy(config)
+
+
+def _check_teacher_source(config) -> None:
+  """Where the teacher comes from (at most one of workdir / hf_path), its dtype, and a
+  vocabulary method the rest of the config allows."""
+  from kdjax.teacher import source
+  source(config.teacher)
+  _one_of(config, 'teacher.dtype', TEACHER_DTYPES)
+  _one_of(config, 'teacher.vocab_method', VOCAB_METHODS)
+  check_int(config, 'teacher.seq_len', 0)
+  if config.teacher.vocab_method != 'uld':
+    return
+  if config.teacher.cache:
+    raise UserError('config.teacher.vocab_method=uld runs the teacher live on the re-tokenized '
+                    'text; unset config.teacher.cache')
+  if int(config.teacher.devices):
+    raise UserError('config.teacher.vocab_method=uld runs the teacher inside the student\'s '
+                    'call; set config.teacher.devices=0')
+  if config.get('on_policy') is not None:
+    raise UserError('config.teacher.vocab_method=uld re-tokenizes the data set\'s rows, not '
+                    'the student\'s samples; remove config.on_policy')
+  from kdjax.data import normalize_spec
+  augment = config.data.augment
+  augment = augment.to_dict() if hasattr(augment, 'to_dict') else augment
+  if normalize_spec(augment)['kind'] != 'none':
+    raise UserError('config.teacher.vocab_method=uld gives the teacher the rows\' text, which '
+                    "an augmentation would change for the student only; set "
+                    "config.data.augment={'kind': 'none'}")
 
 
 def _check_on_policy(config) -> None:

@@ -15,6 +15,8 @@ from kdjax.engine.feed import put_global
 from kdjax.engine.metrics import Accumulator
 from kdjax.engine.step import eval_metrics
 from kdjax.models.base import model_kwargs
+from kdjax.parallel import batch_shards
+from kdjax.parallel import batch_sharding
 
 
 def make_evaluator(apply: Callable[..., Any], arrays: dict, mesh: jax.sharding.Mesh, *,
@@ -26,7 +28,7 @@ def make_evaluator(apply: Callable[..., Any], arrays: dict, mesh: jax.sharding.M
   The split is kept on device in batches of ``batch_size`` (rounded to the mesh's
   first axis), the last one padded and masked.
   """
-  n_dev = mesh.shape[mesh.axis_names[0]]
+  n_dev = batch_shards(mesh)
   batch_size = max(n_dev, (int(batch_size) // n_dev) * n_dev)
   n = len(arrays['label'])
   num_batches = math.ceil(n / batch_size)
@@ -38,7 +40,7 @@ def make_evaluator(apply: Callable[..., Any], arrays: dict, mesh: jax.sharding.M
     stacked['mask'] = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)]).reshape(
         num_batches, batch_size)
   data = put_global(stacked, NamedSharding(mesh, P()))
-  batch_sh = NamedSharding(mesh, P(mesh.axis_names[0]))
+  batch_sh = batch_sharding(mesh)
 
   @jax.jit
   def evaluate_all(params, model_state, data):

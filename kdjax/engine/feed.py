@@ -26,6 +26,12 @@ Sources (where the examples come from):
 :class:`TeacherAhead` runs a live teacher on devices of its own, one call ahead of the
 student's: the student's call takes the teacher's entries and the positions its call
 used, so the two agree batch for batch.
+
+A teacher with another tokenizer (``config.teacher.vocab_method='uld'``) reads the same
+text in its own tokens: :class:`Retokenizer` rewrites the rows host side (the whole
+split once for the device feed, each batch for the stream feed) into the columns of
+:data:`TEACHER_VIEW_KEYS`, which ride along with the examples; the teacher runs on them
+and ``teacher_where`` goes to the loss (:mod:`kdjax.losses.uld`).
 """
 
 from __future__ import annotations
@@ -41,12 +47,17 @@ from kdjax import teacher as teacher_lib
 from kdjax.engine import policy as policy_lib
 from kdjax.models.base import MODEL_INPUT_KEYS
 from kdjax.models.base import model_kwargs
+from kdjax.parallel import batch_sharding
 
 Batch = dict[str, Any]
 # Per-example columns every source carries; token data adds its ``mask`` ([tokens]: which
 # positions have a target) and its other model inputs when its arrays have them.
 EXAMPLE_KEYS = ('x', 'label', 'id')
 OPTIONAL_KEYS = ('mask', *MODEL_INPUT_KEYS)
+# The teacher's own tokenization of a row (Retokenizer): its input ids, segment ids and
+# positions, and the positions whose next token is in the row (the loss's teacher mask).
+TEACHER_VIEW_KEYS = ('teacher_input_ids', 'teacher_segment_ids', 'teacher_positions',
+                     'teacher_where')
 
 
 def example_keys(arrays, extra_keys=()) -> tuple[str, ...]:
@@ -154,7 +165,7 @@ class DeviceSource:
                        'training examples')
     self.seed = int(seed)
     self.repl = NamedSharding(mesh, P())
-    self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+    self.batch_sharding = batch_sharding(mesh)
     self.keys = example_keys(arrays, extra_keys)
     data = {k: arrays[k] for k in self.keys}
     if columns is not None:
@@ -214,18 +225,22 @@ class StreamSource:
     rows: ``rows(epochs, ids) -> entries`` (numpy): the teacher cache rows of a batch.
     num_cached: the cache's epochs (a batch's ``epoch`` becomes ``epoch mod num_cached``).
     extra_keys: more columns of the batches to carry (a policy's ``keys``).
+    retokenize: a :class:`Retokenizer`: each batch's rows in the teacher's tokens are
+      added (:data:`TEACHER_VIEW_KEYS`).
   """
 
   KEYS = ('x', 'label', 'id', 'epoch', 'mask')
 
   def __init__(self, iterator, *, mesh: jax.sharding.Mesh,
                rows: Callable[[np.ndarray, np.ndarray], dict] | None = None,
-               num_cached: int | None = None, extra_keys: tuple[str, ...] = ()):
+               num_cached: int | None = None, extra_keys: tuple[str, ...] = (),
+               retokenize: 'Retokenizer | None' = None):
     self.iterator = iterator
     self.rows, self.num_cached = rows, num_cached
+    self.retokenize = retokenize
     self.extra_keys = tuple(extra_keys)
-    self.sharding = NamedSharding(mesh, P(None, mesh.axis_names[0]))
-    self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+    self.sharding = batch_sharding(mesh, leading=1)
+    self.batch_sharding = batch_sharding(mesh)
     self.repl = NamedSharding(mesh, P())
 
   def _next(self) -> dict:
@@ -235,6 +250,8 @@ class StreamSource:
     if self.rows is not None:
       out.update(self.rows(out['epoch'], out['id']))
       out['epoch'] = out['epoch'] % self.num_cached
+    if self.retokenize is not None:
+      out.update(self.retokenize(out['x'], out.get('segment_ids')))
     return out
 
   def inputs(self, step: int, n: int) -> dict:
@@ -259,6 +276,100 @@ class StreamSource:
   def restore(self, position: dict) -> None:
     if position.get('iterator') is not None:
       self.iterator.set_state(position['iterator'])
+
+
+# --------------------------------------------------------------------------- re-tokenization
+
+class Retokenizer:
+  """Rows of token ids -> the same text in the teacher's tokens (host side, numpy).
+
+  Each segment of a row (its ``segment_ids``; without them, the row's non-pad tokens),
+  its pad and end-of-document tokens left out, is decoded with the student's tokenizer
+  and encoded again with the teacher's (no special tokens added); a segment that ended
+  with the student's end-of-document token ends with the teacher's (if it has one). The
+  row's segments follow each other in a teacher row of ``length`` tokens (what does not
+  fit is dropped), with segment ids 1, 2, ..., positions from 0 in each segment, and the
+  teacher's pad id after them. ``teacher_where`` is True where the next token is in the
+  same segment of the teacher row: the teacher positions with a target, as the
+  student's ``mask`` marks its own (a document's end-of-document token has none). The
+  result is a pure function of the rows and the two tokenizers.
+
+  Args:
+    student: the student data's ``tokenizers.Tokenizer``.
+    teacher: the teacher's.
+    length: the teacher row length.
+    student_eos: the student's end-of-document id.
+    teacher_eos: the teacher's, or None (a segment end is then only its last token).
+    pad_id: the student's pad id (left out), also written on the teacher's padding.
+
+  >>> from kdjax.data.text import char_tokenizer
+  >>> student = char_tokenizer(['ab c'], special_tokens=('<pad>', '<eos>', '<unk>'))
+  >>> teacher = char_tokenizer(['abc '], special_tokens=('<pad>', '<eos>', '<unk>', '<x>'))
+  >>> x = np.array([student.encode('ab').ids + [1] + student.encode('c').ids + [0]])
+  >>> out = Retokenizer(student, teacher, length=6, student_eos=1, teacher_eos=1)(
+  ...     x, np.array([[1, 1, 1, 2, 0]]))
+  >>> out['teacher_input_ids'].tolist(), out['teacher_where'].astype(int).tolist()
+  ([[5, 6, 1, 7, 0, 0]], [[1, 1, 0, 0, 0, 0]])
+  """
+
+  def __init__(self, student, teacher, *, length: int, student_eos: int,
+               teacher_eos: int | None, pad_id: int = 0):
+    self.student, self.teacher = student, teacher
+    self.length, self.pad_id = int(length), int(pad_id)
+    self.student_eos, self.teacher_eos = int(student_eos), teacher_eos
+
+  def __call__(self, x, segment_ids=None) -> dict[str, np.ndarray]:
+    x = np.asarray(x)
+    if segment_ids is None:
+      segment_ids = (x != self.pad_id).astype(np.int32)
+    segment_ids = np.asarray(segment_ids)
+    spans = []     # (row, ids without pad/eos, ended with eos)
+    for row in range(x.shape[0]):
+      for seg in np.unique(segment_ids[row]):
+        if seg == 0:
+          continue
+        ids = x[row][segment_ids[row] == seg]
+        ended = bool(len(ids)) and int(ids[-1]) == self.student_eos
+        ids = ids[(ids != self.pad_id) & (ids != self.student_eos)]
+        spans.append((row, ids.tolist(), ended))
+    texts = self.student.decode_batch([ids for _, ids, _ in spans]) if spans else []
+    encoded = (self.teacher.encode_batch(texts, add_special_tokens=False) if texts else [])
+    n, length = x.shape[0], self.length
+    out = {'teacher_input_ids': np.full((n, length), self.pad_id, np.int32),
+           'teacher_segment_ids': np.zeros((n, length), np.int32),
+           'teacher_positions': np.zeros((n, length), np.int32),
+           'teacher_where': np.zeros((n, length), bool)}
+    fill = np.zeros(n, np.int64)
+    segment = np.zeros(n, np.int32)
+    for (row, _, ended), enc in zip(spans, encoded):
+      ids = list(enc.ids) + ([self.teacher_eos] if ended and self.teacher_eos is not None else [])
+      start = int(fill[row])
+      ids = ids[:length - start]
+      if not ids:
+        continue
+      stop = start + len(ids)
+      segment[row] += 1
+      out['teacher_input_ids'][row, start:stop] = ids
+      out['teacher_segment_ids'][row, start:stop] = segment[row]
+      out['teacher_positions'][row, start:stop] = np.arange(len(ids))
+      out['teacher_where'][row, start:stop - 1] = True
+      fill[row] = stop
+    return out
+
+
+def teacher_inputs(batch: Batch) -> tuple[Any, dict]:
+  """``(x, model kwargs)`` the teacher reads in ``batch``: its own tokenization
+  (:data:`TEACHER_VIEW_KEYS`) when the batch has one, else the student's inputs.
+
+  >>> x, kwargs = teacher_inputs({'x': 1, 'segment_ids': 2, 'teacher_input_ids': 3,
+  ...                             'teacher_segment_ids': 4, 'teacher_positions': 5})
+  >>> x, sorted(kwargs.items())
+  (3, [('positions', 5), ('segment_ids', 4)])
+  """
+  if 'teacher_input_ids' in batch:
+    return batch['teacher_input_ids'], {'segment_ids': batch['teacher_segment_ids'],
+                                        'positions': batch['teacher_positions']}
+  return batch['x'], model_kwargs(batch)
 
 
 # --------------------------------------------------------------------------- the feed
@@ -335,8 +446,9 @@ class Feed:
         batch.update({k: jax.tree.map(lambda a: a[i], v) for k, v in ahead.items()
                       if k != 'position'})
       elif self.teacher is not None:
-        batch.update(teacher_lib.outputs(self.teacher.apply, inputs['teacher'], batch['x'],
-                                         self.needs, **model_kwargs(batch)))
+        x, kwargs = teacher_inputs(batch)
+        batch.update(teacher_lib.outputs(self.teacher.apply, inputs['teacher'], x,
+                                         self.needs, **kwargs))
       return batch, state, metrics
 
     return ready_at
@@ -398,7 +510,7 @@ class TeacherAhead:
     source = DeviceSource(arrays, batch_size=batch_size, seed=seed, mesh=teacher_mesh)
     self.feed = Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs)
     self.next_chunk = next_chunk
-    self.sharding = NamedSharding(student_mesh, P(None, student_mesh.axis_names[0]))
+    self.sharding = batch_sharding(student_mesh, leading=1)
     self._calls: dict[int, Callable] = {}
     self._pending: dict[tuple[int, int], Any] = {}
 

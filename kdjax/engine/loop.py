@@ -17,7 +17,7 @@ import dataclasses
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from kdjax import workdir as workdir_lib
 from kdjax.engine.feed import Feed
 from kdjax.engine.metrics import Accumulator
 from kdjax.engine.metrics import MetricsWriter
+from kdjax.engine.metrics import logged
 from kdjax.errors import Diverged
 
 
@@ -214,3 +215,63 @@ def _diverged(manager, step: int, metrics: dict, *, what: str = 'the loss') -> D
   return Diverged(f'{what} is not finite at step {step}{details}; {where}. Lower '
                   'optimizer.learning_rate, or set --config.nonfinite=skip to skip such steps',
                   step=step, checkpoint=ckpt)
+
+
+class Fitted(NamedTuple):
+  """What :func:`fit` returns: the loop's result, the train and eval figures of its last
+  step (read back from the metrics of a finished run that had nothing left to train) and
+  the wall seconds of the loop."""
+
+  result: LoopResult
+  train: dict
+  eval: dict
+  seconds: float
+
+
+def fit(config, workdir: str, *, state, start: int | None, position: dict, manager,
+        schedule: Schedule, calls: TrainCalls, feed: Feed, evaluate: Callable[[Any], dict],
+        log: Callable[[str], None] = print) -> Fitted:
+  """:func:`train_loop` as a run command runs it: the metrics writer and the progress bar
+  of ``workdir``, ``summary.json`` written on a divergence (then re-raised), the
+  checkpoint manager closed whatever happens, and a finished run that is run again
+  evaluated as it stands.
+
+  Args:
+    config: the run's config (``num_steps``, ``batch_size``, ``progress``).
+    workdir: the run's folder.
+    state: the state to train from: fresh, or restored at step ``start``.
+    start: the checkpoint step resumed from (None: a fresh run).
+    position: the feed position restored with it (``{}`` when fresh).
+    manager: the workdir's checkpoint manager (closed here).
+    schedule, calls, feed, evaluate: the run's (:class:`kdjax.engine.Setup`).
+    log: where one-line notes go.
+  """
+  from tqdm.auto import tqdm
+  writer = MetricsWriter(workdir, resume_step=start)
+  progress = tqdm(total=int(config.num_steps), initial=start or 0, unit='step',
+                  disable=(not config.progress) or jax.process_index() != 0,
+                  dynamic_ncols=True, mininterval=1.0)
+  t_run = time.time()
+  try:
+    result = train_loop(state, start=start or 0, schedule=schedule, calls=calls, feed=feed,
+                        evaluate=evaluate, manager=manager, writer=writer,
+                        batch_size=int(config.batch_size), log_window=position.get('log_window'),
+                        progress=progress, log=log)
+  except Diverged as e:
+    if jax.process_index() == 0:
+      workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), {
+          'step': e.step, 'diverged': True, 'last_checkpoint': e.checkpoint, 'error': str(e)})
+    raise
+  finally:
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  train, evaluation = result.train, result.eval
+  if not result.steps_run:
+    # Nothing left to train (a rerun of a finished run): report the run as it stands.
+    # Every process evaluates (a collective); the train figures are the ones logged at
+    # this step, where this process can read them.
+    evaluation = evaluate(result.state)
+    train = logged(writer.path, 'train', result.step)
+  return Fitted(result, train, evaluation, time.time() - t_run)

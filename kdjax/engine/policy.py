@@ -42,11 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax import teacher as teacher_lib
 from kdjax.data.text import PAD_ID
 from kdjax.engine.config import REPLAY_RATIOS
 from kdjax.errors import UserError
 from kdjax.losses import Objective
 from kdjax.models.decoding import Generation
+from kdjax.models.decoding import check_context
 from kdjax.models.decoding import sample
 from kdjax.models.transformer import DecoderConfig
 from kdjax.models.transformer import init_cache
@@ -113,7 +115,7 @@ class Sampler(NamedTuple):
                   init_cache=functools.partial(init_cache, self.config),
                   max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                   top_k=self.top_k, top_p=self.top_p, stop_tokens=self.stop_tokens,
-                  pad_id=PAD_ID)
+                  pad_id=PAD_ID, max_positions=self.config.max_positions)
 
 
 def step_key(train_state) -> jax.Array:
@@ -470,17 +472,19 @@ def from_config(config, spec, *, apply, teacher, data) -> Policy:
   if seq_kd:
     if teacher is None:
       raise UserError('config.on_policy.seq_kd samples from the teacher: set '
-                      'config.teacher.workdir')
+                      'config.teacher.workdir or config.teacher.hf_path')
+    # The teacher's context is its own (its max_positions, or the rows it was trained
+    # on), not this run's rows: its decoder as built for that many tokens.
+    context = teacher_lib.context_length(teacher)
     decoders['teacher'] = decoder_config(
-        teacher.config.model, num_classes=teacher.num_classes, input_shape=spec.input_shape)
+        teacher.config.model, num_classes=teacher.num_classes,
+        input_shape=(context,) if context else spec.input_shape)
   for who, decoder in decoders.items():
     if decoder is None:
       raise UserError(f'on-policy distillation samples from the {who}, which must be a decoder '
                       f'language model (llama, gpt2, qwen2 or decoder)')
-    if prompt_len + new_tokens > decoder.max_positions:
-      raise UserError(f'a prompt of {prompt_len} tokens plus config.on_policy.max_new_tokens='
-                      f'{new_tokens} exceeds the {who}\'s context of {decoder.max_positions} '
-                      'positions; lower max_new_tokens')
+    check_context(prompt_len, new_tokens, decoder.max_positions, who=f'the {who}\'s',
+                  fix='lower config.on_policy.max_new_tokens or use shorter prompts')
   if new_tokens > seq_len - prompt_len:
     raise UserError(f'config.on_policy.max_new_tokens={new_tokens} is more than the '
                     f'{seq_len - prompt_len} continuation tokens of a '

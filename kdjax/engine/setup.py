@@ -21,13 +21,18 @@ import numpy as np
 
 from kdjax import data as kdata
 from kdjax import teacher as teacher_lib
+from kdjax.data.text import EOS_ID
+from kdjax.data.text import PAD_ID
 from kdjax.engine import policy as policy_lib
 from kdjax.engine.config import validate
 from kdjax.engine.evaluate import make_evaluator
+from kdjax.engine.feed import TEACHER_VIEW_KEYS
 from kdjax.engine.feed import DeviceSource
 from kdjax.engine.feed import Feed
+from kdjax.engine.feed import Retokenizer
 from kdjax.engine.feed import StreamSource
 from kdjax.engine.feed import TeacherAhead
+from kdjax.engine.feed import teacher_inputs
 from kdjax.engine.loop import Schedule
 from kdjax.engine.loop import TrainCalls
 from kdjax.engine.optim import make_optimizer
@@ -39,6 +44,8 @@ from kdjax.losses import build_objective
 from kdjax.models import from_config
 from kdjax.models.base import named_features
 from kdjax.models.base import output_kwargs
+from kdjax.parallel import batch_axes
+from kdjax.parallel import batch_shards
 from kdjax.parallel import initialize_from_env
 from kdjax.parallel import make_mesh
 from kdjax.parallel import shardings_from_rules
@@ -141,16 +148,26 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   elif needs & CACHE_NEEDS:
     raise UserError('sparse (top-k) losses read the teacher cache: build one with `kdjax cache '
                     'build` and pass --config.teacher.cache=DIR')
-  live = cache is None and (bool(needs & TEACHER_NEEDS) or bool(config.teacher.workdir))
+  live = cache is None and (bool(needs & TEACHER_NEEDS)
+                            or teacher_lib.source(config.teacher) is not None)
+  # The tokenizers are compared before the teacher's weights are read.
+  vocabularies = (_check_tokenizers(config, spec, teacher) if live and data is None
+                  else None)
   if live and teacher is None:
-    teacher = teacher_lib.load_teacher(config.teacher.workdir, teacher_mesh or mesh,
-                                       config.teacher.partition_rules)
+    teacher = teacher_lib.load(config.teacher, teacher_mesh or mesh)
   elif live:
     teacher = teacher._replace(variables=jax.device_put(teacher.variables, shardings_from_rules(
         teacher.variables, config.teacher.partition_rules, teacher_mesh or mesh)))
   if not live:
     teacher = None
-  if teacher is not None and teacher.num_classes != spec.num_classes:
+  retokenize = None
+  if config.teacher.vocab_method == 'uld':
+    _check_uld_terms(config, teacher)
+    if vocabularies is None:
+      raise UserError('config.teacher.vocab_method=uld re-tokenizes the rows of config.data, '
+                      'and a data set passed in memory has no tokenizer; name it in config.data')
+    retokenize = _retokenizer(config, spec, teacher, *vocabularies)
+  elif teacher is not None and teacher.num_classes != spec.num_classes:
     raise UserError(f'the teacher predicts {teacher.num_classes} classes but {config.data.name} '
                     f'has {spec.num_classes}; use a teacher trained on the same label space')
 
@@ -181,11 +198,12 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
                     "the device feed (config.data.feed='device'); set it to 0")
   feed = _feed(config, kind, mesh=mesh, cache=cache, needs=needs, augment=augment,
                teacher=teacher, teacher_mesh=teacher_mesh, schedule=schedule, log=log,
-               arrays=data.train if data is not None else None, policy=policy)
+               arrays=data.train if data is not None else None, policy=policy,
+               retokenize=retokenize)
 
   # ---- the state: shapes, shardings by rule, and an init that makes it in them
   init = _init_fn(apply, init_params, objective, tx, config=config, spec=spec,
-                  teacher=teacher, cache=cache, needs=needs)
+                  teacher=teacher, cache=cache, needs=needs, retokenize=retokenize)
   seed = np.int32(config.seed)
   abstract = jax.eval_shape(init, seed)
   state_shardings = shardings_from_rules(abstract, config.partition_rules, mesh)
@@ -194,7 +212,8 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   make_state = jax.jit(init, out_shardings=state_shardings)
 
   # ---- the one step, its calls, and the evaluator
-  step = make_train_step(apply, objective, tx, nonfinite=str(config.nonfinite))
+  step = make_train_step(apply, objective, tx, nonfinite=str(config.nonfinite),
+                         train_accuracy=bool(config.train_accuracy))
   calls = TrainCalls(step, feed, state_shardings=state_shardings, mesh=mesh)
   eval_arrays = (data.eval if data is not None else
                  kdata.load_arrays(config.data.name, config.data.eval_split, data_dir=data_dir))
@@ -229,11 +248,10 @@ def _meshes(config) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh | None]:
     mesh = make_mesh(axes, devices=devices)
   except ValueError as e:
     raise UserError(f'config.mesh: {e}') from None
-  data_axis = mesh.axis_names[0]
   batch = int(config.batch_size)
-  if batch % mesh.shape[data_axis]:
-    raise UserError(f'batch_size {batch} does not divide over the {mesh.shape[data_axis]} '
-                    f'devices of mesh axis {data_axis!r}; pick a multiple')
+  if batch % batch_shards(mesh):
+    raise UserError(f'batch_size {batch} does not divide over the {batch_shards(mesh)} '
+                    f'devices of mesh axes {" x ".join(batch_axes(mesh))}; pick a multiple')
   if teacher_mesh is not None and batch % teacher_mesh.size:
     raise UserError(f'batch_size {batch} does not divide over the teacher\'s '
                     f'{teacher_mesh.size} devices (config.teacher.devices); pick a multiple')
@@ -281,13 +299,16 @@ def _feed_kind(config, spec, cache) -> str:
 
 
 def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_mesh,
-          schedule: Schedule, log, arrays=None, policy=None) -> Feed:
+          schedule: Schedule, log, arrays=None, policy=None, retokenize=None) -> Feed:
   data_dir = config.data.data_dir or None
   seed, batch_size = int(config.seed), int(config.batch_size)
   keys = policy.keys if policy is not None else ()
   if kind == 'device':
     if arrays is None:
       arrays = kdata.load_arrays(config.data.name, config.data.train_split, data_dir=data_dir)
+    if retokenize is not None:   # the whole split in the teacher's tokens, once
+      arrays = {**arrays, **retokenize(arrays['x'], arrays.get('segment_ids'))}
+      keys = (*keys, *TEACHER_VIEW_KEYS)
     columns = None
     if cache is not None:
       if config.teacher.cache_reader == 'chunks':
@@ -315,23 +336,34 @@ def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_me
     log(f'teacher cache: {cache.nbytes / 2**20:.1f} MiB, ' + (
         'loaded whole' if reader == 'memory' else 'rows read per batch from its chunk files'))
   source = StreamSource(iterator, mesh=mesh, rows=rows,
-                        num_cached=cache.epochs if cache is not None else None, extra_keys=keys)
+                        num_cached=cache.epochs if cache is not None else None, extra_keys=keys,
+                        retokenize=retokenize)
   return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs, policy=policy)
 
 
-def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache, needs):
+def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache, needs,
+             retokenize=None):
   """``init(seed) -> TrainState`` (pure; jitted with the state's shardings; the seed is
   an argument, so runs that differ only in it share the program).
 
   The objective's learned parts (projectors, queues) are initialized from a
   two-example sample: the student's outputs, and the teacher's (live, computed once
-  on its devices, or a cache row).
+  on its devices, or a cache row; a re-tokenizing teacher on rows of its own length).
   """
   x = np.zeros((2, *spec.input_shape), spec.input_dtype)
   extra = cache.sample(needs) if cache is not None else {}
   if teacher is not None:
-    forward = jax.jit(lambda v: teacher_lib.outputs(teacher.apply, v, x))
-    extra = jax.device_get(forward(teacher.variables))
+    view = {}
+    if retokenize is not None:
+      shape = (2, retokenize.length)
+      view = {'teacher_input_ids': np.zeros(shape, np.int32),
+              'teacher_segment_ids': np.ones(shape, np.int32),
+              'teacher_positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
+              'teacher_where': np.ones(shape, bool)}
+    teacher_x, kwargs = teacher_inputs({'x': x, **view})
+    forward = jax.jit(lambda v: teacher_lib.outputs(teacher.apply, v, teacher_x, **kwargs))
+    extra = {**jax.device_get(forward(teacher.variables)),
+             **({'teacher_where': view['teacher_where']} if view else {})}
 
   def init(seed) -> TrainState:
     params, model_state = init_params(seed)
@@ -346,3 +378,92 @@ def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache,
                             loss_params=loss_params, loss_state=loss_state)
 
   return init
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+def _check_tokenizers(config, spec, teacher) -> tuple[Any, Any] | None:
+  """Compares the teacher's tokenizer with the student data's (token data only; before
+  the teacher's weights are read). Returns ``(student, teacher)`` tokenizers for
+  ``vocab_method='uld'``, else None.
+
+  Raises:
+    UserError: the tokenizers differ and no vocabulary method is chosen; or ``uld``
+      without a tokenizer on both sides.
+  """
+  uld = config.teacher.vocab_method == 'uld'
+  tokens = len(spec.input_shape) == 1 and spec.input_dtype.startswith('int')
+  student = (teacher_lib.data_tokenizer(config.data.name, config.data.data_dir or None)
+             if tokens else None)
+  if student is None and not uld:
+    return None    # not text: the class counts are compared once the teacher is loaded
+  if teacher is not None and teacher_lib.source(config.teacher) is None:
+    ours = _given_teacher_tokenizer(teacher)
+  else:
+    ours = teacher_lib.tokenizer(config.teacher)
+  if uld:
+    if student is None or ours is None:
+      raise UserError('config.teacher.vocab_method=uld re-tokenizes text: the student\'s data '
+                      'set and the teacher must both have a tokenizer (a language-model data '
+                      'set; a workdir teacher trained on one, or a tokenizer.json in hf_path)')
+    return student, ours
+  if ours is None:
+    return None
+  a, b = teacher_lib.tokenizer_digest(ours), teacher_lib.tokenizer_digest(student)
+  if a != b:
+    raise UserError(f"the teacher's and the student's tokenizers differ (teacher "
+                    f'{ours.get_vocab_size()} tokens, digest {a[:12]}; {config.data.name} '
+                    f'{student.get_vocab_size()} tokens, digest {b[:12]}); set '
+                    '--config.teacher.vocab_method=uld to distill across tokenizers')
+  return None
+
+
+def _given_teacher_tokenizer(teacher):
+  """The tokenizer of a teacher made by the caller, from its config (None if unknown)."""
+  config = teacher.config
+  if config is None:
+    return None
+  if config.get('hf_path'):
+    return teacher_lib.tokenizer({'hf_path': config.hf_path})
+  data = config.get('data')
+  if data is None or not data.get('name'):
+    return None
+  return teacher_lib.data_tokenizer(data.name, data.get('data_dir') or None)
+
+
+def _check_uld_terms(config, teacher) -> None:
+  """``vocab_method='uld'``: a live teacher, a ``uld`` term, and no other term reading the
+  teacher (its logits are over another vocabulary, its positions another text cut)."""
+  terms = _plain(config.loss.terms)
+  losses = {name: (options or {}).get('loss', name) for name, options in terms.items()}
+  if teacher is None or 'uld' not in losses.values():
+    raise UserError("config.teacher.vocab_method=uld distills with the uld loss from a live "
+                    "teacher: add a term such as --config.loss.terms=\"{'ce': {'weight': 1.0}, "
+                    "'uld': {'weight': 1.5}}\" and set config.teacher.workdir or hf_path")
+  from kdjax.losses import get as get_loss
+  others = sorted(name for name, loss in losses.items()
+                  if loss != 'uld' and set(get_loss(loss).needs) & (TEACHER_NEEDS | CACHE_NEEDS))
+  if others:
+    raise UserError(f'config.loss.terms: {", ".join(others)} read the teacher position by '
+                    'position in one vocabulary, which a teacher with another tokenizer does not '
+                    'share (config.teacher.vocab_method=uld); keep uld and terms without a teacher')
+
+
+def _retokenizer(config, spec, teacher, student_tok, teacher_tok) -> Retokenizer:
+  """The student rows -> teacher rows rewriter of ``vocab_method='uld'``, with the
+  teacher's row length checked against its context."""
+  context = teacher_lib.context_length(teacher) if teacher.config is not None else None
+  length = int(config.teacher.seq_len) or int(spec.input_shape[0])
+  if context is not None and length > context:
+    if config.teacher.seq_len:
+      raise UserError(f'config.teacher.seq_len={length} is longer than the teacher\'s context '
+                      f'of {context} positions; lower it')
+    length = context
+  eos_token = student_tok.id_to_token(EOS_ID)
+  teacher_eos = teacher_tok.token_to_id(eos_token) if eos_token is not None else None
+  if teacher_eos is None and teacher.config is not None:
+    eos = (teacher.config.model.get('kwargs') or {}).get('eos_token_id')
+    teacher_eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+  return Retokenizer(student_tok, teacher_tok, length=length, student_eos=EOS_ID,
+                     teacher_eos=None if teacher_eos is None else int(teacher_eos),
+                     pad_id=PAD_ID)

@@ -34,7 +34,7 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
                     penalty: Callable[[Any], jax.Array] | None = None,
                     aux_loss: Callable[[Any, dict], jax.Array] | None = None,
                     aux_grad_mask: Any = None, skip_empty: bool = False,
-                    nonfinite: str = 'stop') -> Callable:
+                    nonfinite: str = 'stop', train_accuracy: bool = True) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)``.
 
   The loss is ``objective`` on the student's outputs and the batch, plus
@@ -57,12 +57,17 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
       it is applied, and its ``metrics['nonfinite']`` says so (the loop stops there);
       ``'skip'``: its update is dropped (the step counter still moves on) and
       ``metrics['skipped']`` counts it; ``'ignore'``: no check (no gradient norm).
+    train_accuracy: also count the step's ``accuracy`` (an argmax over the logits: on a
+      language model one more pass over ``[batch, tokens, vocab]``, a few percent of
+      the demo LM's step on a CPU). False leaves it out of the metrics (the run's
+      ``train_accuracy`` is then None); the update and the other metrics are unchanged.
 
   Returns:
-    The pure step. ``metrics``: ``loss`` and ``accuracy`` (over labeled examples), the
-    objective's ``loss/<term>``, and unless ``nonfinite='ignore'`` ``grad_norm`` and
-    ``nonfinite`` (``'stop'``: 1 on a non-finite step) or ``skipped`` (``'skip'``: 1 on
-    a dropped step; its other metrics are zeros).
+    The pure step. ``metrics``: ``loss``, ``accuracy`` (over labeled examples; left out
+    with ``train_accuracy=False``), the objective's ``loss/<term>``, and unless
+    ``nonfinite='ignore'`` ``grad_norm`` and ``nonfinite`` (``'stop'``: 1 on a
+    non-finite step) or ``skipped`` (``'skip'``: 1 on a dropped step; its other
+    metrics are zeros).
   """
   if nonfinite not in NONFINITE:
     raise ValueError(f'nonfinite must be one of {NONFINITE}, got {nonfinite!r}')
@@ -111,8 +116,9 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
                         loss_state=loss_state, opt_state=opt_state)
     where = batch['mask']
     n = jnp.sum(where.astype(jnp.float32))
-    metrics = dict(metrics, loss=(loss * n, n),
-                   accuracy=accuracy(out.logits, batch['label'], where))
+    metrics = dict(metrics, loss=(loss * n, n))
+    if train_accuracy:
+      metrics['accuracy'] = accuracy(out.logits, batch['label'], where)
     new, metrics = guard_nonfinite(nonfinite, loss, grads, new,
                                    state.replace(step=state.step + 1), metrics)
     if skip_empty:

@@ -14,7 +14,7 @@ from kdjax.losses.registry import reduce_value
 from kdjax.losses.registry import register
 from kdjax.losses.schedules import make_schedule
 
-# --- response (logit) losses: kdjax/losses/logits.py, sparse.py, sequence.py
+# --- response (logit) losses: kdjax/losses/logits.py, sparse.py, sequence.py, uld.py
 from kdjax.losses import divergences
 from kdjax.losses import logits
 from kdjax.losses import progressive
@@ -54,6 +54,8 @@ from kdjax.losses.sparse import sparse_generalized_jsd
 from kdjax.losses.sparse import sparse_kd
 from kdjax.losses.sparse import sparse_reverse_kl
 from kdjax.losses.sparse import sparse_tvd
+from kdjax.losses.uld import uld_alignment
+from kdjax.losses.uld import uld_loss
 
 # --- feature and relation losses: kdjax/losses/features.py, relations.py
 from kdjax.losses import features

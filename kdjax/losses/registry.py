@@ -27,7 +27,10 @@ an optax-style pair of pure functions with explicit state:
 
 =======================  =====================================================
 ``student_logits``       ``[batch, ..., classes]``
-``teacher_logits``       ``[batch, ..., classes]`` (live or dense cache)
+``teacher_logits``       ``[batch, ..., classes]`` (live or dense cache); with a teacher of
+                         another tokenizer (``uld``) ``[batch, teacher_tokens, teacher_vocab]``
+``teacher_where``        ``[batch, teacher_tokens]`` bool: the teacher's valid positions
+                         (``uld``; :class:`kdjax.engine.feed.Retokenizer`)
 ``teacher_topk_logits``  ``[batch, ..., k]`` with ``teacher_topk_indices`` and
                          ``teacher_logsumexp`` (sparse cache)
 ``labels``               ``[batch, ...]`` int; ``-1`` marks an unlabeled example

@@ -17,6 +17,13 @@ The student's logits stay dense ``[..., classes]``; the class axis is the last o
 * ``'zero'``: the top-k probabilities as they are and zero elsewhere. The teacher
   then sums to :math:`1 - r`, so it is **not a distribution**: the "divergences"
   are truncated sums and may be negative. Needs ``teacher_logsumexp``.
+* ``'bucket'``: the tail as one class. Both distributions are coarsened to the ``k``
+  top classes plus one bin holding the rest (the teacher's :math:`r`, the student's
+  :math:`1 - \sum_k q_k`), and the divergence is taken between the coarsened ones: it
+  asks the student for the teacher's top-k probabilities and total tail mass and says
+  nothing about how the tail is shared, where ``'uniform'`` asks for a flat tail the
+  teacher does not have. A lower bound of the full divergence (data processing),
+  exact at ``k = C``. Forward and reverse KL; needs ``teacher_logsumexp``.
 
 **Temperature.** At :math:`T = 1`, :math:`\log Z_1` is the cached log-sum-exp and
 everything is exact. For :math:`T \ne 1` the partition function
@@ -64,7 +71,9 @@ from kdjax.losses.divergences import GKD_2024
 
 Array = jax.Array
 
-MODES = ('renormalize', 'uniform', 'zero')
+MODES = ('renormalize', 'uniform', 'zero', 'bucket')
+# The modes every sparse loss takes ('bucket' only the forward and reverse KL).
+BUCKET_LOSSES = ('sparse_kd', 'sparse_reverse_kl')
 SPARSE_NEEDS = ('student_logits', 'teacher_topk_logits', 'teacher_topk_indices')
 
 
@@ -75,7 +84,7 @@ class _Teacher:
   def __init__(self, log_p_topk, log_tail, tail_count, indices, num_classes, mode, skip_topk,
                inf_s):
     self.log_p_topk = log_p_topk  # [..., k]
-    self.log_tail = log_tail      # [...] log-prob of each tail class ('uniform'), else None
+    self.log_tail = log_tail      # [...] log-prob of each tail class ('uniform', 'bucket')
     self.tail_count = tail_count  # [...] tail classes per row (float), 0 when k = C
     self.indices = indices        # [..., k] int
     self.num_classes = num_classes
@@ -96,7 +105,7 @@ class _Teacher:
   def dense_log_probs(self, fill) -> Array:
     """``[..., C]`` log-probs; the tail gets ``log_tail`` ('uniform') or ``fill``."""
     shape = self.indices.shape[:-1] + (self.num_classes,)
-    if self.log_tail is not None:
+    if self.log_tail is not None and self.mode == 'uniform':
       base = jnp.broadcast_to(self.log_tail[..., None], shape)
     else:
       base = jnp.full(shape, fill, self.log_p_topk.dtype)
@@ -162,7 +171,7 @@ def _prepare_sparse(student_logits, topk_logits, topk_indices, temperature, miss
     log_z_t = jnp.where(has_tail, jnp.logaddexp(lse_top_t,
                                                 log_count + flat_tail_logit / temperature),
                         lse_top_t)
-    if missing_mass == 'uniform':
+    if missing_mass in ('uniform', 'bucket'):
       tiny = jnp.log(jnp.finfo(s.dtype).tiny)
       log_tail = jnp.maximum(flat_tail_logit / temperature - log_z_t, tiny)
   log_p_topk = zt - log_z_t[..., None]
@@ -174,13 +183,33 @@ def _prepare_sparse(student_logits, topk_logits, topk_indices, temperature, miss
   return log_q, teacher, where, temperature
 
 
+def _no_bucket(missing_mass) -> None:
+  if missing_mass == 'bucket':
+    raise ValueError(f"missing_mass='bucket' is for {' and '.join(BUCKET_LOSSES)}; use "
+                     "'uniform' or 'renormalize'")
+
+
 def _gather(x, idx):
   return jnp.take_along_axis(x, idx, axis=-1)
+
+
+def _bins(log_q, teacher: _Teacher) -> tuple[Array, Array, Array]:
+  """'bucket': the teacher's and the student's log tail mass ``[...]`` (the student's
+  over its finite classes outside the top k), and whether a row has a tail."""
+  log_p_tail = teacher.log_tail + jnp.log(jnp.maximum(teacher.tail_count, 1.0))
+  out = jnp.logical_or(teacher.support(), teacher.inf_s)
+  has_tail = teacher.tail_count > 0
+  log_q_tail = jax.nn.logsumexp(jnp.where(out, ABSENT, log_q), axis=-1)
+  return (jnp.where(has_tail, log_p_tail, 0.0), jnp.where(has_tail, log_q_tail, 0.0),
+          has_tail)
 
 
 def _forward_kl(log_q, teacher: _Teacher) -> Array:
   log_q_topk = _gather(log_q, teacher.indices)
   value = kl_from_log_probs(teacher.log_p_topk, log_q_topk, -1, teacher.skip_topk)
+  if teacher.mode == 'bucket':
+    log_p_tail, log_q_tail, has_tail = _bins(log_q, teacher)
+    value = value + jnp.where(has_tail, jnp.exp(log_p_tail) * (log_p_tail - log_q_tail), 0.0)
   if teacher.mode == 'uniform':
     u_log = teacher.log_tail
     u = jnp.exp(u_log)
@@ -195,6 +224,11 @@ def _forward_kl(log_q, teacher: _Teacher) -> Array:
 def _reverse_kl(log_q, teacher: _Teacher) -> Array:
   skip = teacher.skip()
   log_p = teacher.dense_log_probs(0.0)
+  if teacher.mode == 'bucket':
+    log_q_topk = _gather(log_q, teacher.indices)
+    value = kl_from_log_probs(log_q_topk, teacher.log_p_topk, -1, teacher.skip_topk)
+    log_p_tail, log_q_tail, has_tail = _bins(log_q, teacher)
+    return value + jnp.where(has_tail, jnp.exp(log_q_tail) * (log_q_tail - log_p_tail), 0.0)
   if teacher.mode == 'uniform':
     return kl_from_log_probs(log_q, log_p, -1, skip)
   support = jnp.logical_and(teacher.support(), ~skip)
@@ -224,9 +258,9 @@ def sparse_kd(student_logits, teacher_topk_logits, teacher_topk_indices, *, temp
     teacher_topk_logits: ``[..., k]`` raw teacher logits (largest first or not).
     teacher_topk_indices: ``[..., k]`` their classes (distinct per row).
     temperature: :math:`T > 0`.
-    missing_mass: ``'renormalize'``, ``'uniform'`` or ``'zero'``.
+    missing_mass: ``'renormalize'``, ``'uniform'``, ``'zero'`` or ``'bucket'``.
     teacher_logsumexp: ``[...]`` log-sum-exp of all teacher logits at T = 1; needed
-      by ``'uniform'`` and ``'zero'`` when ``k < classes``.
+      by ``'uniform'``, ``'zero'`` and ``'bucket'`` when ``k < classes``.
     where: optional boolean mask of the per-example shape.
 
   Returns:
@@ -335,6 +369,7 @@ def sparse_generalized_jsd(student_logits, teacher_topk_logits, teacher_topk_ind
   >>> print(sparse_generalized_jsd(s, vals, idx, beta=0.0).round(4))
   [0.1156]
   """
+  _no_bucket(missing_mass)
   log_q, teacher, where, temperature = _prepare_sparse(
       student_logits, teacher_topk_logits, teacher_topk_indices, temperature, missing_mass,
       teacher_logsumexp, where)
@@ -395,6 +430,7 @@ def sparse_tvd(student_logits, teacher_topk_logits, teacher_topk_indices, *, tem
   >>> print(sparse_tvd(s, vals, idx).round(4))
   [0.6667]
   """
+  _no_bucket(missing_mass)
   log_q, teacher, where, _ = _prepare_sparse(
       student_logits, teacher_topk_logits, teacher_topk_indices, temperature, missing_mass,
       teacher_logsumexp, where)

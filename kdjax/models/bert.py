@@ -478,6 +478,101 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> dict[str, np.ndarray
   }
 
 
+# --------------------------------------------------------- a student from teacher layers
+
+
+def _param_key(path) -> str:
+  """``'layers/0/attention/query/kernel'`` for a key path of a params pytree."""
+  parts = []
+  for entry in path:
+    if isinstance(entry, jax.tree_util.GetAttrKey):   # nnx.Param's ``.value``
+      continue
+    parts.append(str(getattr(entry, 'key', getattr(entry, 'idx', entry))))
+  return '/'.join(parts)
+
+
+def _layer_count(keys) -> int:
+  return len({key.split('/')[1] for key in keys if key.startswith('layers/')})
+
+
+def init_from_teacher(student_params: Any, teacher_params: Any, *,
+                      layers: Sequence[int] | None = None, embeddings: bool = True) -> Any:
+  """Student parameters initialised from a wider-or-equal, deeper BERT teacher.
+
+  DistilBERT's initialisation: the student keeps the teacher's width and takes its
+  embeddings and one layer out of several (``layers=[0, 2, 4]`` for a 3-layer student
+  of a 6-layer teacher). Every parameter not copied keeps the student's own value.
+  The teacher's learned positions beyond the student's ``max_positions`` are dropped.
+
+  Args:
+    student_params: the student's parameters (``nnx.State`` from
+      :func:`~kdjax.models.functional`, or the same nested mapping of arrays).
+    teacher_params: the teacher's, likewise.
+    layers: for each student layer ``i``, the (0-based) teacher layer it copies; one
+      entry per student layer. None: no layer is copied.
+    embeddings: copy the word, position and token-type embeddings and their
+      LayerNorm.
+
+  Returns:
+    The student's parameters with the copied entries replaced (same structure).
+
+  Raises:
+    UserError: ``layers`` does not give one teacher layer per student layer, names a
+      layer the teacher lacks, or a copied tensor's shape differs (another width or
+      vocabulary: initialise such a student at random and distill it through a
+      projection instead).
+
+  References:
+    Sanh, Debut, Chaumond, Wolf. DistilBERT, a distilled version of BERT: smaller,
+    faster, cheaper and lighter. NeurIPS EMC^2 workshop 2019. arXiv:1910.01108
+    (Section 3: "taking one layer out of two").
+
+  >>> small = dict(vocab_size=20, hidden_size=8, num_heads=2, intermediate_size=16)
+  >>> t = BertEncoder(BertConfig(num_layers=4, max_positions=8, **small), rngs=nnx.Rngs(0))
+  >>> s = BertEncoder(BertConfig(num_layers=2, max_positions=6, **small), rngs=nnx.Rngs(1))
+  >>> p = init_from_teacher(nnx.state(s, nnx.Param), nnx.state(t, nnx.Param), layers=[1, 3])
+  >>> bool(jnp.all(p['layers'][1]['output']['kernel'][...] == t.layers[3].output.kernel[...]))
+  True
+  >>> p['embeddings']['position']['embedding'].shape   # the first 6 of the teacher's 8
+  (6, 8)
+  """
+  teacher = {_param_key(path): leaf
+             for path, leaf in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
+  student_keys = [_param_key(path)
+                  for path, _ in jax.tree_util.tree_flatten_with_path(student_params)[0]]
+  num_student, num_teacher = _layer_count(student_keys), _layer_count(teacher)
+  if layers is not None:
+    layers = [int(i) for i in layers]
+    if len(layers) != num_student:
+      raise UserError(f'the student has {num_student} layers but {len(layers)} teacher layers '
+                      f'were given ({layers}); give one teacher layer per student layer.')
+    if any(not 0 <= i < num_teacher for i in layers):
+      raise UserError(f'teacher layers {layers} are not all in 0..{num_teacher - 1}; pick '
+                      'layers the teacher has.')
+
+  def pick(path, leaf):
+    key = _param_key(path)
+    if embeddings and key.startswith('embeddings/'):
+      source = key
+    elif layers is not None and key.startswith('layers/'):
+      _, index, rest = key.split('/', 2)
+      source = f'layers/{layers[int(index)]}/{rest}'
+    else:
+      return leaf
+    value = teacher.get(source)
+    if value is None:
+      raise UserError(f'the teacher has no parameter {source}; is it a BertEncoder?')
+    if key == 'embeddings/position/embedding' and value.shape[0] > leaf.shape[0]:
+      value = value[:leaf.shape[0]]
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise UserError(f'teacher {source} has shape {tuple(value.shape)} but student {key} has '
+                      f'{tuple(leaf.shape)}; copy layers only between models of one width and '
+                      'vocabulary.')
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(pick, student_params)
+
+
 # ------------------------------------------------------------------ Hugging Face layout
 
 # config.json key -> BertConfig field, with transformers' BertConfig default.

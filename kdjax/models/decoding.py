@@ -84,14 +84,34 @@ def process_logits(logits: Array, *, temperature: float = 1.0, top_k: int | None
     kth = jax.lax.top_k(z, top_k)[0][..., -1:]
     z = jnp.where(z >= kth, z, _NEG)
   if top_p is not None and top_p < 1.0:
-    order = jnp.sort(z, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(order, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs   # mass strictly above each sorted entry
-    keep = before < top_p                         # the first entry always (before = 0)
-    # The smallest kept logit is the threshold; ties with it are kept as well.
-    threshold = jnp.min(jnp.where(keep, order, jnp.inf), axis=-1, keepdims=True)
-    z = jnp.where(z >= threshold, z, _NEG)
+    z = jnp.where(_nucleus(z, top_p), z, _NEG)
   return z
+
+
+def _nucleus(z: Array, top_p: float) -> Array:
+  """``[..., vocab]`` bool: the entries whose strictly larger entries hold less than
+  ``top_p`` of the probability (the nucleus, its smallest logit's ties included).
+
+  No sort (slow on CPUs, a large part of a decoding step there): the smallest kept
+  logit is found by bisection over the float32 values' order-preserving integer keys,
+  32 masked sums over the vocabulary, exact.
+  """
+  probs = jax.nn.softmax(z, axis=-1)
+  bits = jax.lax.bitcast_convert_type(jnp.where(z == 0, 0.0, z), jnp.uint32)   # -0 is 0
+  sign = bits >> 31
+  keys = jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))   # monotone in z
+  above = lambda key: jnp.sum(jnp.where(keys > key, probs, 0.0), axis=-1, keepdims=True)
+  lo = jnp.zeros(z.shape[:-1] + (1,), jnp.uint32)        # everything above: mass 1
+  hi = jnp.max(keys, axis=-1, keepdims=True)              # nothing above: mass 0
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    small = above(mid) < top_p
+    return jnp.where(small, lo, mid), jnp.where(small, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return keys >= hi
 
 
 def _choose(logits: Array, rng: Array, temperature: float, top_k, top_p):
@@ -119,11 +139,49 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None
     raise UserError(f'top_p must be in (0, 1] or None, got {top_p!r}.')
 
 
+def check_context(prompt_len: int, max_new_tokens: int, max_positions: int, *,
+                  who: str = 'the model', fix: str = 'shorten the prompt or generate fewer '
+                  'tokens') -> None:
+  """Raises ``UserError`` when a prompt plus its continuation do not fit the context.
+
+  A decoder sees at most ``max_positions`` tokens (:class:`~kdjax.models.DecoderConfig`'s
+  ``max_positions``: the learned position table's size, or for rotary positions the
+  context its config declares, by default the rows it was trained on). Decoding
+  ``max_new_tokens`` after a left-padded prompt of ``prompt_len`` columns writes
+  ``prompt_len + max_new_tokens`` cache slots, and a row whose prompt fills its columns
+  reaches position ``prompt_len + max_new_tokens - 1``, so that sum must be at most
+  ``max_positions``.
+
+  Args:
+    prompt_len: the prompts' columns ``P`` (padding included).
+    max_new_tokens: tokens to generate.
+    max_positions: the model's context.
+    who: names the model in the message (``"the teacher's"``).
+    fix: what the user should change, the end of the message.
+
+  Raises:
+    UserError: ``prompt_len + max_new_tokens > max_positions``.
+
+  >>> check_context(24, 8, 32)      # fits: returns None
+  >>> try:                         # doctest: +NORMALIZE_WHITESPACE
+  ...   check_context(24, 9, 32, fix='lower max_new_tokens')
+  ... except UserError as e:
+  ...   print(e)
+  a prompt of 24 tokens plus 9 new tokens exceeds the model context of 32 positions;
+  lower max_new_tokens.
+  """
+  prompt_len, max_new_tokens, max_positions = (int(prompt_len), int(max_new_tokens),
+                                               int(max_positions))
+  if prompt_len + max_new_tokens > max_positions:
+    raise UserError(f'a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds '
+                    f'{who} context of {max_positions} positions; {fix}.')
+
+
 def sample(apply: Callable[..., Any], params: Any, state: Any, prompt_ids: Array,
            prompt_mask: Array, rng: Array, *, init_cache: Callable[[int, int], Any],
            max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, stop_tokens: Sequence[int] = (),
-           pad_id: int = 0) -> Generation:
+           pad_id: int = 0, max_positions: int | None = None) -> Generation:
   """Continues left-padded prompts with a key/value cache; pure and jittable.
 
   Args:
@@ -141,11 +199,19 @@ def sample(apply: Callable[..., Any], params: Any, state: Any, prompt_ids: Array
     top_p: optional nucleus cut (static).
     stop_tokens: ids that end a row (the stop token itself is kept in ``mask``).
     pad_id: the id written after a row has stopped.
+    max_positions: the decoder's context (``DecoderConfig.max_positions``); when given,
+      a prompt plus ``max_new_tokens`` beyond it raises (the shapes are static, so this
+      happens when the call is traced, before anything runs). None: not checked.
 
   Returns:
     A :class:`Generation`.
+
+  Raises:
+    UserError: ``P + max_new_tokens > max_positions`` (:func:`check_context`).
   """
   batch, plen = prompt_ids.shape
+  if max_positions is not None:
+    check_context(plen, max_new_tokens, max_positions)
   prompt_mask = prompt_mask.astype(jnp.int32)
   cache = init_cache(batch, plen + max_new_tokens)
   out, _ = apply(params, state, prompt_ids.astype(jnp.int32), attention_mask=prompt_mask,
@@ -230,11 +296,7 @@ def generate(module: nnx.Module, prompt_ids, prompt_mask=None, *, max_new_tokens
   prompt_mask = (jnp.ones_like(prompt_ids) if prompt_mask is None
                  else jnp.asarray(prompt_mask, jnp.int32))
   config = module.config
-  context = config.max_positions
-  if prompt_ids.shape[1] + max_new_tokens > context:
-    raise UserError(f'a prompt of {prompt_ids.shape[1]} tokens plus {max_new_tokens} new '
-                    f'tokens exceeds the model context of {context}; shorten the prompt or '
-                    'generate fewer tokens.')
+  check_context(prompt_ids.shape[1], max_new_tokens, config.max_positions)
   if isinstance(rng, (int, np.integer)):
     rng = jax.random.key(int(rng))
   view = nnx.view(module, deterministic=True, raise_if_not_found=False)

@@ -2,7 +2,10 @@
 
 from kdjax.parallel.compile_cache import enable_compilation_cache
 from kdjax.parallel.distributed import initialize_from_env
+from kdjax.parallel.mesh import batch_axes
+from kdjax.parallel.mesh import batch_shards
 from kdjax.parallel.mesh import batch_sharding
+from kdjax.parallel.mesh import batch_spec
 from kdjax.parallel.mesh import make_mesh
 from kdjax.parallel.mesh import path_str
 from kdjax.parallel.mesh import replicated

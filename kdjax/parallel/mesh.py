@@ -122,6 +122,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, axis: str = 'data') -> NamedSharding:
-  """Shards the leading (batch) axis over ``axis``."""
-  return NamedSharding(mesh, P(axis))
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes a batch is split over: the first (data) axis, and ``'fsdp'`` when the
+  mesh has one, since fully sharded data parallelism gives every shard its own examples
+  (a ``'model'`` axis, tensor parallelism, sees the same examples on all its devices).
+
+  >>> batch_axes(make_mesh([('data', 1), ('fsdp', 1), ('model', 1)], jax.devices()[:1]))
+  ('data', 'fsdp')
+  """
+  axes = [mesh.axis_names[0]]
+  if 'fsdp' in mesh.axis_names and axes[0] != 'fsdp':
+    axes.append('fsdp')
+  return tuple(axes)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch is split (:func:`batch_axes`): a global batch size must be a
+  multiple of it."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def batch_spec(mesh: Mesh, *, leading: int = 0) -> P:
+  """The ``PartitionSpec`` of a batch over :func:`batch_axes`, after ``leading``
+  unsharded axes (a chunk of steps ``[steps, batch, ...]`` has one)."""
+  return P(*([None] * leading), batch_axes(mesh))
+
+
+def batch_sharding(mesh: Mesh, *, leading: int = 0) -> NamedSharding:
+  """The sharding of a batch: its batch axis over :func:`batch_axes`."""
+  return NamedSharding(mesh, batch_spec(mesh, leading=leading))

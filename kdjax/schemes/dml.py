@@ -44,7 +44,6 @@ References:
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -61,7 +60,7 @@ from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.loop import TrainCalls
-from kdjax.engine.loop import train_loop
+from kdjax.engine.loop import fit
 from kdjax.engine.setup import CACHE_NEEDS
 from kdjax.engine.setup import TEACHER_NEEDS
 from kdjax.engine.setup import Data
@@ -71,7 +70,6 @@ from kdjax.engine.state import TrainState
 from kdjax.engine.step import NONFINITE
 from kdjax.engine.step import accuracy
 from kdjax.engine.step import guard_nonfinite
-from kdjax.errors import Diverged
 from kdjax.errors import UserError
 from kdjax.losses import build_objective
 from kdjax.losses import kd
@@ -471,28 +469,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, position = workdir_lib.restore(manager, start, run.abstract_state)
     run.feed.restore(position)
     _log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  progress = _progress(config, start=start or 0)
-  t_run = time.time()
-  try:
-    result = train_loop(state, start=start or 0, schedule=run.schedule, calls=run.calls,
-                        feed=run.feed, evaluate=run.evaluate, manager=manager, writer=writer,
-                        batch_size=int(config.batch_size), log_window=position.get('log_window'),
-                        progress=progress, log=_log)
-  except Diverged as e:
-    _write_summary(workdir, {'step': e.step, 'diverged': True, 'last_checkpoint': e.checkpoint,
-                             'error': str(e)})
-    raise
-  finally:
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-
-  train, evaluation = result.train, result.eval
-  if not result.steps_run:   # a rerun of a finished run: report it as it stands
-    evaluation = run.evaluate(result.state)
-    train = metrics_lib.logged(writer.path, 'train', result.step)
+  fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
+               schedule=run.schedule, calls=run.calls, feed=run.feed, evaluate=run.evaluate,
+               log=_log)
+  result, train, evaluation = fitted.result, fitted.train, fitted.eval
   size = dml.cohort.size
   summary = {
       'step': result.step,
@@ -509,7 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'train_accuracy': train.get('accuracy'),
       'examples_per_sec': result.examples_per_sec or train.get('examples_per_sec'),
       'skipped_student_steps': result.skipped,
-      'wall_seconds': time.time() - t_run,
+      'wall_seconds': fitted.seconds,
       'resumed_from': start,
       'feed': run.feed_kind,
       'num_devices': jax.device_count(),
@@ -523,10 +503,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _write_summary(workdir: str, summary: dict) -> None:
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
-
-
-def _progress(config, *, start: int):
-  from tqdm.auto import tqdm
-  disable = (not config.progress) or jax.process_index() != 0
-  return tqdm(total=int(config.num_steps), initial=start, disable=disable, unit='step',
-              dynamic_ncols=True, mininterval=1.0)

@@ -28,18 +28,21 @@ SCRIPT = textwrap.dedent('''
         c.num_steps = 8
         r = setup(c, log=lambda m: None)
         state = r.init()
+        batch_spec = str(r.feed.source.batch_sharding.spec)
         state, metrics = r.calls(state, r.feed.inputs(0, 8), 8)
         leaves = jax.tree_util.tree_leaves_with_path(state.params['student'])
         specs = {jax.tree_util.keystr(p): str(a.sharding.spec) for p, a in leaves}
         values = {jax.tree_util.keystr(p): np.asarray(jax.device_get(a)) for p, a in leaves}
-        return values, specs, np.asarray(metrics['loss'][0]) / np.asarray(metrics['loss'][1])
+        return (values, specs, np.asarray(metrics['loss'][0]) / np.asarray(metrics['loss'][1]),
+                batch_spec)
 
-    one, _, loss1 = run([('data', 1)])
-    eight, specs, loss8 = run([('data', 2), ('fsdp', 2), ('model', 2)])
+    one, _, loss1, _ = run([('data', 1)])
+    eight, specs, loss8, batch_spec = run([('data', 2), ('fsdp', 2), ('model', 2)])
     # per parameter: the largest difference relative to the parameter's scale
     worst = max(float(np.max(np.abs(one[k] - eight[k])) / np.max(np.abs(one[k]))) for k in one)
     print(json.dumps({'worst': worst, 'loss_diff': float(np.max(np.abs(loss1 - loss8))),
-                      'specs': specs, 'devices': jax.device_count()}))
+                      'specs': specs, 'devices': jax.device_count(),
+                      'batch_spec': batch_spec}))
 ''')
 
 
@@ -61,4 +64,6 @@ def test_sharded_token_kd_step_equals_one_device(lm_teacher_dir, data_dir, paths
   down = next(v for k, v in specs.items() if "'down'" in k and 'kernel' in k)
   assert q == "P('fsdp', 'model', None)", specs
   assert down == "P('model', 'fsdp')", specs
+  # the batch is split over data x fsdp (each FSDP shard its own examples), not over model
+  assert result['batch_spec'] == "P(('data', 'fsdp'),)", result['batch_spec']
   assert result['worst'] < 1e-5 and result['loss_diff'] < 1e-5, result

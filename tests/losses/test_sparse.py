@@ -246,3 +246,60 @@ def test_registered_sparse_terms_through_build_objective():
   want = (0.5 * np_sparse('kd', s, t, K, 2.0, 'uniform').mean()
           + np_sparse('tvd', s, t, K, 1.0, 'renormalize').mean())
   np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def np_bucket(name, s, t, k, T):
+  """'bucket': the divergence between the teacher and the student coarsened to their top-k
+  classes (the teacher's) plus one bin with the rest, the tail logits of the teacher taken
+  flat at T != 1 (the module docstring), times T^2."""
+  s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+  out = []
+  for i in range(len(t)):
+    top = np.argsort(-t[i])[:k]
+    rest = np.setdiff1d(np.arange(t.shape[1]), top)
+    tail_total = np.exp(np_lse(t[i:i + 1])[0]) - np.exp(t[i, top]).sum()
+    flat = np.log(tail_total / len(rest))
+    zt = np.append(t[i, top] / T, np.full(len(rest), flat / T))
+    p = np.exp(np_log_softmax(zt[None])[0])
+    q = np.exp(np_log_softmax(s[i:i + 1] / T)[0])
+    P = np.append(p[:k], p[k:].sum())
+    Q = np.append(q[top], q[rest].sum())
+    a, b = (P, Q) if name == 'kd' else (Q, P)
+    out.append(T**2 * np.sum(a * np.log(a / b)))
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+@pytest.mark.parametrize('name', ['kd', 'reverse_kl'])
+def test_bucket_is_the_divergence_of_the_coarsened_distributions(name, temperature):
+  s, t, vals, idx, lse = make(5)
+  got = LOSSES[name](jnp.asarray(s, jnp.float32), vals, idx, temperature=temperature,
+                     missing_mass='bucket', teacher_logsumexp=lse)
+  np.testing.assert_allclose(got, np_bucket(name, s, t, K, temperature), rtol=1e-5, atol=1e-6)
+  # a lower bound of the full divergence (data processing), equal to it at k = classes
+  full = DENSE[name](jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temperature=1.0)
+  if temperature == 1.0:
+    assert np.all(np.asarray(got) <= np.asarray(full) + 1e-6)
+  s, t, vals, idx, lse = make(1, k=C)
+  got = LOSSES[name](jnp.asarray(s, jnp.float32), vals, idx, missing_mass='bucket',
+                     teacher_logsumexp=lse)
+  np.testing.assert_allclose(got, DENSE[name](jnp.asarray(s, jnp.float32),
+                                              jnp.asarray(t, jnp.float32)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['kd', 'reverse_kl'])
+def test_bucket_gradients(name):
+  s, _, vals, idx, lse = make(6)
+  with jax.enable_x64(True):
+    v64, l64 = jnp.asarray(vals, jnp.float64), jnp.asarray(lse, jnp.float64)
+    f = lambda s_: jnp.sum(LOSSES[name](s_, v64, idx, temperature=2.0, missing_mass='bucket',
+                                        teacher_logsumexp=l64))
+    check_grads(f, (jnp.asarray(s),), order=1, modes=('rev',), eps=1e-4, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['gjsd', 'tvd'])
+def test_bucket_is_refused_where_it_is_not_defined(name):
+  s, t, vals, idx, lse = make(7)
+  with pytest.raises(ValueError, match='bucket'):
+    LOSSES[name](jnp.asarray(s, jnp.float32), vals, idx, missing_mass='bucket',
+                 teacher_logsumexp=lse)
