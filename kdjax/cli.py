@@ -4,7 +4,7 @@
     kdjax train   --config configs/mnist1d/dml.py:tiny --workdir DIR   (config.scheme: kdjax.schemes)
     kdjax distill --config configs/mnist1d/kd.py --workdir DIR --config.teacher.workdir=TEACHER
     kdjax eval    --workdir DIR [--split test]
-    kdjax demo    [--workdir DIR] [--seeds 3] [--variant tiny] [--config.key=value ...]
+    kdjax demo    [--task mnist1d|lm] [--workdir DIR] [--seeds 3] [--variant tiny] [--config.k=v ...]
     kdjax losses  list
     kdjax cache   build --config configs/mnist1d/kd.py --workdir CACHE [--epochs E --k K --dtype D]
     kdjax cache   build --config configs/lm/cached_kd.py --cache-dir CACHE [--k K --codec int4+ef]
@@ -43,11 +43,17 @@ def _parser() -> argparse.ArgumentParser:
   e = sub.add_parser('eval', help="evaluate a workdir's latest checkpoint")
   e.add_argument('--workdir', required=True)
   e.add_argument('--split', default=None, help='split to evaluate (default: the config eval split)')
-  d = sub.add_parser('demo', help='the main job: teacher, baseline and distilled students on MNIST-1D')
-  d.add_argument('--workdir', default='workdirs/demo')
+  d = sub.add_parser('demo', help='the main job: teacher, baseline and distilled students '
+                     '(MNIST-1D classifiers, or with --task lm Shakespeare language models)')
+  d.add_argument('--task', default='mnist1d', choices=('mnist1d', 'lm'),
+                 help='mnist1d (default): 1-D CNN -> MLP; lm: a teacher LM -> a student LM '
+                 'five ways (data, token KD, sequence KD, on-policy GKD, cached KD)')
+  d.add_argument('--workdir', default=None,
+                 help='default: workdirs/demo (mnist1d) or workdirs/demo_lm (lm)')
   d.add_argument('--seeds', type=int, default=3)
-  d.add_argument('--variant', default='', help="config variant for every run (e.g. 'tiny'); "
-                 '--config.key=value overrides also apply to every run')
+  d.add_argument('--variant', default='', help="config variant for every run (e.g. 'tiny'; "
+                 "lm also 'large' for a GPU or TPU); --config.key=value overrides also apply "
+                 'to every run')
   l = sub.add_parser('losses', help='the loss catalog')
   l.add_argument('action', choices=['list'])
   l.add_argument('--json', action='store_true')
@@ -202,12 +208,15 @@ def _main(argv) -> int:
     if config.get('scheme') is not None:   # a scheme of its own (kdjax.schemes: dml)
       from kdjax.schemes import train_scheme
       summary = _guard_data(lambda: train_scheme(config, args.workdir))
+    elif config.get('encoder') is not None:   # sentence encoders (configs/lm/encoder_kd.py)
+      from kdjax.distill.encoder import distill_encoder
+      summary = _guard_data(lambda: distill_encoder(config, args.workdir))
     else:
       from kdjax.distill.train import train_and_evaluate
       summary = _guard_data(lambda: train_and_evaluate(
           config, args.workdir, require_teacher=args.command == 'distill'))
-    print(json.dumps({k: summary[k] for k in ('step', 'eval_accuracy', 'train_loss',
-                                               'examples_per_sec')}))
+    print(json.dumps({k: summary.get(k) for k in ('step', 'eval_accuracy', 'train_loss',
+                                                   'examples_per_sec')}))
     return 0
   if args.command == 'eval':
     from kdjax.distill.evaluate import evaluate_workdir
@@ -215,8 +224,12 @@ def _main(argv) -> int:
     print(json.dumps(result))
     return 0
   if args.command == 'demo':
-    from kdjax.demo import run_demo
-    _guard_data(lambda: run_demo(args.workdir, seeds=args.seeds, variant=args.variant,
+    if args.task == 'lm':
+      from kdjax.demo_lm import run_lm_demo as run_demo
+    else:
+      from kdjax.demo import run_demo
+    workdir = args.workdir or ('workdirs/demo_lm' if args.task == 'lm' else 'workdirs/demo')
+    _guard_data(lambda: run_demo(workdir, seeds=args.seeds, variant=args.variant,
                                  overrides=overrides))
     return 0
   if args.command == 'cache':

@@ -88,10 +88,16 @@ def run_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()) -
         'num_steps': int(config.num_steps),
     }
   results['_meta'] = {'seeds': seeds, 'variant': variant, 'total_seconds': time.time() - t_demo}
+  return write_results(workdir, results, format_table, _plot)
+
+
+def write_results(workdir: str, results: dict, table, plot) -> dict:
+  """Writes ``results.json`` and the plot ``results.png`` (``plot(results, path)``) into
+  ``workdir`` and prints ``table(results)``; returns ``results``."""
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
-  print(format_table(results))
-  _plot(results, os.path.join(workdir, 'results.png'))
+  print(table(results))
+  plot(results, os.path.join(workdir, 'results.png'))
   print(f'[demo] results: {os.path.join(workdir, "results.json")}, plot: '
         f'{os.path.join(workdir, "results.png")}')
   return results

@@ -82,6 +82,11 @@ RECIPES: dict[str, Recipe] = {
     'shakespeare': Recipe('x', dtype='int32', extra_keys=('client',)),
     'shakespeare_lm': Recipe('input_ids', dtype='int32', extra_keys=_LM_KEYS,
                              label_key='targets', mask_key='loss_mask'),
+    # Lines for a BERT sentence encoder: the padding mask is the model's attention_mask
+    # and the per-token `where` of its losses; targets are all -1 (no labels).
+    'shakespeare_lines': Recipe('input_ids', dtype='int32',
+                                extra_keys=('attention_mask', 'token_type_ids'),
+                                label_key='targets', mask_key='attention_mask'),
     'uci_digits': Recipe('image', 16.0, DIGITS_MEAN, DIGITS_STD),
     'cifar10': Recipe('image', 255.0, CIFAR10_MEAN, CIFAR10_STD),
     'cifar100': Recipe('image', 255.0, CIFAR100_MEAN, CIFAR100_STD),

@@ -8,10 +8,12 @@ from kdjax.data.builders.mnist1d import Mnist1d
 from kdjax.data.builders.shakespeare import Shakespeare
 from kdjax.data.builders.shakespeare_lm import ShakespeareLM
 from kdjax.data.builders.uci_digits import UciDigits
+from kdjax.data.builders.shakespeare_lines import ShakespeareLines
 
 NAMES = (
     Mnist1d.name,
     UciDigits.name,
     Shakespeare.name,
     ShakespeareLM.name,
+    ShakespeareLines.name,
 )
