@@ -8,7 +8,8 @@ For the LM recipes (``configs/lm/``), one run:
   3. for every ``k`` of ``--ks`` and codec of ``--codecs`` (``kdjax.cache.codec``), builds
      the per-token cache (``kdjax.cache.build_cache``, ``configs/lm/cached_kd.py`` with
      ``config.cache.k`` / ``config.cache.codec``) and distills the same student from it:
-     ``sparse_kd`` with the tail mass spread uniformly (``--missing-mass``), same weights,
+     ``sparse_kd`` with the tail mass spread uniformly or kept as one bin (``--missing-mass``,
+     a comma list: one row per treatment, from the same cache), same weights,
      steps and seeds as the reference.
 
 Both sides of each comparison run in this one process with the same seeds, steps and
@@ -61,8 +62,9 @@ def parse_args(argv=None):
   p.add_argument('--ks', default='8,16,32,64,128', help='comma list of k (classes per token)')
   p.add_argument('--codecs', default=','.join(CODECS), help='comma list of codecs')
   p.add_argument('--seeds', type=int, default=1, help='student seeds per configuration (0..n-1)')
-  p.add_argument('--missing-mass', default='uniform', choices=('renormalize', 'uniform', 'zero'),
-                 help='sparse_kd tail treatment')
+  p.add_argument('--missing-mass', default='uniform',
+                 help='comma list of sparse_kd tail treatments (renormalize, uniform, zero, '
+                 'bucket): one row per k, codec and treatment, from the same cache')
   p.add_argument('--data-dir', default='', help='data directory (default: kdjax default)')
   p.add_argument('--set', action='append', default=[], metavar='--config.KEY=VALUE',
                  help='extra override of every config (repeatable)')
@@ -73,6 +75,10 @@ def parse_args(argv=None):
     args.codec_list = [parse_codec(c).name for c in args.codecs.split(',')]
   except UserError as e:
     p.error(str(e))
+  args.tails = args.missing_mass.split(',')
+  bad = sorted(set(args.tails) - {'renormalize', 'uniform', 'zero', 'bucket'})
+  if bad:
+    p.error(f'--missing-mass takes renormalize, uniform, zero or bucket, got {bad}')
   try:
     args.k_list = [int(k) for k in args.ks.split(',')]
   except ValueError:
@@ -155,7 +161,7 @@ def run(args, workdir: str) -> dict:
   base = _config('cached_kd.py', args, *teacher)
   vocab = kdata.dataset_spec(base.data.name, data_dir=base.data.data_dir or None).num_classes
   out.update(data=base.data.name, vocab=vocab, seeds=args.seeds,
-             steps=args.steps or int(base.num_steps), missing_mass=args.missing_mass)
+             steps=args.steps or int(base.num_steps), missing_mass=args.tails)
 
   out['live'] = _distill('live', lambda seed: _config('token_kd.py', args, *teacher), args,
                          workdir)
@@ -175,26 +181,30 @@ def run(args, workdir: str) -> dict:
       build_s = time.time() - t0
       info = inspect_cache(cache_dir)
 
-      def config_of(seed, settings=settings, cache_dir=cache_dir):
-        c = _config('cached_kd.py', args, *settings, f'--config.teacher.cache={cache_dir}')
-        c.loss.terms.kd.missing_mass = args.missing_mass
-        return c
+      for tail in args.tails:
+        def config_of(seed, settings=settings, cache_dir=cache_dir, tail=tail):
+          c = _config('cached_kd.py', args, *settings, f'--config.teacher.cache={cache_dir}')
+          c.loss.terms.kd.missing_mass = tail
+          return c
 
-      res = _distill(f'k{k}-{codec}', config_of, args, workdir)
-      assert info['bytes_per_token'] == nbytes
-      res.update(k=k, format=codec, bytes_per_token=nbytes,
-                 perplexity_ratio_vs_live=res['perplexity_mean'] / live,
-                 topk_mass_mean=info['topk_mass']['mean'], build_seconds=build_s)
-      rows.append(res)
-      print(f'k={k} {codec}: {nbytes:g} bytes/token, perplexity ratio '
-            f'{res["perplexity_ratio_vs_live"]:.4f}', flush=True)
+        # the first treatment keeps the original run folders (a rerun resumes them)
+        label = f'k{k}-{codec}' + ('' if tail == 'uniform' else f'-{tail}')
+        res = _distill(label, config_of, args, workdir)
+        assert info['bytes_per_token'] == nbytes
+        res.update(k=k, format=codec, missing_mass=tail, bytes_per_token=nbytes,
+                   perplexity_ratio_vs_live=res['perplexity_mean'] / live,
+                   topk_mass_mean=info['topk_mass']['mean'], build_seconds=build_s)
+        rows.append(res)
+        print(f'k={k} {codec} {tail}: {nbytes:g} bytes/token, perplexity ratio '
+              f'{res["perplexity_ratio_vs_live"]:.4f}', flush=True)
   out['rows'] = rows
   within = [r for r in rows if r['perplexity_ratio_vs_live'] <= 1 + WITHIN]
   best = min(within, key=lambda r: (r['bytes_per_token'], r['perplexity_ratio_vs_live']),
              default=None)
   out['best_bytes_per_token_within_1pct'] = best['bytes_per_token'] if best else None
   out['best_within_1pct'] = ({key: best[key] for key in (
-      'k', 'format', 'bytes_per_token', 'perplexity_ratio_vs_live')} if best else None)
+      'k', 'format', 'missing_mass', 'bytes_per_token', 'perplexity_ratio_vs_live')}
+                             if best else None)
   return out
 
 
@@ -203,15 +213,16 @@ def format_table(res: dict) -> str:
   lines = [f"{res['data']} ({res['vocab']} tokens), {res['steps']} steps, {res['seeds']} seed(s): "
            f"teacher perplexity {res['teacher']['eval_perplexity']:.3f}; student from the live "
            f"teacher {live['perplexity_mean']:.3f} ± {live['perplexity_std']:.3f}",
-           '| k | format | bytes / token | top-k mass | perplexity (mean ± std) | ratio vs live |',
-           '|---:|---|---:|---:|---:|---:|']
+           '| k | format | tail | bytes / token | top-k mass | perplexity (mean ± std) | '
+           'ratio vs live |',
+           '|---:|---|---|---:|---:|---:|---:|']
   for r in res['rows']:
-    lines.append(f"| {r['k']} | {r['format']} | {r['bytes_per_token']:g} | "
+    lines.append(f"| {r['k']} | {r['format']} | {r['missing_mass']} | {r['bytes_per_token']:g} | "
                  f"{r['topk_mass_mean']:.3f} | {r['perplexity_mean']:.3f} ± "
                  f"{r['perplexity_std']:.3f} | {r['perplexity_ratio_vs_live']:.4f} |")
   best = res['best_within_1pct']
   lines.append('fewest bytes per token within 1% of the live perplexity: ' + (
-      f"{best['bytes_per_token']:g} ({best['format']}, k = {best['k']}, ratio "
+      f"{best['bytes_per_token']:g} ({best['format']}, k = {best['k']}, {best['missing_mass']}, ratio "
       f"{best['perplexity_ratio_vs_live']:.4f})" if best else 'none'))
   return '\n'.join(lines)
 
@@ -223,11 +234,12 @@ def plot(res: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   import matplotlib.ticker
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for codec in dict.fromkeys(r['format'] for r in res['rows']):
-    rows = sorted((r for r in res['rows'] if r['format'] == codec), key=lambda r: r['k'])
+  for series in dict.fromkeys((r['format'], r['missing_mass']) for r in res['rows']):
+    rows = sorted((r for r in res['rows'] if (r['format'], r['missing_mass']) == series),
+                  key=lambda r: r['k'])
     xs = [r['bytes_per_token'] for r in rows]
     ys = [r['perplexity_ratio_vs_live'] for r in rows]
-    ax.plot(xs, ys, marker='o', label=codec)
+    ax.plot(xs, ys, marker='o', label=f'{series[0]}, {series[1]} tail')
     for r, x, y in zip(rows, xs, ys):
       ax.annotate(f"k={r['k']}", (x, y), textcoords='offset points', xytext=(3, 3), fontsize=7)
   ax.axhline(1.0, color='k', lw=0.8)

@@ -33,6 +33,7 @@ LAYERS = (
     ('kdjax.cache',),
     ('kdjax.distill', 'kdjax.federated', 'kdjax.schemes'),
     ('kdjax.demo',),
+    ('kdjax.demo_lm',),
     ('kdjax.cli',),
     ('kdjax.__main__',),
 )
