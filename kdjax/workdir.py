@@ -173,11 +173,12 @@ def read_config(workdir: str) -> dict:
 
 
 def config_differences(old: dict, new: dict, *, identity: Sequence[str] | None = None,
-                       ignore: Sequence[str] = ()) -> list[str]:
+                       ignore: Sequence[str] = (), defaults: dict | None = None) -> list[str]:
   """The fields where two configs differ, as ``'key: old here, new now'``.
 
   ``identity``: compare only these (dotted) fields; else every field but the top-level
-  ``ignore`` ones.
+  ``ignore`` ones. ``defaults``: a field the old config lacks (written before the field
+  existed) reads as its default here.
 
   >>> config_differences({'a': 1, 'b': {'c': 2}}, {'a': 1, 'b': {'c': 3}})
   ['b.c: 2 here, 3 now']
@@ -186,8 +187,12 @@ def config_differences(old: dict, new: dict, *, identity: Sequence[str] | None =
   >>> config_differences({'m': {'x': 1, 'y': 2}, 'n': 5}, {'m': {'x': 1, 'y': 3}, 'n': 9},
   ...                    identity=('m',))
   ['m.y: 2 here, 3 now']
+  >>> config_differences({'a': 1}, {'a': 1, 'new': ''}, defaults={'new': ''})
+  []
   """
   a, b = _flat(old), _flat(new)
+  if defaults:
+    a = {**{k: v for k, v in _flat(defaults).items() if k not in a}, **a}
   if identity is not None:
     compared = lambda k: any(k == f or k.startswith(f + '.') for f in identity)
   else:
@@ -197,7 +202,8 @@ def config_differences(old: dict, new: dict, *, identity: Sequence[str] | None =
 
 
 def prepare(workdir: str, config: ml_collections.ConfigDict, *, has_results: bool,
-            identity: Sequence[str] | None = None, ignore: Sequence[str] = ()) -> str:
+            identity: Sequence[str] | None = None, ignore: Sequence[str] = (),
+            defaults: ml_collections.ConfigDict | None = None) -> str:
   """Creates ``workdir`` and writes its ``config.json``, or refuses a workdir of another run.
 
   Args:
@@ -208,6 +214,8 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, has_results: boo
     identity: the fields that give those results their meaning (the others may change
       on a resume); default every field but ``ignore``.
     ignore: top-level fields that may change on a resume.
+    defaults: the config's defaults: a field an older ``config.json`` lacks reads as its
+      default (a run written before a field existed resumes).
 
   Returns:
     The absolute workdir.
@@ -233,7 +241,8 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, has_results: boo
       raise UserError(f'{workdir} holds results but no {CONFIG}; use a new --workdir, or '
                       'delete that one to start over')
     old = read_config(workdir)
-    diff = config_differences(old, new, identity=identity, ignore=ignore)
+    diff = config_differences(old, new, identity=identity, ignore=ignore,
+                              defaults=config_to_dict(defaults) if defaults is not None else None)
     if diff:
       more = f' and {len(diff) - 3} more' if len(diff) > 3 else ''
       raise UserError(f'{workdir} holds results of another config (it differs in '

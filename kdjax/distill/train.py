@@ -19,6 +19,7 @@ from kdjax import cache as cache_lib
 from kdjax import workdir as workdir_lib
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
+from kdjax.engine.config import base_config
 from kdjax.engine.loop import fit
 from kdjax.engine.setup import setup
 from kdjax.errors import UserError
@@ -50,7 +51,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.init.workdir:   # checked before anything is written
       state = warm_start(state, config.init.workdir, int(config.init.step))
       _log(f'student initialized from {config.init.workdir}')
-  workdir_lib.prepare(workdir, config, has_results=start is not None, identity=IDENTITY_FIELDS)
+  workdir_lib.prepare(workdir, config, has_results=start is not None, identity=IDENTITY_FIELDS,
+                      defaults=base_config())
 
   manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
   position: dict = {}

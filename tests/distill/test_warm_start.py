@@ -75,3 +75,24 @@ def test_another_model_is_refused(cli, lm_teacher_dir, data_dir, tmp_path):
              f'--config.init.workdir={lm_teacher_dir}'], check=False)
   assert out.returncode == 2, out.stderr[-2000:]
   assert 'holds another model' in out.stderr.strip().splitlines()[-1]
+
+
+def test_a_workdir_written_before_a_field_existed_still_resumes(lm_teacher_dir, data_dir,
+                                                                 tmp_path):
+  """A config.json without a field the engine added later (an older kdjax's) resumes when
+  the run keeps that field's default, and is refused when it sets another value."""
+  import json
+  import shutil
+  from kdjax.errors import UserError
+  wd = str(tmp_path / 'old')
+  shutil.copytree(lm_teacher_dir, wd)
+  path = os.path.join(wd, 'config.json')
+  config = json.load(open(path))
+  del config['teacher']['vocab_method'], config['teacher']['hf_path']   # identity fields
+  json.dump(config, open(path, 'w'))
+  c = _config('teacher.py', data_dir)
+  assert train_and_evaluate(c, wd)['step'] == workdir_lib.latest_step(lm_teacher_dir)
+  c.teacher.vocab_method = 'uld'
+  with pytest.raises(UserError, match='teacher.vocab_method'):
+    workdir_lib.prepare(wd, c, has_results=True, identity=('teacher',),
+                        defaults=load_config(f'{CONFIGS}/lm/teacher.py:tiny'))
