@@ -189,10 +189,17 @@ def config_differences(old: dict, new: dict, *, identity: Sequence[str] | None =
   ['m.y: 2 here, 3 now']
   >>> config_differences({'a': 1}, {'a': 1, 'new': ''}, defaults={'new': ''})
   []
+  >>> config_differences({'t': {'x': 1}}, {'t': {'x': 1, 'y': 0}, 'l': {'kd': 1}},
+  ...                    defaults={'t': {'y': 0}, 'l': {'ce': 1}})
+  ['l.kd: None here, 1 now']
   """
   a, b = _flat(old), _flat(new)
   if defaults:
-    a = {**{k: v for k, v in _flat(defaults).items() if k not in a}, **a}
+    # Only a field added to a group the old config has (not the entries of a free-form
+    # group such as loss.terms, which a config may replace whole).
+    groups = {k.rsplit('.', 1)[0] for k in a if '.' in k} | {''}
+    a = {**{k: v for k, v in _flat(defaults).items()
+            if k not in a and (k.rsplit('.', 1)[0] if '.' in k else '') in groups}, **a}
   if identity is not None:
     compared = lambda k: any(k == f or k.startswith(f + '.') for f in identity)
   else:
