@@ -18,18 +18,29 @@ Where it comes from (``config.teacher``, exactly one of the two; :func:`load`):
 
 Either way its :func:`fingerprint` covers its parameters, so one set of weights gives
 one fingerprint whichever folder it was read from.
+
+How it is held (:func:`convert`, applied by :func:`load`): ``config.teacher.dtype``
+``'bfloat16'`` makes a workdir teacher's floating parameters and computation bfloat16
+(half the memory); ``config.teacher.quantize='int8'`` stores the kernels of its linear,
+convolution and embedding layers as int8 with one float32 scale per output channel
+(:class:`Int8Weight`; biases and norms stay float), a quarter of their float32 bytes,
+dequantized inside the forward. Either changes the teacher's outputs, so it is part of
+the fingerprint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kdjax import workdir as workdir_lib
@@ -37,6 +48,7 @@ from kdjax.config import from_dict
 from kdjax.errors import UserError
 from kdjax.models import from_config
 from kdjax.models.base import named_features
+from kdjax.parallel import path_str
 from kdjax.parallel import shardings_from_rules
 
 # The batch entries a teacher can give a loss (kdjax.losses.registry).
@@ -90,11 +102,15 @@ def _checkpoint(workdir: str) -> tuple[int, Any]:
   return step, from_dict(workdir_lib.read_config(workdir))
 
 
-def _model(config, *, input_shape=None):
+def _model(config, *, input_shape=None, dtype=None):
   from kdjax.data import dataset_spec
   spec = dataset_spec(config.data.name, data_dir=config.data.get('data_dir') or None)
+  model = config.model
+  if dtype is not None:   # the computation dtype; the parameters are cast by the caller
+    model = {**(model.to_dict() if hasattr(model, 'to_dict') else dict(model)),
+             'dtype': str(dtype)}
   apply, _, (params, state) = from_config(
-      config.model, num_classes=spec.num_classes,
+      model, num_classes=spec.num_classes,
       input_shape=input_shape or spec.input_shape, seed=int(config.seed))
   return apply, params, state, spec.num_classes
 
@@ -114,14 +130,17 @@ def _fill(template, restored, workdir: str):
 
 
 def load_teacher(workdir: str, mesh: jax.sharding.Mesh, rules: Sequence | None = None, *,
-                 input_shape=None) -> Teacher:
+                 input_shape=None, dtype: str | None = None) -> Teacher:
   """Restores the latest checkpoint of a teacher workdir as a frozen teacher.
 
   Only the student parameters and model state of that checkpoint are read (not the
   optimizer state), each array straight into its sharding on ``mesh`` from ``rules``.
+  ``dtype`` (e.g. ``'bfloat16'``): the computation dtype, instead of the one the
+  teacher was trained with; pass the parameters through :func:`convert` to store them
+  in it too. The fingerprint is the stored parameters'.
   """
   step, config = _checkpoint(workdir)
-  apply, params, state, num_classes = _model(config, input_shape=input_shape)
+  apply, params, state, num_classes = _model(config, input_shape=input_shape, dtype=dtype)
   shardings = shardings_from_rules((params, state), rules, mesh)
   param_sh, state_sh = (jax.tree.leaves(s) for s in shardings)
   params = _fill(params, workdir_lib.restore_subtree(workdir, step, ('params', 'student'),
@@ -197,10 +216,15 @@ def load(teacher_config, mesh: jax.sharding.Mesh, *, input_shape=None) -> Teache
                     '`kdjax train` workdir) or --config.teacher.hf_path=DIR (a Hugging Face '
                     'checkpoint folder)')
   kind, path = where
-  if kind == HF:
-    return load_hf_teacher(path, mesh, None if rules == list(DEFAULT_RULES) else rules,
-                           dtype=teacher_config.get('dtype') or 'float32')
-  return load_teacher(path, mesh, rules, input_shape=input_shape)
+  dtype = teacher_config.get('dtype') or 'float32'
+  quantize = teacher_config.get('quantize') or 'none'
+  if kind == HF:   # read in its dtype already
+    teacher = load_hf_teacher(path, mesh, None if rules == list(DEFAULT_RULES) else rules,
+                              dtype=dtype)
+    return convert(teacher, quantize=quantize)
+  teacher = load_teacher(path, mesh, rules, input_shape=input_shape,
+                         dtype=None if dtype == 'float32' else dtype)
+  return convert(teacher, dtype=None if dtype == 'float32' else dtype, quantize=quantize)
 
 
 def _plain_rules(rules) -> list | None:
@@ -245,7 +269,7 @@ def decoder_kwargs(decoder_config) -> dict:
   ``create('decoder', num_classes=vocab_size, dtype=..., **kwargs)`` (all but the
   vocabulary and the dtypes), as plain config values."""
   fields = dataclasses.asdict(decoder_config)
-  for name in ('vocab_size', 'dtype', 'param_dtype'):
+  for name in ('vocab_size', 'dtype', 'param_dtype', 'remat'):
     fields.pop(name)
   return json.loads(json.dumps(fields))   # tuples -> lists: a ConfigDict's plain values
 
@@ -273,9 +297,172 @@ def config_fingerprint(teacher_config) -> str | None:
   if where is None:
     return None
   kind, path = where
+  dtype = teacher_config.get('dtype') or 'float32'
+  quantize = teacher_config.get('quantize') or 'none'
   if kind == WORKDIR:
-    return read_fingerprint(path)
-  return load_hf_teacher(path, dtype=teacher_config.get('dtype') or 'float32').fingerprint
+    return converted_fingerprint(read_fingerprint(path),
+                                 dtype=None if dtype == 'float32' else dtype, quantize=quantize)
+  return converted_fingerprint(load_hf_teacher(path, dtype=dtype).fingerprint,
+                               quantize=quantize)
+
+
+# --------------------------------------------------------------------------- dtype and int8
+
+QUANTIZE = ('none', 'int8')
+# The decoder's query/key/value projections keep their input axis first and their heads
+# after it ([hidden, heads, head_dim]; kdjax.models.transformer): their output channels are
+# every axis but the first. Every other kernel (nnx.Linear, nnx.Conv, the attention output
+# projection [heads, head_dim, hidden]) has its output channels on the last axis.
+_INPUT_FIRST = re.compile(r'(^|/)attn/(q|k|v|qkv)/kernel$')
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=['values', 'scale'],
+                   meta_fields=['dtype'])
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+  """A weight stored as symmetric int8: ``weight ~= values * scale``.
+
+  Attributes:
+    values: int8, the weight's shape, in ``[-127, 127]``.
+    scale: float32, the weight's shape with the reduced (input) axes kept at size 1:
+      ``max |weight| / 127`` over each output channel.
+    dtype: the dtype :func:`dequantize` gives back (the weight's before).
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  dtype: str
+
+
+def quantize_int8(weight: jax.Array, axes: Sequence[int]) -> Int8Weight:
+  r"""Symmetric int8 quantization with one scale per output channel.
+
+  .. math::
+    s_c = \max_{i \in c} |w_i| / 127, \qquad q_i = \mathrm{round}(w_i / s_c)
+
+  over ``axes`` (the reduced axes: a channel is every index of the other axes); an
+  all-zero channel gets scale 1 (its values are 0). The rounding error of an entry is
+  at most ``s_c / 2``.
+
+  References:
+    Jacob et al., "Quantization and Training of Neural Networks for Efficient
+    Integer-Arithmetic-Only Inference", CVPR 2018 (symmetric per-channel weights);
+    Dettmers et al., "LLM.int8()", NeurIPS 2022 (absmax int8 of transformer weights).
+
+  >>> w = quantize_int8(jnp.array([[1.0, -0.5], [-2.0, 0.25]]), axes=(0,))
+  >>> w.values.tolist(), (w.scale * 127).tolist()
+  ([[64, -127], [-127, 64]], [[2.0, 0.5]])
+  >>> np.round(np.asarray(dequantize(w), np.float64), 3).tolist()
+  [[1.008, -0.5], [-2.0, 0.252]]
+  """
+  w = jnp.asarray(weight).astype(jnp.float32)
+  amax = jnp.max(jnp.abs(w), axis=tuple(axes), keepdims=True)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+  return Int8Weight(values, scale, str(jnp.dtype(weight.dtype)))
+
+
+def dequantize(weight: Int8Weight) -> jax.Array:
+  """``values * scale`` in the weight's dtype (:class:`Int8Weight`)."""
+  return (weight.values.astype(jnp.float32) * weight.scale).astype(weight.dtype)
+
+
+def _is_int8(x) -> bool:
+  return isinstance(x, Int8Weight)
+
+
+def quantize_params(params):
+  """``params`` with every ``kernel`` (linear, convolution, projection) and
+  ``embedding`` leaf of two or more dimensions as an :class:`Int8Weight`: a kernel per
+  output channel (its last axis; the decoder's input-first query/key/value projections
+  per ``[heads, head_dim]`` entry), an embedding per row (a token's vector, or a tied
+  head's output). Biases, norms and everything else are left as they are.
+
+  >>> q = quantize_params({'dense': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}})
+  >>> q['dense']['kernel'].values.dtype, q['dense']['kernel'].scale.shape, q['dense']['bias'].dtype
+  (dtype('int8'), (1, 2), dtype('float32'))
+  """
+  def one(path, leaf):
+    name = path_str(path)
+    last = name.rsplit('/', 1)[-1]
+    if jnp.ndim(leaf) < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf
+    if last == 'embedding':
+      return quantize_int8(leaf, axes=(leaf.ndim - 1,))
+    if last == 'kernel':
+      axes = (0,) if _INPUT_FIRST.search(name) else tuple(range(leaf.ndim - 1))
+      return quantize_int8(leaf, axes=axes)
+    return leaf
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def dequantize_params(params):
+  """The inverse of :func:`quantize_params` (up to its rounding): every
+  :class:`Int8Weight` leaf dequantized, the others as they are."""
+  return jax.tree.map(lambda x: dequantize(x) if _is_int8(x) else x, params, is_leaf=_is_int8)
+
+
+def nbytes(tree) -> int:
+  """The bytes of a pytree's arrays (an :class:`Int8Weight` counts its values and scales).
+
+  >>> nbytes({'w': np.zeros((4, 2), np.float32), 'q': quantize_int8(jnp.ones((4, 2)), (0,))})
+  48
+  """
+  return sum(int(np.prod(np.shape(x))) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def converted_fingerprint(fingerprint_: str, *, dtype: str | None = None,
+                          quantize: str = 'none') -> str:
+  """The fingerprint of a teacher :func:`convert` made from one with ``fingerprint_``:
+  the same when nothing is converted, else sha256 over it and the conversion.
+
+  >>> converted_fingerprint('ab') == 'ab', converted_fingerprint('ab', quantize='int8') == 'ab'
+  (True, False)
+  """
+  parts = ([f'dtype={dtype}'] if dtype is not None else []) + (
+      [f'quantize={quantize}'] if quantize != 'none' else [])
+  if not parts:
+    return fingerprint_
+  return hashlib.sha256(':'.join([fingerprint_, *parts]).encode()).hexdigest()
+
+
+def convert(teacher: Teacher, *, dtype: str | None = None, quantize: str = 'none') -> Teacher:
+  """The teacher with its parameters held another way.
+
+  Args:
+    teacher: a loaded teacher.
+    dtype: cast its floating parameters to this dtype (``'bfloat16'``); None: as they
+      are. The computation dtype is the model's (:func:`load_teacher` builds the model
+      in it).
+    quantize: ``'int8'``: :func:`quantize_params`, and an ``apply`` that dequantizes
+      inside the forward (under ``jit`` the int8 arrays are what is held; each weight
+      is dequantized where it is used); ``'none'``: unchanged.
+
+  Returns:
+    The teacher, its fingerprint :func:`converted_fingerprint`; the model state
+    (batch statistics) is left as it is.
+
+  Raises:
+    ValueError: an unknown ``quantize``.
+  """
+  if quantize not in QUANTIZE:
+    raise ValueError(f'quantize must be one of {QUANTIZE}, got {quantize!r}')
+  params, state = teacher.variables
+  apply = teacher.apply
+  if dtype is not None:
+    params = jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  if quantize == 'int8':
+    params = jax.jit(quantize_params)(params)
+    apply = functools.partial(_dequantized_apply, teacher.apply)
+  return teacher._replace(
+      apply=apply, variables=(params, state),
+      fingerprint=converted_fingerprint(teacher.fingerprint, dtype=dtype, quantize=quantize))
+
+
+def _dequantized_apply(apply, params, state, x, **kwargs):
+  return apply(dequantize_params(params), state, x, **kwargs)
 
 
 # --------------------------------------------------------------------------- tokenizers

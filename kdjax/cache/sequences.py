@@ -176,16 +176,26 @@ class SequenceCache(NamedTuple):
   def nbytes(self) -> int:
     return read.cache_bytes(self.manifest)
 
+  # Its rows replace the data's; a loss that reads the teacher's outputs has the live
+  # teacher score them (kdjax.engine.setup).
+  rows_only = True
+
   def check(self, config, *, num_classes: int, needs) -> None:
-    """Raises a one-line ``UserError`` when the cache cannot feed this run."""
+    """Raises a one-line ``UserError`` when the cache cannot feed this run: a loss that
+    reads the teacher's outputs on the cached sequences (Kim and Rush's Seq-KD +
+    Word-KD) needs the live teacher that generated them (``config.teacher.workdir`` or
+    ``hf_path``; its fingerprint is checked against the cache's)."""
     read.check_source(self.manifest, config, num_classes=num_classes, cache_dir=self.cache_dir,
                       teacher_fingerprint=self.teacher_fingerprint)
-    teacher_keys = ('teacher_logits', 'teacher_topk_logits', 'teacher_features',
-                    'teacher_attentions')
-    if any(key in needs for key in teacher_keys):
+    live_keys = ('teacher_logits', 'teacher_features', 'teacher_attentions')
+    cached_keys = ('teacher_topk_logits', 'teacher_topk_indices', 'teacher_sample_indices',
+                   'teacher_sample_weights')
+    if (any(key in needs for key in cached_keys)
+        or (any(key in needs for key in live_keys) and self.teacher_fingerprint is None)):
       raise UserError(f'the teacher cache {self.cache_dir} holds the teacher\'s generated '
-                      'sequences, not its outputs; train on them with ce (configs/lm/seq_kd.py) '
-                      'or build a top-k cache (--mode topk) for this loss')
+                      'sequences, not its outputs; train on them with ce (configs/lm/seq_kd.py), '
+                      'or set config.teacher.workdir to the teacher that generated them so it '
+                      'scores them live')
     check_config_settings(self.manifest, config, self.cache_dir, ('mode', 'generate'))
 
   def check_arrays(self, arrays: dict) -> None:

@@ -63,20 +63,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
                schedule=run.schedule, calls=run.calls, feed=run.feed, evaluate=run.evaluate,
                log=_log)
-  result, train, evaluation = fitted.result, fitted.train, fitted.eval
   teacher = run.teacher
   summary = {
-      'step': result.step,
-      'eval_accuracy': evaluation.get('accuracy'),
-      'eval_loss': evaluation.get('loss'),
-      'train_loss': train.get('loss'),
-      'train_accuracy': train.get('accuracy'),
-      'examples_per_sec': result.examples_per_sec or train.get('examples_per_sec'),
-      'skipped_steps': result.skipped,
-      'wall_seconds': fitted.seconds,
-      'resumed_from': start,
-      'feed': run.feed_kind,
-      'num_devices': jax.device_count(),
+      **fitted.summary(resumed_from=start, feed=run.feed_kind),
       'teacher_devices': int(config.teacher.devices),
       'teacher_step': teacher.step if teacher else None,
       'teacher_fingerprint': teacher.fingerprint if teacher else None,

@@ -17,8 +17,10 @@ import ml_collections
 from kdjax.config import check_int
 from kdjax.config import check_number
 from kdjax.config import check_numbers_in
+from kdjax.engine.precision import PRECISIONS
 from kdjax.errors import UserError
 from kdjax.models.base import OUTPUTS as MODEL_OUTPUTS
+from kdjax.models.base import REMAT_POLICIES
 
 NONFINITE = ('stop', 'skip')
 FEEDS = ('auto', 'device', 'stream')
@@ -27,6 +29,9 @@ SCHEDULES = ('constant', 'cosine', 'step')
 CACHE_READERS = ('auto', 'memory', 'chunks')
 ON_POLICY_METHODS = ('gkd', 'distillm')
 TEACHER_DTYPES = ('float32', 'bfloat16')
+# A frozen teacher's weights: 'none' as stored; 'int8': the kernels of its linear,
+# convolution and embedding layers as per-output-channel symmetric int8 (kdjax.teacher).
+TEACHER_QUANTIZE = ('none', 'int8')
 # How a teacher with another tokenizer than the student's data is distilled from:
 # 'none' refuses it; 'uld' re-tokenizes the text for the teacher (kdjax.engine.feed.Retokenizer)
 # and reads its logits with the `uld` loss (kdjax.losses.uld).
@@ -66,11 +71,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.device_max_bytes = 1 << 30
   c.data.augment = ml_collections.ConfigDict({'kind': 'none'})
   c.data.eval_batch_size = 1000
+  # Prompt -> continuation records: the loss reads the prompt's next-token targets too,
+  # not only the continuation's (kdjax.engine.feed.with_prompt_loss).
+  c.data.prompt_loss = False
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'
   c.model.kwargs = ml_collections.ConfigDict()
+  # The computation dtype ('bfloat16': bf16 activations and matmuls); the parameters, the
+  # optimizer state and the loss math stay float32 whatever it is (docs/precision.md).
   c.model.dtype = 'float32'
+  # Activation rematerialization (kdjax.models.base.REMAT_POLICIES): 'none', 'full',
+  # 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable',
+  # 'save_attention_out'; per block for transformers, around the whole forward otherwise.
+  c.model.remat = 'none'
   # Transformers' per-layer outputs the losses read: 'attentions', 'hidden_states' (features
   # hidden0..hiddenL), 'qkv' (features query{i}, key{i}, value{i}); computed only if listed.
   c.model.outputs = []
@@ -94,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Or a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json) of a
   # decoder LM (kdjax.models.from_pretrained); exactly one of workdir / hf_path.
   c.teacher.hf_path = ''
-  c.teacher.dtype = 'float32'      # a Hugging Face teacher's parameters and computation
+  c.teacher.dtype = 'float32'      # the teacher's parameters and computation (workdir or HF)
+  c.teacher.quantize = 'none'      # 'int8': int8 kernels, dequantized in the forward
   # A teacher whose tokenizer differs from the student data's: 'none' refuses the run,
   # 'uld' distills across tokenizers (the `uld` loss; live teacher only).
   c.teacher.vocab_method = 'none'
@@ -121,6 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Count the train accuracy every step (an argmax over the logits); False: the summary's
   # train_accuracy is None (language models: a pass over [batch, tokens, vocab] saved).
   c.train_accuracy = True
+  # The matmul precision the step, the evaluation and the teacher's forward are traced
+  # under (kdjax.engine.precision): 'default' is the backend's (TF32 on recent NVIDIA
+  # GPUs, one bfloat16 pass on TPUs), 'high' (TPU: three bfloat16 passes), 'highest'
+  # (full float32). XLA:CPU computes float32 whatever the value.
+  c.precision = 'default'
   return c
 
 
@@ -129,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
 IDENTITY_FIELDS = ('seed', 'batch_size', 'data.name', 'data.train_split', 'data.augment',
                    'model', 'optimizer', 'loss', 'teacher.workdir', 'teacher.cache',
                    'teacher.hf_path', 'teacher.dtype', 'teacher.vocab_method',
-                   'teacher.seq_len', 'on_policy')
+                   'teacher.seq_len', 'on_policy', 'teacher.quantize')
 
 
 def _one_of(config, dotted: str, allowed) -> None:
@@ -153,6 +173,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'keep_checkpoints', 'steps_per_call'):
     check_int(config, field, 1)
   _one_of(config, 'nonfinite', NONFINITE)
+  _check_precision(config)
   check_int(config, 'init.step', 0)
   _check_mesh(config.mesh)
   for field in ('model', 'teacher'):
@@ -181,6 +202,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_int(config, 'teacher.devices', 0)
   _check_teacher_source(config)
   _check_on_policy(config)
+
+
+def _check_precision(config) -> None:
+  """``precision``, ``model.remat`` and ``teacher.quantize`` (each optional in a config
+  that does not start from :func:`base_config`)."""
+  for dotted, allowed, default in (('precision', PRECISIONS, 'default'),
+                                   ('model.remat', REMAT_POLICIES, 'none'),
+                                   ('teacher.quantize', TEACHER_QUANTIZE, 'none')):
+    group, _, key = dotted.rpartition('.')
+    node = config[group] if group else config
+    value = node.get(key, default) if hasattr(node, 'get') else default
+    if value not in allowed:
+      raise UserError(f'config.{dotted} must be one of {", ".join(allowed)} (got {value!r})')
 
 
 def _check_teacher_source(config) -> None:

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import teacher as teacher_lib
+from kdjax.data.text import PAD_ID
 from kdjax.engine import policy as policy_lib
 from kdjax.models.base import MODEL_INPUT_KEYS
 from kdjax.models.base import model_kwargs
@@ -372,6 +373,23 @@ def teacher_inputs(batch: Batch) -> tuple[Any, dict]:
   return batch['x'], model_kwargs(batch)
 
 
+def with_prompt_loss(batch: Batch) -> Batch:
+  """``batch`` with its loss ``mask`` widened to every next-token target of its rows:
+  the prompt's tokens as well as the continuation's.
+
+  A prompt record (``prompts_*`` splits, :mod:`kdjax.data.text`) supervises only its
+  continuation; its prompt is text of the same corpus, and its targets are the
+  positions whose ``label`` is a real token (``label`` is ``<pad>`` wherever the token
+  or its successor is padding). The continuation keeps its own mask (a sampled
+  continuation's, or the cache's).
+
+  >>> b = {'label': jnp.array([[0, 6, 7, 8, 0]]), 'mask': jnp.array([[0, 0, 1, 1, 0]], bool)}
+  >>> with_prompt_loss(b)['mask'].astype(int).tolist()
+  [[0, 1, 1, 1, 0]]
+  """
+  return dict(batch, mask=jnp.logical_or(batch['mask'], batch['label'] != PAD_ID))
+
+
 # --------------------------------------------------------------------------- the feed
 
 class Feed:
@@ -396,13 +414,13 @@ class Feed:
   def __init__(self, source: Source, *, augment: Callable, seed: int,
                teacher: teacher_lib.Teacher | None = None, needs=teacher_lib.OUTPUT_KEYS,
                ahead: 'TeacherAhead | None' = None,
-               policy: policy_lib.Policy | None = None):
+               policy: policy_lib.Policy | None = None, prompt_loss: bool = False):
     if policy is not None and ahead is not None:
       raise ValueError('a policy rewrites batches inside the student\'s call; a teacher '
                        'ahead scores the source\'s batches: use one or the other')
     self.source, self.augment, self.seed = source, augment, int(seed)
     self.teacher, self.needs, self.ahead = teacher, tuple(needs), ahead
-    self.policy = policy
+    self.policy, self.prompt_loss = policy, bool(prompt_loss)
     self._evaluated = None
 
   def inputs(self, step: int, n: int) -> dict:
@@ -442,6 +460,8 @@ class Feed:
       if self.policy is not None:
         batch, state, metrics = policy_lib.run(self.policy, batch, state,
                                                teacher=inputs.get('teacher'))
+      if self.prompt_loss:
+        batch = with_prompt_loss(batch)
       if ahead is not None:
         batch.update({k: jax.tree.map(lambda a: a[i], v) for k, v in ahead.items()
                       if k != 'position'})

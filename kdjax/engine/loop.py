@@ -227,6 +227,25 @@ class Fitted(NamedTuple):
   eval: dict
   seconds: float
 
+  def summary(self, *, resumed_from: int | None, feed: str | None) -> dict[str, Any]:
+    """The fields every run's ``summary.json`` starts with: its last step, the eval and
+    train figures of that step, throughput, skipped steps, wall seconds, the step it
+    resumed from, its feed and the number of devices."""
+    result, train, evaluation = self.result, self.train, self.eval
+    return {
+        'step': result.step,
+        'eval_accuracy': evaluation.get('accuracy'),
+        'eval_loss': evaluation.get('loss'),
+        'train_loss': train.get('loss'),
+        'train_accuracy': train.get('accuracy'),
+        'examples_per_sec': result.examples_per_sec or train.get('examples_per_sec'),
+        'skipped_steps': result.skipped,
+        'wall_seconds': self.seconds,
+        'resumed_from': resumed_from,
+        'feed': feed,
+        'num_devices': jax.device_count(),
+    }
+
 
 def fit(config, workdir: str, *, state, start: int | None, position: dict, manager,
         schedule: Schedule, calls: TrainCalls, feed: Feed, evaluate: Callable[[Any], dict],

@@ -36,12 +36,13 @@ from kdjax.engine.feed import teacher_inputs
 from kdjax.engine.loop import Schedule
 from kdjax.engine.loop import TrainCalls
 from kdjax.engine.optim import make_optimizer
+from kdjax.engine.precision import student_model
+from kdjax.engine.precision import with_precision
 from kdjax.engine.state import TrainState
 from kdjax.engine.step import init_train_state
 from kdjax.engine.step import make_train_step
 from kdjax.errors import UserError
 from kdjax.losses import build_objective
-from kdjax.models import from_config
 from kdjax.models.base import named_features
 from kdjax.models.base import output_kwargs
 from kdjax.parallel import batch_axes
@@ -51,7 +52,8 @@ from kdjax.parallel import make_mesh
 from kdjax.parallel import shardings_from_rules
 
 TEACHER_NEEDS = frozenset(teacher_lib.OUTPUT_KEYS)
-CACHE_NEEDS = frozenset({'teacher_topk_logits', 'teacher_topk_indices'})
+CACHE_NEEDS = frozenset({'teacher_topk_logits', 'teacher_topk_indices',
+                         'teacher_sample_indices', 'teacher_sample_weights'})
 
 
 class CachedTeacher(Protocol):
@@ -146,10 +148,14 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   if cache is not None:
     cache.check(config, num_classes=spec.num_classes, needs=needs)
   elif needs & CACHE_NEEDS:
-    raise UserError('sparse (top-k) losses read the teacher cache: build one with `kdjax cache '
-                    'build` and pass --config.teacher.cache=DIR')
-  live = cache is None and (bool(needs & TEACHER_NEEDS)
-                            or teacher_lib.source(config.teacher) is not None)
+    raise UserError('sparse (top-k) and sampled losses read the teacher cache: build one with '
+                    '`kdjax cache build` and pass --config.teacher.cache=DIR')
+  # A cache of generated sequences (``rows_only``) replaces the data's rows, not the
+  # teacher's outputs: a loss that reads those has the live teacher score the cached rows.
+  scores_rows = (cache is not None and getattr(cache, 'rows_only', False)
+                 and bool(needs & TEACHER_NEEDS))
+  live = scores_rows or (cache is None and (bool(needs & TEACHER_NEEDS)
+                                            or teacher_lib.source(config.teacher) is not None))
   # The tokenizers are compared before the teacher's weights are read.
   vocabularies = (_check_tokenizers(config, spec, teacher) if live and data is None
                   else None)
@@ -158,6 +164,8 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   elif live:
     teacher = teacher._replace(variables=jax.device_put(teacher.variables, shardings_from_rules(
         teacher.variables, config.teacher.partition_rules, teacher_mesh or mesh)))
+    # Its own computation dtype; int8 as config.teacher.quantize says.
+    teacher = teacher_lib.convert(teacher, quantize=config.teacher.get('quantize') or 'none')
   if not live:
     teacher = None
   retokenize = None
@@ -174,10 +182,15 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   if teacher is not None and config.teacher.outputs:
     teacher = teacher._replace(apply=functools.partial(
         teacher.apply, **output_kwargs(config.teacher.outputs)))
+  # Every forward below is traced under config.precision (kdjax.engine.precision).
+  precision = str(config.get('precision', 'default'))
+  if teacher is not None:
+    teacher = teacher._replace(apply=with_precision(teacher.apply, precision))
 
   # ---- the student and its optimizer
-  eval_apply, init_params, _ = from_config(config.model, num_classes=spec.num_classes,
-                                           input_shape=spec.input_shape)
+  eval_apply, init_params, _ = student_model(config.model, num_classes=spec.num_classes,
+                                            input_shape=spec.input_shape)
+  eval_apply = with_precision(eval_apply, precision)
   # The per-layer outputs the losses read (attentions, hidden states, q/k/v), only in training.
   apply = functools.partial(eval_apply, **output_kwargs(config.model.outputs))
   tx = make_optimizer(config.optimizer, int(config.num_steps))
@@ -212,8 +225,8 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
   make_state = jax.jit(init, out_shardings=state_shardings)
 
   # ---- the one step, its calls, and the evaluator
-  step = make_train_step(apply, objective, tx, nonfinite=str(config.nonfinite),
-                         train_accuracy=bool(config.train_accuracy))
+  step = with_precision(make_train_step(apply, objective, tx, nonfinite=str(config.nonfinite),
+                                        train_accuracy=bool(config.train_accuracy)), precision)
   calls = TrainCalls(step, feed, state_shardings=state_shardings, mesh=mesh)
   eval_arrays = (data.eval if data is not None else
                  kdata.load_arrays(config.data.name, config.data.eval_split, data_dir=data_dir))
@@ -302,6 +315,7 @@ def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_me
           schedule: Schedule, log, arrays=None, policy=None, retokenize=None) -> Feed:
   data_dir = config.data.data_dir or None
   seed, batch_size = int(config.seed), int(config.batch_size)
+  prompt_loss = bool(config.data.prompt_loss)
   keys = policy.keys if policy is not None else ()
   if kind == 'device':
     if arrays is None:
@@ -323,8 +337,10 @@ def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_me
       ahead = TeacherAhead(arrays, teacher, teacher_mesh=teacher_mesh, student_mesh=mesh,
                            batch_size=batch_size, seed=seed, augment=augment, needs=needs,
                            next_chunk=schedule.chunk)
-      return Feed(source, augment=augment, seed=seed, needs=needs, ahead=ahead)
-    return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs, policy=policy)
+      return Feed(source, augment=augment, seed=seed, needs=needs, ahead=ahead,
+                  prompt_loss=prompt_loss)
+    return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs, policy=policy,
+                prompt_loss=prompt_loss)
   iterator = kdata.make_train_iterator(
       config.data.name, split=config.data.train_split, batch_size=batch_size, seed=seed,
       data_dir=data_dir, shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -338,7 +354,8 @@ def _feed(config, kind: str, *, mesh, cache, needs, augment, teacher, teacher_me
   source = StreamSource(iterator, mesh=mesh, rows=rows,
                         num_cached=cache.epochs if cache is not None else None, extra_keys=keys,
                         retokenize=retokenize)
-  return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs, policy=policy)
+  return Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs, policy=policy,
+              prompt_loss=prompt_loss)
 
 
 def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache, needs,

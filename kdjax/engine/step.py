@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax.engine.precision import float32_outputs
 from kdjax.engine.state import TrainState
 from kdjax.models.base import model_kwargs
 from kdjax.models.base import named_features
@@ -75,12 +76,14 @@ def make_train_step(apply: Callable[..., Any], objective, tx: optax.GradientTran
   def forward(params, state: TrainState, batch, rng):
     out, model_state = apply(params['student'], state.model_state, batch['x'], train=True,
                              rng=rng, **model_kwargs(batch))
-    inputs = {k: v for k, v in batch.items() if k.startswith('teacher_')}
+    # The loss math is float32 whatever the computation dtype (bfloat16 models, teachers).
+    inputs = float32_outputs({k: v for k, v in batch.items() if k.startswith('teacher_')})
     if 'id' in batch:   # each example's index in its split (CRD's memory bank)
       inputs['example_ids'] = batch['id']
     inputs.update(labels=batch['label'], where=batch['mask'], step=state.step,
-                  student_logits=out.logits, student_features=named_features(out),
-                  student_attentions=out.attentions)
+                  **float32_outputs(dict(student_logits=out.logits,
+                                         student_features=named_features(out),
+                                         student_attentions=out.attentions)))
     loss, loss_state, metrics = objective.apply(params['loss'], state.loss_state, inputs)
     if penalty is not None:
       loss = loss + penalty(params['student'])

@@ -125,10 +125,18 @@ def linear_init(rng: jax.Array, in_dim: int, out_dim: int, *, use_bias: bool = T
   return params
 
 
-def linear_apply(params: dict, x: jax.Array) -> jax.Array:
+def linear_apply(params: dict, x: jax.Array, *,
+                 precision: jax.lax.PrecisionLike = None) -> jax.Array:
   """Applies a channel-axis projector to ``x`` ``[..., in_dim] -> [..., out_dim]`` in float32.
 
   (float64 inputs and params stay float64.)
+
+  Args:
+    params: ``{'kernel': [in_dim, out_dim], 'bias': [out_dim]}`` (bias optional).
+    x: ``[..., in_dim]``.
+    precision: the matrix product's precision (``'highest'``: full float32, no TF32
+      or bfloat16 passes); None: the ambient ``jax.default_matmul_precision``
+      (``config.precision`` in a run).
 
   >>> linear_apply(linear_init(jax.random.key(0), 4, 3), jnp.ones((2, 5, 4))).shape
   (2, 5, 3)
@@ -136,7 +144,8 @@ def linear_apply(params: dict, x: jax.Array) -> jax.Array:
   x = _floating(x)
   kernel = _floating(params['kernel'])
   dtype = jnp.promote_types(x.dtype, kernel.dtype)
-  y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=[[-1], [0]])
+  y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=[[-1], [0]],
+                    precision=precision)
   if 'bias' in params:
     y = y + _floating(params['bias']).astype(dtype)
   return y

@@ -58,6 +58,48 @@ MODEL_INPUT_KEYS = ('segment_ids', 'positions', 'attention_mask', 'token_type_id
 OUTPUTS = ('attentions', 'hidden_states', 'qkv')
 
 
+# Activation rematerialization (``config.model.remat``): which intermediate values the
+# backward pass keeps from the forward one; the others are recomputed. Transformers
+# apply it per block, the other models around their whole forward (kdjax.engine.precision).
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'nothing_saveable', 'save_attention_out')
+# The name transformers give their attention output (before the output projection), which
+# 'save_attention_out' keeps: the backward pass then recomputes the projections and the
+# MLP but not the attention itself.
+ATTENTION_OUT = 'attention_out'
+
+
+def remat_policy(name: str) -> Callable[..., bool] | None:
+  """The ``jax.checkpoint`` policy a :data:`REMAT_POLICIES` name stands for.
+
+  ``'full'`` and ``'nothing_saveable'`` keep only the block's inputs (``'full'`` is
+  ``jax.checkpoint``'s default policy, None; the other is the named policy, the same
+  choice); ``'dots_saveable'`` keeps every matrix product's output,
+  ``'dots_with_no_batch_dims_saveable'`` those without batch dimensions (the
+  projections, not the attention scores); ``'save_attention_out'`` keeps the values
+  named :data:`ATTENTION_OUT`.
+
+  Raises:
+    ValueError: ``'none'`` (no rematerialization: no policy) or an unknown name.
+
+  >>> remat_policy('dots_saveable') is jax.checkpoint_policies.dots_saveable
+  True
+  >>> remat_policy('full') is None
+  True
+  """
+  policies = jax.checkpoint_policies
+  table = {
+      'full': None,
+      'dots_saveable': policies.dots_saveable,
+      'dots_with_no_batch_dims_saveable': policies.dots_with_no_batch_dims_saveable,
+      'nothing_saveable': policies.nothing_saveable,
+      'save_attention_out': policies.save_only_these_names(ATTENTION_OUT),
+  }
+  if name not in table:
+    raise ValueError(f'remat must be one of {REMAT_POLICIES} other than none, got {name!r}')
+  return table[name]
+
+
 def output_kwargs(names) -> dict:
   """``['attentions', ...]`` -> ``{'output_attentions': True, ...}`` (call keywords).
 

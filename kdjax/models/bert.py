@@ -33,10 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from kdjax.errors import UserError
 from kdjax.errors import check_number
+from kdjax.models.base import ATTENTION_OUT
+from kdjax.models.base import REMAT_POLICIES
 from kdjax.models.base import ModelOutput
+from kdjax.models.base import remat_policy
 from kdjax.models.hf import Family
 from kdjax.models.hf import HFTensor
 from kdjax.models.hf import load_tokenizer
@@ -80,6 +84,9 @@ class BertConfig:
       from ``attention_mask`` only.
     dtype: computation dtype.
     param_dtype: parameter dtype.
+    remat: activation rematerialization per block, a
+      :data:`kdjax.models.base.REMAT_POLICIES` name (``'none'``: keep every block's
+      activations; ``'save_attention_out'`` keeps each block's attention context).
   """
 
   vocab_size: int = 30522
@@ -97,6 +104,7 @@ class BertConfig:
   pad_token_id: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
@@ -116,6 +124,9 @@ class BertConfig:
                    f'BERT {name} must be a number in [0, 1), got {value!r}.')
     check_number(self.layer_norm_eps, lambda v: v > 0,
                  f'BERT layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}.')
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f'BERT remat must be one of {", ".join(REMAT_POLICIES)}, got '
+                      f'{self.remat!r}.')
 
 
 def _normal(std: float):
@@ -196,7 +207,7 @@ class BertSelfAttention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1)
     p = _drop(self.dropout, probs.astype(x.dtype))
     context = jnp.einsum('bhqk,bkhd->bqhd', p, split(v)).reshape(b, t, d)
-    return self.output(context), probs, (q, k, v)
+    return self.output(checkpoint_name(context, ATTENTION_OUT)), probs, (q, k, v)
 
 
 class BertLayer(nnx.Module):
@@ -322,8 +333,11 @@ class BertEncoder(nnx.Module):
 
     h = self.embeddings(input_ids, types, jnp.asarray(positions))
     hidden, attentions, qkv = [h], [], []
+    call = lambda layer, h, mask: layer(h, mask)
+    if self.config.remat != 'none':
+      call = nnx.remat(call, policy=remat_policy(self.config.remat))
     for layer in self.layers:
-      h, probs, layer_qkv = layer(h, mask)
+      h, probs, layer_qkv = call(layer, h, mask)
       hidden.append(h)
       attentions.append(probs)
       qkv.append(layer_qkv)

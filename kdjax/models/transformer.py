@@ -66,10 +66,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from kdjax.errors import UserError
+from kdjax.models.base import ATTENTION_OUT
+from kdjax.models.base import REMAT_POLICIES
 from kdjax.models.base import ModelOutput
+from kdjax.models.base import remat_policy
 from kdjax.models.hf import Family
 from kdjax.models.hf import HFTensor
 from kdjax.models.registry import register
@@ -150,6 +154,12 @@ class DecoderConfig:
       always take the dense path. Both give the same numbers up to float32 rounding.
     attention_block_size: the query block of the blocked path (a runtime choice: it
       changes no parameter).
+    remat: activation rematerialization per block, a
+      :data:`kdjax.models.base.REMAT_POLICIES` name: ``'none'`` keeps every block's
+      activations for the backward pass; the others wrap each block in ``nnx.remat``
+      with that policy (``'save_attention_out'`` keeps the attention output, named
+      ``'attention_out'``, and recomputes the rest). A runtime choice: same numbers,
+      same parameters, less memory and more compute in the backward pass.
   """
 
   vocab_size: int
@@ -178,6 +188,7 @@ class DecoderConfig:
   param_dtype: Any = jnp.float32
   attention_impl: str = 'auto'
   attention_block_size: int = 64
+  remat: str = 'none'
 
   def __post_init__(self):
     fill = {'num_kv_heads': self.num_kv_heads or self.num_heads,
@@ -196,7 +207,7 @@ class DecoderConfig:
     if self.num_layers < 0:
       raise ValueError(f'num_layers must be >= 0, got {self.num_layers}')
     for name, allowed in (('norm', NORMS), ('mlp', MLPS), ('positions', POSITIONS),
-                          ('attention_impl', ATTENTION_IMPLS)):
+                          ('attention_impl', ATTENTION_IMPLS), ('remat', REMAT_POLICIES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f'{name} must be one of {allowed}, got {getattr(self, name)!r}')
     if self.num_heads % self.num_kv_heads:
@@ -490,7 +501,7 @@ class Attention(nnx.Module):
                             fill_empty_rows=fill_empty_rows)
     else:
       y, probs = dense_attention(q, k, v, allowed)
-    y = self.o(y)
+    y = self.o(checkpoint_name(y, ATTENTION_OUT))
     return y, (probs if want_probs else None), qkv, (keys, values)
 
 
@@ -718,12 +729,14 @@ class Decoder(nnx.Module):
     h = self.embed(input_ids).astype(c.dtype)
     if self.pos_embed is not None:
       h = h + self.pos_embed(positions).astype(c.dtype)
+    h = _batch_sharded(h)
     hidden, probs_all, qkv_all, keys, values = [h], [], [], [], []
+    block = _block_call(c.remat, want_probs=output_attentions, want_qkv=output_qkv,
+                        blocked=blocked, fill_empty_rows=fill_empty_rows)
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
-      h, probs, qkv, (k, v) = layer(h, allowed, rope, kv, index,
-                                    want_probs=output_attentions, want_qkv=output_qkv,
-                                    blocked=blocked, fill_empty_rows=fill_empty_rows)
+      h, probs, qkv, (k, v) = block(layer, h, allowed, rope, kv, index)
+      h = _batch_sharded(h)
       hidden.append(h)
       probs_all.append(probs)
       qkv_all.append(qkv)
@@ -749,6 +762,48 @@ class Decoder(nnx.Module):
         qkv=tuple(qkv_all) if output_qkv else None,
         cache=new_cache,
     )
+
+
+def _batch_sharded(x: jax.Array) -> jax.Array:
+  """``x`` (``[batch, ...]``) constrained to be split over the batch axes of the mesh in
+  context (``jax.set_mesh``): its first axis, and ``'fsdp'`` when it has one (the rule of
+  :func:`kdjax.parallel.batch_axes`, a sibling layer this module does not import);
+  ``x`` itself without a mesh, inside ``shard_map`` over those axes, or when they do not
+  divide the batch.
+
+  Under FSDP only the weights are gathered, one layer at a time; with nothing said about
+  the activations the partitioner may instead gather them (the whole batch's residual
+  stream on every device). The constraint on the residual stream after the embedding and
+  after each block keeps every device on its own rows. Without a mesh in context the
+  program is unchanged.
+
+  References:
+    Xu et al. GSPMD: General and Scalable Parallelization for ML Computation Graphs.
+    2021. arXiv:2105.04663 (sharding annotations on activations).
+
+  >>> _batch_sharded(jnp.ones((4, 3))).shape   # no mesh in context: x as it is
+  (4, 3)
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not x.ndim:
+    return x
+  first = mesh.axis_names[0]
+  axes = (first, 'fsdp') if 'fsdp' in mesh.axis_names and first != 'fsdp' else (first,)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if shards == 1 or x.shape[0] % shards or set(axes) & set(mesh.manual_axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
+def _block_call(remat: str, **options):
+  """``call(layer, h, allowed, rope, kv, index)``: one block with the call's static
+  ``options``, wrapped in ``nnx.remat`` with the policy ``remat`` names (unless
+  ``'none'``)."""
+  def call(layer, h, allowed, rope, kv, index):
+    return layer(h, allowed, rope, kv, index, **options)
+  if remat == 'none':
+    return call
+  return nnx.remat(call, policy=remat_policy(remat))
 
 
 def _check_room(index: jax.Array, new: int, length: int) -> None:

@@ -153,6 +153,21 @@ def test_fitnet_matches_numpy(s_shape, t_shape):
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
+def test_linear_apply_pins_its_own_precision():
+  """FitNet's, LELP's and CRD's projector with ``precision='highest'`` named at the call
+  (not only by this module's fixture): a float32 product to 1e-6 wherever it runs, and
+  the lowered product carries the pin."""
+  params = projectors.linear_init(jax.random.key(0), 16, 8)
+  params['bias'] = jnp.asarray(rand(3, (8,)))
+  x = rand(4, (3, 5, 16))
+  apply = jax.jit(lambda p, x: projectors.linear_apply(p, x, precision='highest'))
+  want = x @ np.asarray(params['kernel'], np.float64) + np.asarray(params['bias'])
+  np.testing.assert_allclose(apply(params, x), want, rtol=1e-6, atol=1e-6)
+  assert 'HIGHEST' in apply.lower(params, x).as_text()
+  with jax.default_matmul_precision('default'):   # the pin wins over the ambient setting
+    assert 'HIGHEST' in apply.lower(params, x).as_text()
+
+
 def test_fitnet_init_shapes():
   p = F.fitnet_init(jax.random.key(0), (2, 8, 8, 16), (2, 4, 4, 64), regressor='linear')
   assert p['kernel'].shape == (16, 64) and p['bias'].shape == (64,)
