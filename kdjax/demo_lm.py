@@ -8,8 +8,10 @@ seeds each:
 ========================  ========================================================
 ``student_data``          from the data alone (cross-entropy): the baseline
 ``student_token_kd``      token-level KD from the live teacher (``token_kd.py``)
-``student_seq_kd``        sequence-level KD: cross-entropy on the teacher's sampled
-                          continuations (``seq_kd.py:sample``)
+``student_seq_kd``        sequence-level KD with word-level KD (Kim and Rush's Seq-KD
+                          + Word-KD): the teacher's sampled continuations from the
+                          cache, the live teacher's distribution at each of their
+                          positions (``seq_kd.py:sample,word``)
 ``student_gkd``           on-policy GKD, the student sampling inside the step
                           (``gkd.py``)
 ``student_cached_kd``     token KD from the top-k cache, no teacher at run time
@@ -59,6 +61,9 @@ STUDENTS = (
     ('student_data_restart', 'lm/student.py', None),
 )
 RUN_KEYS = ('teacher',) + tuple(key for key, *_ in STUDENTS)
+# Runs that read a cache of sequences and add this variant: a loss on the live teacher's
+# outputs at the cached rows (Seq-KD + Word-KD).
+SCORED = {'student_seq_kd': 'word'}
 # The runs that start from the data-only student's halfway checkpoint.
 WARM_STARTED = ('student_seq_kd', 'student_gkd', 'student_data_restart')
 # The caches: name -> the config (and variant) that builds and reads it.
@@ -132,7 +137,8 @@ def run_lm_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()
     summaries[key], run_dirs[key] = [], []
     file, run_variant = (CACHES[uses] if uses in CACHES else (file, ''))
     for seed in range(seeds):
-      config = _config(file, ','.join(filter(None, (run_variant, variant))), overrides, seed)
+      config = _config(file, ','.join(filter(None, (run_variant, SCORED.get(key), variant))),
+                       overrides, seed)
       if key in WARM_STARTED:
         # As in the GKD and MiniLLM papers, sequence-level and on-policy distillation start
         # from a supervised student: the data-only run's halfway checkpoint, then the
@@ -148,6 +154,8 @@ def run_lm_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()
         config.teacher.workdir = teacher_dir
       elif uses is not None:
         config.teacher.cache = cache_dirs[uses]
+        if key in SCORED:     # the teacher that generated the rows scores them
+          config.teacher.workdir = teacher_dir
       run_dir = os.path.join(workdir, key, f'seed{seed}')
       print(f'[demo] {key} seed {seed} -> {run_dir}', flush=True)
       summaries[key].append(train_and_evaluate(config, run_dir))

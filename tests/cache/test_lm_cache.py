@@ -25,6 +25,7 @@ from kdjax.cache import read
 from kdjax.cache import sequences
 from kdjax.config import load_config
 from kdjax.config import split_overrides
+from kdjax.errors import UserError
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 CACHED = f'{ROOT}/configs/lm/cached_kd.py:tiny'
@@ -325,8 +326,10 @@ def test_compose_lays_out_the_datasets_own_prompt_records():
 def test_seq_kd_batches_are_prompt_plus_teacher_continuation(seq_cache, lm_teacher_dir, data_dir,
                                                              tmp_path, kdjax_main):
   from kdjax.cache import open_for_run
+  # (the continuation's loss alone: data.prompt_loss, on by default, widens it to the
+  # prompt's tokens in the feed, after these rows; tests/distill/test_lm_on_policy.py)
   config = _config(*_args(SEQ, data_dir, lm_teacher_dir, *SAMPLED,
-                          f'--config.teacher.cache={seq_cache}'))
+                          f'--config.teacher.cache={seq_cache}', '--config.data.prompt_loss=false'))
   cache = open_for_run(config)
   cols = read.load_columns(seq_cache, cache.manifest)
   _, batches = _first_batches(config, cache)
@@ -354,3 +357,31 @@ def test_seq_kd_batches_are_prompt_plus_teacher_continuation(seq_cache, lm_teach
                               f'--config.teacher.cache={seq_cache}'), '--workdir', workdir])
   s = _summary(workdir)
   assert s['step'] == 20 and np.isfinite(s['train_loss']) and s['eval_perplexity'] < VOCAB
+
+
+def test_seq_kd_with_word_kd_has_the_live_teacher_score_the_cached_rows(
+    seq_cache, lm_teacher_dir, data_dir):
+  # Kim and Rush's Seq-KD + Word-KD: the cached continuations are the rows, and a loss
+  # that reads the teacher's logits gets the live teacher's on exactly those rows.
+  from kdjax import teacher as teacher_lib
+  from kdjax.cache import open_for_run
+  from kdjax.models import model_kwargs
+  word = ["--config.loss.terms={'kd': {'weight': 0.5}, 'ce': {'weight': 0.5}}",
+          f'--config.teacher.cache={seq_cache}']
+  config = _config(*_args(SEQ, data_dir, lm_teacher_dir, *SAMPLED, *word))
+  cache = open_for_run(config)
+  run, batches = _first_batches(config, cache)
+  teacher = teacher_lib.load_teacher(lm_teacher_dir, run.mesh)
+  cols = read.load_columns(seq_cache, cache.manifest)
+  for batch in batches:
+    n = cols['mask'][0, batch['id']].sum(1)
+    np.testing.assert_array_equal(batch['x'][0, PROMPT_LEN:PROMPT_LEN + n[0]],
+                                  cols['tokens'][0, batch['id'][0], :n[0]])
+    out, _ = teacher.apply(*teacher.variables, batch['x'], train=False,
+                           **model_kwargs(batch))
+    np.testing.assert_allclose(batch['teacher_logits'], np.asarray(out.logits), rtol=1e-5,
+                               atol=1e-5)
+  # Without the teacher that generated them, the logits have no source: refused.
+  plain = _config('--config', SEQ, f'--config.data.data_dir={data_dir}', *SAMPLED, *word)
+  with pytest.raises(UserError, match='scores them live'):
+    open_for_run(plain).check(plain, num_classes=VOCAB, needs={'teacher_logits'})

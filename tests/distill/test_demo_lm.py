@@ -74,6 +74,8 @@ def test_lm_demo_scores_every_run_the_same_way_and_a_rerun_resumes(kdjax_main, d
     assert config['init']['step'] == results['student_data']['num_steps'] // 2
   config = json.load(open(os.path.join(wd, 'student_seq_kd', 'seed0', 'config.json')))
   assert config['teacher']['cache'] == os.path.join(wd, 'cache_seq')
+  assert config['teacher']['workdir'] == os.path.join(wd, 'teacher')    # Seq-KD + Word-KD
+  assert set(config['loss']['terms']) == {'kd', 'ce'}
   assert config['cache']['generate']['temperature'] == 1.0   # sampled continuations
   with open(os.path.join(wd, 'results.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'

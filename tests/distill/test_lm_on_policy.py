@@ -23,7 +23,7 @@ P = C = 16          # shakespeare_lm/tiny prompt records: 16 prompt + 16 continu
 EOS, PAD = 1, 0
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope='module', autouse=True)
 def _configs(paths):
   global CONFIGS
   CONFIGS = paths['configs']
@@ -104,7 +104,8 @@ def test_gkd_with_lambda_0_is_supervised_kd_on_the_data_continuations(data_dir, 
 # The GKD config of the lmbda=1 tests: every step samples; one call per step, so the
 # in-process reference step and the CLI kill/resume run compile the same program.
 PURE = {'on_policy.lmbda': 1.0, 'steps_per_call': 1, 'num_steps': 10, 'checkpoint_every': 5,
-        'eval_every': 5}
+        'eval_every': 5, 'data.prompt_loss': False,
+        'loss.terms.generalized_jsd.beta': 0.5}    # the JSD proper (the config's default: 0)
 
 
 @pytest.fixture(scope='module')
@@ -148,12 +149,31 @@ def test_gkd_with_lambda_1_trains_on_the_students_samples(pure_on_policy):
   assert jax.tree.structure(after) == jax.tree.structure(state)
 
 
+def test_prompt_loss_supervises_the_prompts_targets_besides_the_samples(pure_on_policy, data_dir,
+                                                                         lm_teacher_dir):
+  run, state, raw, gen = pure_on_policy
+  config = _config('gkd.py:tiny', data_dir, lm_teacher_dir, **{**PURE, 'data.prompt_loss': True})
+  wide = setup(config)
+  batch, _, _ = jax.jit(lambda s, i: wide.feed.ready(i, 1)(0, s))(state, wide.feed.inputs(0, 1))
+  batch = jax.device_get(batch)
+  np.testing.assert_array_equal(batch['x'][:, P:], gen.tokens)      # the same samples
+  # the prompt's own next-token targets (both tokens real), then the generated tokens
+  pm = raw['prompt_mask'].astype(bool)
+  want = np.zeros_like(batch['mask'])
+  want[:, :P - 1] = pm[:, :-1] & pm[:, 1:]
+  want[:, P - 1:P - 1 + C] = gen.mask
+  np.testing.assert_array_equal(batch['mask'], want)
+  np.testing.assert_array_equal(batch['label'][:, :P - 1][want[:, :P - 1]],
+                                raw['prompt_ids'][:, 1:][want[:, :P - 1]])
+
+
 def test_gkd_seq_kd_trains_off_policy_on_the_teachers_samples(data_dir, lm_teacher_dir):
   # lmbda=0 with seq_kd: every step trains on the teacher's greedy continuations, which
   # the teacher then scores: each sampled token is the argmax of the teacher's logits
   # one position before it.
   run = setup(_config('gkd.py:tiny', data_dir, lm_teacher_dir, **{
-      'on_policy.lmbda': 0.0, 'on_policy.seq_kd': True, 'on_policy.temperature': 0.0}))
+      'on_policy.lmbda': 0.0, 'on_policy.seq_kd': True, 'on_policy.temperature': 0.0,
+      'data.prompt_loss': False}))
   inputs = run.feed.inputs(0, 1)
   raw = jax.device_get(run.feed.source.batches(inputs['source'], 1)(0))
   batch, _, extra = jax.jit(lambda s, i: run.feed.ready(i, 1)(0, s))(run.init(), inputs)
