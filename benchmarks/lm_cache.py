@@ -10,7 +10,12 @@ For the LM recipes (``configs/lm/``), one run:
      ``config.cache.k`` / ``config.cache.codec``) and distills the same student from it:
      ``sparse_kd`` with the tail mass spread uniformly or kept as one bin (``--missing-mass``,
      a comma list: one row per treatment, from the same cache), same weights,
-     steps and seeds as the reference.
+     steps and seeds as the reference;
+  4. for every ``N`` of ``--samples``, builds the sampled cache (Random-Sampling KD,
+     ``kdjax.cache.sampled``: ``N`` classes per token drawn from the teacher,
+     ``configs/lm/cached_kd.py:sampled`` with ``config.cache.samples``) and distills the
+     same student from it with ``sampled_kd``: rows of format ``rs{N}`` with ``k`` = ``N``
+     (the most unique ids a token can hold) and tail ``sampled``.
 
 Both sides of each comparison run in this one process with the same seeds, steps and
 batches; the figure of merit is the held-out perplexity ratio cached / live (mean over
@@ -25,6 +30,8 @@ against the ratio, one series per codec) goes next to the JSON (``--plot`` moves
         --teacher-workdir workdirs/lm_teacher --steps 1500 --seeds 3
     python benchmarks/lm_cache.py --json /tmp/lm_cache_tiny.json --variant tiny \
         --ks 8,32 --codecs f32+i32,int4+ef --steps 20       # a minute, figures meaningless
+    python benchmarks/lm_cache.py --json /tmp/lm_rs.json --teacher-workdir W/teacher \
+        --ks '' --samples 24,48,64,96                       # sampled rows only
 """
 
 from __future__ import annotations
@@ -59,7 +66,13 @@ def parse_args(argv=None):
   p.add_argument('--teacher-workdir', default='', help='a finished teacher workdir to reuse')
   p.add_argument('--workdir', default='', help='where runs and caches go (default: a temp folder)')
   p.add_argument('--steps', type=int, default=0, help='student steps (default: the config\'s)')
-  p.add_argument('--ks', default='8,16,32,64,128', help='comma list of k (classes per token)')
+  p.add_argument('--ks', default='8,16,32,64,128',
+                 help="comma list of k (classes per token); '' for no top-k rows")
+  p.add_argument('--samples', default='',
+                 help='comma list of N: sampled-cache rows (Random-Sampling KD, N draws per '
+                 "token; format rs{N}); '' for none")
+  p.add_argument('--proposal-temperature', type=float, default=1.0,
+                 help='the sampled caches\' proposal temperature (1: the teacher itself)')
   p.add_argument('--codecs', default=','.join(CODECS), help='comma list of codecs')
   p.add_argument('--seeds', type=int, default=1, help='student seeds per configuration (0..n-1)')
   p.add_argument('--missing-mass', default='uniform',
@@ -80,11 +93,14 @@ def parse_args(argv=None):
   if bad:
     p.error(f'--missing-mass takes renormalize, uniform, zero or bucket, got {bad}')
   try:
-    args.k_list = [int(k) for k in args.ks.split(',')]
+    args.k_list = [int(k) for k in args.ks.split(',') if k.strip()]
+    args.sample_list = [int(n) for n in args.samples.split(',') if n.strip()]
   except ValueError:
-    p.error(f'--ks takes integers, got {args.ks!r}')
-  if args.seeds < 1 or args.steps < 0 or min(args.k_list) < 1:
-    p.error('--seeds and --ks must be positive, --steps >= 0')
+    p.error(f'--ks and --samples take integers, got {args.ks!r}, {args.samples!r}')
+  if args.seeds < 1 or args.steps < 0 or min(args.k_list + args.sample_list, default=1) < 1:
+    p.error('--seeds, --ks and --samples must be positive, --steps >= 0')
+  if not args.proposal_temperature > 0:
+    p.error('--proposal-temperature must be positive')
   return args
 
 
@@ -104,12 +120,13 @@ def _steps(config, steps: int) -> None:
     config.steps_per_call = min(int(config.steps_per_call), steps)
 
 
-def _config(name: str, args, *extra):
+def _config(name: str, args, *extra, variant: str = ''):
   from kdjax.config import load_config, split_overrides
   rest, pairs = split_overrides(_overrides(args, *extra))
   if rest:
     raise SystemExit(f'not config overrides: {rest}')
-  spec = os.path.join(ROOT, 'configs', 'lm', name) + (f':{args.variant}' if args.variant else '')
+  variant = ','.join(filter(None, (variant, args.variant)))
+  spec = os.path.join(ROOT, 'configs', 'lm', name) + (f':{variant}' if variant else '')
   return load_config(spec, pairs)
 
 
@@ -144,6 +161,8 @@ def run(args, workdir: str) -> dict:
   from kdjax.cache import build_cache
   from kdjax.cache import bytes_per_token
   from kdjax.cache import inspect_cache
+  from kdjax.cache import sample_bytes_per_token
+  from kdjax.cache import sample_format
   from kdjax.cache.codec import CodecError
   from kdjax.distill.train import train_and_evaluate
 
@@ -197,6 +216,32 @@ def run(args, workdir: str) -> dict:
         rows.append(res)
         print(f'k={k} {codec} {tail}: {nbytes:g} bytes/token, perplexity ratio '
               f'{res["perplexity_ratio_vs_live"]:.4f}', flush=True)
+  tau = args.proposal_temperature
+  for n in args.sample_list:
+    # Random-Sampling KD: n draws per token from the teacher, sampled_kd on their counts.
+    fmt = sample_format(n, tau)
+    nbytes = sample_bytes_per_token(n, vocab, weighted=tau != 1.0)
+    settings = [*teacher, f'--config.cache.samples={n}',
+                f'--config.cache.proposal_temperature={tau}']
+    cache_dir = os.path.join(workdir, 'caches', fmt)
+    t0 = time.time()
+    build_cache(_config('cached_kd.py', args, *settings, variant='sampled'), cache_dir,
+                progress=False)
+    build_s = time.time() - t0
+    info = inspect_cache(cache_dir)
+
+    def config_of(seed, settings=settings, cache_dir=cache_dir):
+      return _config('cached_kd.py', args, *settings, f'--config.teacher.cache={cache_dir}',
+                     variant='sampled')
+
+    res = _distill(fmt, config_of, args, workdir)
+    assert info['bytes_per_token'] == nbytes
+    res.update(k=n, format=fmt, missing_mass='sampled', bytes_per_token=nbytes,
+               perplexity_ratio_vs_live=res['perplexity_mean'] / live, topk_mass_mean=None,
+               unique_per_token_mean=info['unique_per_token']['mean'], build_seconds=build_s)
+    rows.append(res)
+    print(f'{fmt}: {nbytes:g} bytes/token, {res["unique_per_token_mean"]:.1f} unique ids per '
+          f'token, perplexity ratio {res["perplexity_ratio_vs_live"]:.4f}', flush=True)
   out['rows'] = rows
   within = [r for r in rows if r['perplexity_ratio_vs_live'] <= 1 + WITHIN]
   best = min(within, key=lambda r: (r['bytes_per_token'], r['perplexity_ratio_vs_live']),
@@ -213,12 +258,14 @@ def format_table(res: dict) -> str:
   lines = [f"{res['data']} ({res['vocab']} tokens), {res['steps']} steps, {res['seeds']} seed(s): "
            f"teacher perplexity {res['teacher']['eval_perplexity']:.3f}; student from the live "
            f"teacher {live['perplexity_mean']:.3f} ± {live['perplexity_std']:.3f}",
-           '| k | format | tail | bytes / token | top-k mass | perplexity (mean ± std) | '
-           'ratio vs live |',
+           '| k | format | tail | bytes / token | top-k mass (sampled: unique ids) | '
+           'perplexity (mean ± std) | ratio vs live |',
            '|---:|---|---|---:|---:|---:|---:|']
   for r in res['rows']:
+    mass = (f"{r['topk_mass_mean']:.3f}" if r.get('topk_mass_mean') is not None
+            else f"{r.get('unique_per_token_mean', float('nan')):.1f} ids")
     lines.append(f"| {r['k']} | {r['format']} | {r['missing_mass']} | {r['bytes_per_token']:g} | "
-                 f"{r['topk_mass_mean']:.3f} | {r['perplexity_mean']:.3f} ± "
+                 f"{mass} | {r['perplexity_mean']:.3f} ± "
                  f"{r['perplexity_std']:.3f} | {r['perplexity_ratio_vs_live']:.4f} |")
   best = res['best_within_1pct']
   lines.append('fewest bytes per token within 1% of the live perplexity: ' + (
@@ -234,9 +281,12 @@ def plot(res: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   import matplotlib.ticker
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for series in dict.fromkeys((r['format'], r['missing_mass']) for r in res['rows']):
-    rows = sorted((r for r in res['rows'] if (r['format'], r['missing_mass']) == series),
-                  key=lambda r: r['k'])
+  def series_of(r):   # the sampled rows (rs{N}) form one series over N
+    return ('rsN', 'sampled') if r['missing_mass'] == 'sampled' else (r['format'],
+                                                                       r['missing_mass'])
+
+  for series in dict.fromkeys(series_of(r) for r in res['rows']):
+    rows = sorted((r for r in res['rows'] if series_of(r) == series), key=lambda r: r['k'])
     xs = [r['bytes_per_token'] for r in rows]
     ys = [r['perplexity_ratio_vs_live'] for r in rows]
     ax.plot(xs, ys, marker='o', label=f'{series[0]}, {series[1]} tail')
@@ -245,11 +295,12 @@ def plot(res: dict, path: str) -> None:
   ax.axhline(1.0, color='k', lw=0.8)
   ax.axhline(1 + WITHIN, color='gray', lw=0.8, ls='--', label='live + 1%')
   ax.set_xscale('log')
-  ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.set_xticks(sorted({r['bytes_per_token'] for r in res['rows']}))   # labelled at each row
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel('bytes per token (cache)')
   ax.set_ylabel('held-out perplexity / live-teacher student')
-  ax.set_title(f"{res['data']}: cached top-k teacher vs live ({res['steps']} steps)")
+  ax.set_title(f"{res['data']}: cached teacher vs live ({res['steps']} steps)")
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -4,7 +4,8 @@
 layout on disk, ``open_for_run`` joins it to a distill run (``--config.teacher.cache=DIR``),
 ``inspect_cache``/``verify_cache`` report on it. Classifier caches hold per-example rows
 (``kdjax.cache.read``); language-model caches hold per-token top-k rows in a compact codec
-(``kdjax.cache.tokens``, ``kdjax.cache.codec``) or the teacher's generated continuations
+(``kdjax.cache.tokens``, ``kdjax.cache.codec``), per-token draws from the teacher
+(Random-Sampling KD, ``kdjax.cache.sampled``) or the teacher's generated continuations
 for sequence-level KD (``kdjax.cache.sequences``), set by a ``config.cache`` group
 (``cache_config``).
 """
@@ -14,9 +15,14 @@ from kdjax.cache.codec import Codec
 from kdjax.cache.codec import CodecError
 from kdjax.cache.codec import bytes_per_token
 from kdjax.cache.codec import decode
+from kdjax.cache.codec import decode_samples
 from kdjax.cache.codec import encode
+from kdjax.cache.codec import encode_samples
 from kdjax.cache.codec import layout
 from kdjax.cache.codec import parse_codec
+from kdjax.cache.codec import sample_bytes_per_token
+from kdjax.cache.codec import sample_format
+from kdjax.cache.codec import sample_layout
 from kdjax.cache.fingerprint import dataset_fingerprint
 from kdjax.cache.fingerprint import stream_dataset_fingerprint
 from kdjax.cache.read import ChunkReader
@@ -28,6 +34,7 @@ from kdjax.cache.read import open_cache
 from kdjax.cache.report import inspect_cache
 from kdjax.cache.report import verify_cache
 from kdjax.cache.run import open_for_run
+from kdjax.cache.sampled import SampledCache
 from kdjax.cache.sequences import SequenceCache
 from kdjax.cache.sequences import compose
 from kdjax.cache.sequences import generation_key

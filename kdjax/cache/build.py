@@ -12,8 +12,10 @@ With ``k`` equal to the number of classes the logits are kept in class order (in
 ``0..C-1``), so the sparse losses add terms in the same order as the dense ones.
 
 Token data (a language model's rows of ``T`` ids) is cached per token instead, in one of
-two modes (``mode``, or ``config.cache.mode``): ``'topk'`` stores the teacher's top-k
-logits of every position with a compact codec (:mod:`kdjax.cache.tokens`);
+three modes (``mode``, or ``config.cache.mode``): ``'topk'`` stores the teacher's top-k
+logits of every position with a compact codec (:mod:`kdjax.cache.tokens`); ``'sampled'``
+stores ``config.cache.samples`` classes per position drawn from the teacher
+(Random-Sampling KD, :mod:`kdjax.cache.sampled`);
 ``'generate'`` stores the teacher's continuations of the prompts of a prompt split, for
 sequence-level KD (:mod:`kdjax.cache.sequences`). A ``config.cache`` group
 (:func:`cache_config`) names their settings; the arguments override it.
@@ -43,6 +45,7 @@ from kdjax import data as kdata
 from kdjax import teacher as teacher_lib
 from kdjax import workdir as workdir_lib
 from kdjax.cache import codec as codec_lib
+from kdjax.cache import sampled
 from kdjax.cache import sequences
 from kdjax.cache import store
 from kdjax.cache import tokens
@@ -148,7 +151,7 @@ def build_cache(config, cache_dir: str, *, mode: str | None = None, epochs: int 
       the settings of a token cache: :func:`cache_config`).
     cache_dir: where the cache goes; an unfinished build there is resumed, a finished
       one with the same plan is left as it is.
-    mode: token data only: ``'topk'`` (default) or ``'generate'``.
+    mode: token data only: ``'topk'`` (default), ``'sampled'`` or ``'generate'``.
     epochs: augmentation epochs ``E`` to cache (1 is enough without augmentation;
       token data: 1, or sampled continuations per prompt in ``'generate'`` mode).
     k: top-k logits kept per entry (default: all classes, or ``config.cache.k``).
@@ -228,6 +231,9 @@ def build_cache(config, cache_dir: str, *, mode: str | None = None, epochs: int 
   elif settings['mode'] == 'topk':
     plan, forward = _plan_tokens(config, teacher, arrays, mesh, epochs=int(epochs),
                                  settings=settings, chunk_size=chunk_size)
+  elif settings['mode'] == 'sampled':
+    plan, forward = _plan_sampled(config, teacher, arrays, mesh, epochs=int(epochs),
+                                  settings=settings, chunk_size=chunk_size)
   else:
     plan, forward = _plan_generate(config, teacher, arrays, mesh, epochs=int(epochs),
                                    settings=settings, chunk_size=chunk_size)
@@ -250,7 +256,7 @@ def _default_chunk_size(settings, arrays, batch: int) -> int:
   """About 4096 examples, 65536 tokens or 1024 prompts, in whole batches."""
   if settings is None:
     rows = _CHUNK_EXAMPLES
-  elif settings['mode'] == 'topk':
+  elif settings['mode'] in ('topk', 'sampled'):
     rows = _CHUNK_TOKENS // arrays['x'].shape[1]
   else:
     rows = _CHUNK_PROMPTS
@@ -367,6 +373,52 @@ def _plan_tokens(config, teacher, arrays, mesh, *, epochs, settings, chunk_size)
       return None
     return tokens.encode_rows(out['values'], out['indices'], out['logsumexp'], mask[ids],
                               codec=codec, vocab_size=vocab)
+
+  return plan, forward
+
+
+def _plan_sampled(config, teacher, arrays, mesh, *, epochs, settings, chunk_size):
+  """``(plan, forward)`` of a per-token sampled cache (:mod:`kdjax.cache.sampled`)."""
+  if epochs != 1:
+    raise UserError(f'token data has no augmentation: cache one epoch (--epochs 1, not {epochs})')
+  vocab, seq_len = teacher.num_classes, int(arrays['x'].shape[1])
+  n, t, seed = settings['samples'], settings['proposal_temperature'], settings['seed']
+  weighted = t != 1.0
+  sizes = codec_lib.sample_layout(n, vocab, weighted=weighted)
+  plan = _source(config, teacher, arrays, epochs=epochs, chunk_size=chunk_size)
+  plan.update({
+      'kind': sampled.KIND, 'settings': {key: settings[key] for key in sampled.SETTINGS},
+      'samples': n, 'proposal_temperature': t, 'k': n,
+      'sample_format': codec_lib.sample_format(n, t), 'vocab_size': vocab, 'tokens': seq_len,
+      'bytes_per_token': codec_lib.sample_bytes_per_token(n, vocab, weighted=weighted),
+      'bytes_per_entry': seq_len * sum(sizes.values()),
+      'arrays': {key: {'dtype': 'uint8', 'shape': [seq_len, size]} for key, size in sizes.items()},
+  })
+  inputs = tuple(key for key in MODEL_INPUT_KEYS if key in arrays)
+  infer = sampled.make_sample_infer(teacher.apply, samples=n, proposal_temperature=t, seed=seed)
+  batch_sh = batch_sharding(mesh)
+
+  def sharded(variables, x, mask, ids, *model_inputs):
+    x, mask, ids, model_inputs = jax.lax.with_sharding_constraint(
+        (x, mask, ids, model_inputs), batch_sh)
+    draws, log_weights = infer(variables, x, mask, ids, dict(zip(inputs, model_inputs)))
+    return {'draws': draws, 'log_weights': log_weights}
+
+  repl = NamedSharding(mesh, P())
+  teacher_sh = jax.tree.map(lambda a: a.sharding, teacher.variables)
+  run = jax.jit(sharded, in_shardings=(teacher_sh,) + (repl,) * (3 + len(inputs)),
+                out_shardings=repl)
+  on_mesh = _replicated_forward(functools.partial(run, teacher.variables), mesh)
+  mask = arrays['mask'] if 'mask' in arrays else np.ones(arrays['x'].shape, bool)
+
+  def forward(epoch, first, ids, keep):
+    del epoch, first
+    out = on_mesh((arrays['x'][ids], mask[ids], ids.astype(np.int32),
+                   *(arrays[key][ids] for key in inputs)), keep)
+    if out is None:
+      return None
+    return sampled.encode_rows(out['draws'], out['log_weights'], mask[ids], vocab_size=vocab,
+                               weighted=weighted)
 
   return plan, forward
 

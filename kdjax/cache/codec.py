@@ -644,6 +644,140 @@ def _decode_parts(v, b, s, *, codec: Codec, k: int, vocab_size: int):
   return z, idx, jnp.log(jnp.sum(jnp.exp(z), axis=-1) + jnp.exp(rho))
 
 
+# --------------------------------------------------------------------------- sampled rows
+#
+# A sampled row (``kdjax.cache.sampled``) is ``N`` class ids drawn i.i.d. from a proposal
+# (the teacher, possibly tempered), kept as a multiset: the ids sorted, repeats kept, with
+# Elias-Fano. That *is* the unique ids with their counts: a repeated id costs ``l + 1``
+# bits (its low bits and one more unary bit), so the count of an id is its run length and
+# needs no field of its own, no maximum of unique ids and no empty slots; every row takes
+# exactly ``ceil((N l + N + ((vocab - 1) >> l)) / 8)`` bytes. With a tempered proposal
+# each draw also carries its relative log importance weight in ``WEIGHT_BITS`` bits.
+
+SAMPLE_PARTS = ('indices', 'weights')
+WEIGHT_BITS = 8
+WEIGHT_RANGE = 16.0          # nats: relative log weights in [0, 16], 2**8 - 1 steps
+MAX_SAMPLES = 4096
+
+
+def _check_samples(samples: int, vocab_size: int) -> None:
+  for name, v in (('samples', samples), ('vocab_size', vocab_size)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise CodecError(f'{name} must be a positive integer (got {v!r})')
+  if samples > MAX_SAMPLES:
+    raise CodecError(f'at most {MAX_SAMPLES} samples per token (got {samples})')
+  if vocab_size > 1 << _MAX_WIDTH:
+    raise CodecError(f'sampled rows hold at most 2**{_MAX_WIDTH} classes (got {vocab_size})')
+
+
+def sample_format(samples: int, proposal_temperature: float = 1.0) -> str:
+  """The name of a sampled row format: ``'rs{N}'``, or ``'rs{N}-t{temperature}'``.
+
+  >>> sample_format(24), sample_format(24, 0.8)
+  ('rs24', 'rs24-t0.8')
+  """
+  t = float(proposal_temperature)
+  return f'rs{int(samples)}' + ('' if t == 1.0 else f'-t{t:g}')
+
+
+def sample_layout(samples: int, vocab_size: int, *, weighted: bool = False) -> dict[str, int]:
+  """Bytes per token of each array of a sampled row: ``'indices'`` (the Elias-Fano
+  multiset of the ``samples`` draws) and, when ``weighted`` (a tempered proposal),
+  ``'weights'`` (``WEIGHT_BITS`` per draw).
+
+  >>> sample_layout(24, 2048), sample_layout(24, 2048, weighted=True)['weights']
+  ({'indices': 25}, 24)
+  """
+  _check_samples(samples, vocab_size)
+  l, upper = _ef_params(samples, vocab_size)
+  out = {'indices': -(-(samples * l + upper) // 8)}
+  if weighted:
+    out['weights'] = -(-samples * WEIGHT_BITS // 8)
+  return out
+
+
+def sample_bytes_per_token(samples: int, vocab_size: int, *, weighted: bool = False) -> float:
+  """Every stored byte of one token of a sampled cache (:func:`sample_layout`, summed).
+
+  >>> sample_bytes_per_token(48, 2048), sample_bytes_per_token(64, 2048)
+  (44.0, 56.0)
+  """
+  return float(sum(sample_layout(samples, vocab_size, weighted=weighted).values()))
+
+
+def encode_samples(draws, *, vocab_size: int, log_weights=None) -> dict[str, np.ndarray]:
+  """Draws ``[..., N]`` -> ``{'indices'[, 'weights']}``, each ``uint8 [..., bytes]`` (numpy).
+
+  Args:
+    draws: ``[..., N]`` class ids drawn from the proposal, in ``[0, vocab_size)``, any order.
+    vocab_size: classes the teacher predicts.
+    log_weights: ``[..., N]`` log importance weights ``log p(x_n) - log q(x_n)`` up to a
+      per-row constant (a tempered proposal); None: equal weights (the proposal is the
+      teacher), nothing stored for them.
+
+  Returns:
+    The byte arrays, with the rows' leading shape; :func:`sample_layout` gives their sizes.
+
+  >>> enc = encode_samples([[5, 1, 5, 5]], vocab_size=8)
+  >>> idx, w = decode_samples(enc, samples=4, vocab_size=8)
+  >>> idx.tolist(), w.tolist()
+  ([[1, 5, 5, 5]], [[0.25, 0.25, 0.25, 0.25]])
+  """
+  x = np.asarray(draws)
+  if x.ndim == 0 or not np.issubdtype(x.dtype, np.integer):
+    raise CodecError(f'draws must be an integer array [..., N] (got {x.dtype} {x.shape})')
+  lead, n = x.shape[:-1], x.shape[-1]
+  _check_samples(n, vocab_size)
+  if x.size and (x.min() < 0 or x.max() >= vocab_size):
+    raise CodecError(f'draws must lie in [0, {vocab_size}) (got [{x.min()}, {x.max()}])')
+  x = x.astype(np.int64).reshape(-1, n)
+  order = np.argsort(x, axis=-1, kind='stable')
+  out = {'indices': _ef_encode(np.take_along_axis(x, order, -1), n, vocab_size)}
+  if log_weights is not None:
+    a = np.asarray(log_weights, np.float64)
+    if a.shape != lead + (n,) or not np.isfinite(a).all():
+      raise CodecError(f'log weights {a.shape} must be finite and shaped like the draws '
+                       f'{lead + (n,)}')
+    a = np.take_along_axis(a.reshape(-1, n), order, -1)
+    top = (1 << WEIGHT_BITS) - 1
+    gap = np.minimum(a.max(-1, keepdims=True) - a, WEIGHT_RANGE)
+    out['weights'] = _pack(_bits(np.rint(gap / WEIGHT_RANGE * top).astype(np.int64),
+                                 WEIGHT_BITS))
+  return {key: v.reshape(*lead, v.shape[-1]) for key, v in out.items()}
+
+
+def decode_samples(encoded: dict[str, Any], *, samples: int, vocab_size: int,
+                   weighted: bool = False) -> tuple[jax.Array, jax.Array]:
+  """:func:`encode_samples`'s arrays -> ``(indices int32 [..., N], weights float32 [..., N])``.
+
+  The ids come sorted, repeats kept; the weights are the self-normalized importance
+  weights (they sum to one per row; ``1/N`` each without ``'weights'``). ``jax.numpy``,
+  jittable. All-zero rows (padding) decode to ids clipped into the vocabulary.
+  """
+  sizes = sample_layout(samples, vocab_size, weighted=weighted)
+  if not isinstance(encoded, Mapping) or not set(sizes) <= set(encoded):
+    raise CodecError(f'encoded sampled rows must be a dict with {", ".join(sizes)}')
+  parts = {key: jnp.asarray(encoded[key]) for key in sizes}
+  lead = parts['indices'].shape[:-1]
+  for key, a in parts.items():
+    if a.dtype != jnp.uint8 or a.shape != lead + (sizes[key],):
+      raise CodecError(f'encoded {key!r} is {a.dtype} {a.shape}, but {samples} samples of '
+                       f'{vocab_size} classes store uint8 [..., {sizes[key]}]')
+  return _decode_samples(parts['indices'], parts.get('weights'), samples=samples,
+                         vocab_size=vocab_size)
+
+
+@functools.partial(jax.jit, static_argnames=('samples', 'vocab_size'))
+def _decode_samples(b, w, *, samples: int, vocab_size: int):
+  idx = jnp.minimum(_ef_decode(b, samples, vocab_size), vocab_size - 1)
+  if w is None:
+    return idx, jnp.full(idx.shape, 1.0 / samples, jnp.float32)
+  codes = unpack_bits(w, WEIGHT_BITS, samples).astype(jnp.float32)
+  # The largest weight has code 0: the sum is at least one, never zero.
+  u = jnp.exp(-codes * (WEIGHT_RANGE / ((1 << WEIGHT_BITS) - 1)))
+  return idx, u / jnp.sum(u, axis=-1, keepdims=True)
+
+
 # --------------------------------------------------------------------------- error
 
 

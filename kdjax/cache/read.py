@@ -425,7 +425,8 @@ class RunCache(NamedTuple):
 
 def cache_kind(manifest: dict) -> str:
   """``'examples'`` (a classifier cache), ``'tokens'`` (per-token top-k rows,
-  :mod:`kdjax.cache.tokens`) or ``'sequences'`` (teacher generations,
+  :mod:`kdjax.cache.tokens`), ``'sampled'`` (per-token draws from the teacher,
+  :mod:`kdjax.cache.sampled`) or ``'sequences'`` (teacher generations,
   :mod:`kdjax.cache.sequences`).
 
   >>> cache_kind({}), cache_kind({'kind': 'tokens'})

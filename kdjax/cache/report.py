@@ -19,6 +19,10 @@ def inspect_cache(cache_dir: str) -> dict:
   * token caches: ``k``, the codec, ``bytes_per_token`` (exact, from
     :func:`kdjax.cache.codec.layout`), the stored (non-padding) tokens and their top-k
     mass (over the first ``MASS_SAMPLE_TOKENS`` of them);
+  * sampled caches: ``samples`` (draws per token; ``k`` is the same number, the most
+    unique ids a token can hold), the proposal temperature, the ``format`` (``rs{N}``),
+    ``bytes_per_token`` (exact, :func:`kdjax.cache.codec.sample_bytes_per_token`), the
+    stored tokens and their unique ids per token (over the first ``MASS_SAMPLE_TOKENS``);
   * sequence caches: the decoding settings and the generated lengths.
 
   The top-k probability mass of an entry is :math:`\\sum_{j \\in topk} e^{z_j - \\log Z}`
@@ -49,6 +53,8 @@ def inspect_cache(cache_dir: str) -> dict:
   cols = read.load_columns(cache_dir, manifest)
   if kind == 'tokens':
     info.update(_token_report(manifest, cols))
+  elif kind == 'sampled':
+    info.update(_sampled_report(manifest, cols))
   elif kind == 'sequences':
     lengths = cols['mask'].sum(-1)
     last = np.take_along_axis(cols['tokens'], np.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
@@ -79,6 +85,27 @@ def _token_report(manifest: dict, cols: dict) -> dict:
   return {'k': k, 'codec': codec, 'bytes_per_token': codec_lib.bytes_per_token(codec, k, vocab),
           'tokens_per_row': manifest['tokens'], 'stored_tokens': int(stored.size),
           'topk_mass': _mass_stats(mass) if mass.size else None}
+
+
+def _sampled_report(manifest: dict, cols: dict) -> dict:
+  """Samples, format, exact bytes per token, stored tokens and unique ids per token."""
+  n, vocab = manifest['samples'], manifest['num_classes']
+  weighted = 'weights' in manifest['arrays']
+  rows = {key: cols[key].reshape(-1, cols[key].shape[-1]) for key in manifest['arrays']}
+  # Padding positions are stored as zero bytes; a stored token has n set unary bits.
+  stored = np.flatnonzero(np.any(rows['indices'] != 0, -1))
+  sample = stored[:MASS_SAMPLE_TOKENS]
+  idx, _ = codec_lib.decode_samples({key: r[sample] for key, r in rows.items()}, samples=n,
+                                    vocab_size=vocab, weighted=weighted)
+  idx = np.asarray(idx)
+  unique = 1 + np.sum(idx[:, 1:] != idx[:, :-1], axis=-1) if idx.size else np.zeros(0)
+  return {'k': manifest['k'], 'samples': n,
+          'proposal_temperature': manifest['proposal_temperature'],
+          'format': manifest['sample_format'],
+          'bytes_per_token': codec_lib.sample_bytes_per_token(n, vocab, weighted=weighted),
+          'tokens_per_row': manifest['tokens'], 'stored_tokens': int(stored.size),
+          'unique_per_token': ({'mean': float(unique.mean()), 'min': int(unique.min()),
+                                'max': int(unique.max())} if unique.size else None)}
 
 
 def _mass_stats(mass: np.ndarray) -> dict:

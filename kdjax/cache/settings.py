@@ -2,7 +2,8 @@
 
 A language-model distill config may carry a ``config.cache`` group
 (:func:`cache_config`) naming how its teacher cache is built: the mode (per-token top-k
-rows, or teacher generations), ``k``, the codec and the decoding settings.
+rows, per-token samples of the teacher, or teacher generations), ``k``, the codec, the
+sampling settings and the decoding settings.
 ``kdjax cache build`` reads it (its flags override it), and a run that reads the cache
 refuses one built with other settings (:func:`check_config_settings`).
 """
@@ -17,16 +18,22 @@ from kdjax import data as kdata
 from kdjax.cache import codec as codec_lib
 from kdjax.errors import UserError
 
-MODES = ('topk', 'generate')
+MODES = ('topk', 'generate', 'sampled')
+# 'sampled' mode (kdjax.cache.sampled): draws per token, proposal temperature, key seed.
+SAMPLED_DEFAULTS = {'samples': 32, 'proposal_temperature': 1.0, 'seed': 0}
 GENERATE_DEFAULTS = {'temperature': 0.0, 'top_k': 0, 'top_p': 1.0, 'max_new_tokens': 0,
                      'stop_at_eos': True, 'seed': 0}
 
 
 def cache_config(*, mode: str = 'topk', k: int = 0, codec: str = 'f32+i32',
-                 **generate) -> ml_collections.ConfigDict:
+                 samples: int = SAMPLED_DEFAULTS['samples'],
+                 proposal_temperature: float = SAMPLED_DEFAULTS['proposal_temperature'],
+                 seed: int = SAMPLED_DEFAULTS['seed'], **generate) -> ml_collections.ConfigDict:
   """The ``config.cache`` group of a language-model distill config: how to build its cache.
 
-  ``mode``: ``'topk'`` (per-token rows) or ``'generate'`` (sequence-level KD); ``k``:
+  ``mode``: ``'topk'`` (per-token rows), ``'sampled'`` (per-token draws from the
+  teacher, :mod:`kdjax.cache.sampled`: ``samples`` draws per token from the teacher at
+  ``proposal_temperature``, keyed by ``seed``) or ``'generate'`` (sequence-level KD); ``k``:
   classes per token (0: the whole vocabulary); ``codec``: a
   :mod:`kdjax.cache.codec` name; ``chunk_size``: rows per chunk (0: a default);
   ``generate``: the decoding of ``'generate'`` (``temperature`` 0 is greedy; ``top_k``
@@ -42,14 +49,18 @@ def cache_config(*, mode: str = 'topk', k: int = 0, codec: str = 'f32+i32',
   if unknown:
     raise ValueError(f'unknown generate options {sorted(unknown)}; use {sorted(GENERATE_DEFAULTS)}')
   return ml_collections.ConfigDict({'mode': mode, 'k': k, 'codec': codec, 'chunk_size': 0,
+                                    'samples': samples,
+                                    'proposal_temperature': proposal_temperature,
+                                    'seed': seed,
                                     'generate': {**GENERATE_DEFAULTS, **generate}})
 
 
 def cache_settings(config, *, num_classes: int, mode: str | None = None, k: int | None = None,
                    codec: str | None = None) -> dict:
   """The token cache settings of ``config.cache`` (defaults without one), overridden by
-  the arguments that are not None: ``{'mode', 'k', 'codec', 'generate', 'chunk_size'}``
-  (``k`` 0 resolved to ``num_classes``, ``chunk_size`` 0: the default), checked.
+  the arguments that are not None: ``{'mode', 'k', 'codec', 'generate', 'chunk_size',
+  'samples', 'proposal_temperature', 'seed'}`` (``k`` 0 resolved to ``num_classes``,
+  ``chunk_size`` 0: the default), checked.
 
   >>> import ml_collections
   >>> config = ml_collections.ConfigDict({'cache': cache_config(k=16, codec='int4+ef')})
@@ -79,7 +90,18 @@ def cache_settings(config, *, num_classes: int, mode: str | None = None, k: int 
     raise UserError(f'config.cache.generate {gen}: temperature must be >= 0 (0: greedy), top_k '
                     '>= 0 (0: off), top_p in (0, 1], max_new_tokens >= 0 (0: fill) and seed >= 0')
   chunk_size = int(group.get('chunk_size') or 0)
-  return {'mode': mode, 'k': k, 'codec': codec, 'generate': gen, 'chunk_size': chunk_size}
+  sampled = {key: group.get(key, default) for key, default in SAMPLED_DEFAULTS.items()}
+  sampled = {'samples': int(sampled['samples']),
+             'proposal_temperature': float(sampled['proposal_temperature']),
+             'seed': int(sampled['seed'])}
+  if mode == 'sampled':
+    n, t, most = sampled['samples'], sampled['proposal_temperature'], codec_lib.MAX_SAMPLES
+    if not 1 <= n <= most or not (math.isfinite(t) and t > 0) or sampled['seed'] < 0:
+      raise UserError(f'config.cache samples={n}, proposal_temperature={t}, '
+                      f'seed={sampled["seed"]}: samples must be in [1, {most}], the proposal '
+                      'temperature > 0 (1: the teacher itself) and the seed >= 0')
+  return {'mode': mode, 'k': k, 'codec': codec, 'generate': gen, 'chunk_size': chunk_size,
+          **sampled}
 
 
 def is_token_data(spec: kdata.DatasetSpec) -> bool:

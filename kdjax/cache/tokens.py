@@ -187,6 +187,10 @@ class TokenCache(NamedTuple):
     if 'teacher_features' in needs or 'teacher_attentions' in needs:
       raise UserError(f'{where} stores top-k logits only, but the loss needs teacher features '
                       'or attentions; use the live teacher')
+    if 'teacher_sample_indices' in needs or 'teacher_sample_weights' in needs:
+      raise UserError(f'{where} stores top-k logits, but the loss reads sampled teacher '
+                      "classes (sampled_kd); build a cache with config.cache.mode='sampled' or "
+                      'use a sparse loss (e.g. sparse_kd)')
     check_config_settings(m, config, self.cache_dir, ('mode', 'k', 'codec'))
 
   def check_arrays(self, arrays: dict) -> None:

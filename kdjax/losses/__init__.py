@@ -14,10 +14,11 @@ from kdjax.losses.registry import reduce_value
 from kdjax.losses.registry import register
 from kdjax.losses.schedules import make_schedule
 
-# --- response (logit) losses: kdjax/losses/logits.py, sparse.py, sequence.py, uld.py
+# --- response (logit) losses: kdjax/losses/logits.py, sparse.py, sampled.py, sequence.py, uld.py
 from kdjax.losses import divergences
 from kdjax.losses import logits
 from kdjax.losses import progressive
+from kdjax.losses import sampled
 from kdjax.losses import sequence
 from kdjax.losses import sparse
 from kdjax.losses.divergences import generalized_jsd
@@ -48,6 +49,7 @@ from kdjax.losses.progressive import gradient_reversal
 from kdjax.losses.progressive import taid
 from kdjax.losses.progressive import taid_init
 from kdjax.losses.progressive import taid_update
+from kdjax.losses.sampled import sampled_kd
 from kdjax.losses.sequence import chunked
 from kdjax.losses.sequence import chunked_kd
 from kdjax.losses.sparse import sparse_generalized_jsd

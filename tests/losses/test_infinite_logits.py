@@ -65,6 +65,7 @@ def _inputs(s, t, labels, where):
   return dict(student_logits=jnp.asarray(s, jnp.float32), teacher_logits=t,
               labels=jnp.asarray(labels), where=jnp.asarray(where),
               teacher_topk_logits=vals, teacher_topk_indices=idx,
+              teacher_sample_indices=idx, teacher_sample_weights=jax.nn.softmax(vals, -1),
               teacher_logsumexp=jax.nn.logsumexp(t, axis=-1), step=jnp.asarray(3))
 
 
@@ -91,7 +92,16 @@ def _values(objective, params, state):
 def results():
   """Each term's value and gradient (one program for all) on padded logits, on one-sided
   padding, and its value on the logits without the padded columns (top-k indices and
-  labels renumbered)."""
+  labels renumbered).
+
+  Computed under its own full-precision pin: a module-scoped fixture is set up before
+  the per-test ``_highest_matmul_precision`` one, and the padded and cut programs would
+  otherwise round their products differently under TF32 on GPUs (about 1e-4)."""
+  with jax.default_matmul_precision('highest'):
+    return _results()
+
+
+def _results():
   s, t, labels, where = _make()
   objective = L.build_objective(TERMS)
   renumber = {c: i for i, c in enumerate(KEEP)}
