@@ -35,7 +35,16 @@ $(FLOWER)/.installed: $(BIN)/kdjax
 demo: install
 	$(BIN)/kdjax demo --workdir $(WORKDIR)
 
-test: install $(FLOWER)/.installed
+# libtpu (kdjax plan --topology: the TPU compiler, no TPU needed) goes into its own
+# --target folder, off the import path: an importable libtpu makes every jax process try a
+# TPU at start-up (warnings, /tmp/libtpu_lockfile). kdjax plan finds it at
+# <sys.prefix>/libtpu, i.e. $(VENV)/libtpu (or KDJAX_LIBTPU_PATH).
+LIBTPU := $(VENV)/libtpu
+$(LIBTPU)/.installed: $(BIN)/kdjax
+	$(BIN)/pip install -q --target $(LIBTPU) 'libtpu==0.0.42.*'
+	touch $@
+
+test: install $(FLOWER)/.installed $(LIBTPU)/.installed
 	KDJAX_FLOWER_PATH=$(FLOWER) $(BIN)/python -m pytest -n 2 --dist worksteal --durations=25 kdjax tests; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
 
 .PHONY: install demo test

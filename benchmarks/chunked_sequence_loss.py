@@ -11,7 +11,7 @@ Measures value-and-gradient (w.r.t. the student logits) of ``kdjax.losses.kd`` a
 Usage::
 
   python benchmarks/chunked_sequence_loss.py [--json FILE] [--vocab 32000] \
-      [--batch 8] [--time 512] [--chunk-size 512] [--dtypes bfloat16,float32]
+      [--batch 8] [--time 512] [--chunk-size 64] [--dtypes bfloat16,float32]
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def main(argv=None):
   parser.add_argument('--vocab', type=int, default=32000)
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--time', type=int, default=512)
-  parser.add_argument('--chunk-size', type=int, default=512)
+  parser.add_argument('--chunk-size', type=int, default=64,
+                      help='tokens of each row per chunk (a chunk: batch x chunk-size tokens)')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--dtypes', default='bfloat16,float32')
   parser.add_argument('--child', choices=['plain', 'chunked'], help=argparse.SUPPRESS)

@@ -12,6 +12,8 @@
     kdjax cache   inspect [--json] CACHE  |  kdjax cache verify CACHE
     kdjax fed     run --config configs/fed/mnist1d_fedavg.py:tiny --workdir DIR [--config.key=value ...]
     kdjax fed     sweep --config configs/fed/mnist1d_sweep.py:tiny --workdir DIR [--config.key=value ...]
+    kdjax plan    --config configs/lm/plan_7b_to_1b.py --topology v5e:16x16 [--mesh data=16,fsdp=16] [--json F]
+    kdjax plan    --config configs/lm/plan_7b_to_1b.py --devices 8 [--gpu h100] [--json F]
 
 Mistakes a user can make end in one line on stderr and exit code 2; a run stopped at a
 non-finite loss ends in one line and exit code 3. ``kdjax --no-compilation-cache ...``
@@ -59,7 +61,74 @@ def _parser() -> argparse.ArgumentParser:
   l.add_argument('--json', action='store_true')
   _cache_parser(sub)
   _fed_parser(sub)
+  _plan_parser(sub)
+  _search_parser(sub)
   return p
+
+
+def _search_parser(sub) -> None:
+  s = sub.add_parser('search-student', help="rank candidate students for a teacher without "
+                     'training them (DisWOT)')
+  s.add_argument('--config', required=True, help='path/to/config.py[:variant]: the data set')
+  s.add_argument('--teacher', required=True, help='a trained teacher workdir')
+  s.add_argument('--candidates', nargs='+', default=None,
+                 help='e.g. mlp:64x64 cnn1d:16x16x16 (default: a family of 12)')
+  s.add_argument('--json', default=None, help='also write the ranking to this file')
+
+
+def _search_main(args, overrides) -> int:
+  from kdjax.config import load_config
+  from kdjax.schemes.diswot import search_student
+  config = load_config(args.config, overrides)
+  rows = _guard_data(lambda: search_student(config, args.teacher, args.candidates))
+  for r in rows:
+    print(f"{r['rank']:>2}  {r['candidate']:<16} score {r['score']:+.4f}  semantic "
+          f"{r['semantic']:+.4f}  relational {r['relational']:+.4f}  {r['params']} params")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(rows, f, indent=2)
+  return 0
+
+
+def _plan_parser(sub) -> None:
+  p = sub.add_parser('plan', help="compile a config's step ahead of time for a TPU slice or N "
+                     'GPUs: memory per chip, FLOPs, collectives, a roofline step time',
+                     epilog='Any config field can be overridden: --config.batch_size=256')
+  p.add_argument('--config', required=True, help='path/to/config.py[:variant]')
+  target = p.add_mutually_exclusive_group(required=True)
+  target.add_argument('--topology', help='a TPU slice, GENERATION:SHAPE (v5e:16x16, v5p:4x4x8); '
+                      'needs libtpu in $KDJAX_LIBTPU_PATH or <venv>/libtpu (pip install '
+                      '--target .venv/libtpu "libtpu==0.0.42.*")')
+  target.add_argument('--devices', type=int, help='a number of GPUs (compiled for as many CPU '
+                      'devices)')
+  p.add_argument('--gpu', default='h100', help='the GPU of --devices (h100, h200, a100-80g, '
+                 'a100-40g)')
+  p.add_argument('--mesh', default=None, help='axes name=size instead of config.mesh, e.g. '
+                 'data=16,fsdp=16')
+  p.add_argument('--hbm-gib', type=float, default=None, help='plan against this much memory '
+                 "per device instead of the chip's")
+  p.add_argument('--json', default=None, help='also write the plan to this JSON file')
+
+
+def _plan_main(args, overrides, argv) -> int:
+  from kdjax import plan as plan_lib
+  from kdjax.config import load_config
+  config = load_config(args.config, overrides)
+  if args.devices is not None and not plan_lib.ensure_cpu_devices(args.devices):
+    return plan_lib.run_in_child(argv, args.devices)   # jax started with fewer devices
+  if args.hbm_gib is not None and args.hbm_gib <= 0:
+    raise UserError(f'--hbm-gib {args.hbm_gib}: give a positive size')
+  hbm = int(args.hbm_gib * 2**30) if args.hbm_gib else None
+  # No progress lines: a refused plan's stderr is its one line (compiling takes minutes
+  # for a 7B teacher on a CPU).
+  plan = _guard_data(lambda: plan_lib.plan(config, topology=args.topology, devices=args.devices,
+                                           gpu=args.gpu, mesh=args.mesh, hbm_bytes=hbm))
+  if args.json:
+    plan_lib.write_json(plan, args.json)
+  if not plan.fits:
+    print(f'kdjax: plan does not fit: {plan_lib.verdict(plan)}', file=sys.stderr, flush=True)
+  print(plan_lib.format_plan(plan))
+  return 0 if plan.fits else 2
 
 
 def _cache_parser(sub) -> None:
@@ -70,9 +139,10 @@ def _cache_parser(sub) -> None:
   b.add_argument('--config', required=True, help='the distill config, path/to/config.py[:variant]')
   b.add_argument('--workdir', '--cache-dir', dest='workdir', required=True,
                  help='the cache directory (an unfinished build resumes)')
-  b.add_argument('--mode', choices=('topk', 'generate'), default=None,
-                 help='token data: per-token top-k rows (topk) or teacher continuations of the '
-                 'prompts for sequence-level KD (generate); default: config.cache.mode or topk')
+  b.add_argument('--mode', choices=('topk', 'generate', 'sampled'), default=None,
+                 help='token data: per-token top-k rows (topk), draws from the teacher per '
+                 'token (sampled), or teacher continuations of the prompts for sequence-level '
+                 'KD (generate); default: config.cache.mode or topk')
   b.add_argument('--epochs', type=int, default=1,
                  help='augmentation epochs to cache (generate: sampled continuations per prompt)')
   b.add_argument('--k', type=int, default=None,
@@ -100,6 +170,10 @@ _INSPECT_KEYS = {
     'sequences': _INSPECT_COMMON + ('prompt_len', 'continuation_len', 'generate',
                                     'generated_tokens', 'stopped', 'bytes_per_example',
                                     'bytes_on_disk', 'content_checksum'),
+    'sampled': _INSPECT_COMMON + ('tokens_per_row', 'stored_tokens', 'k', 'samples',
+                                  'proposal_temperature', 'format', 'bytes_per_token',
+                                  'unique_per_token', 'bytes_per_example', 'bytes_on_disk',
+                                  'content_checksum'),
 }
 
 
@@ -199,9 +273,10 @@ def _main(argv) -> int:
   if not no_cache:
     from kdjax.parallel import enable_compilation_cache
     enable_compilation_cache()
-  if overrides and args.command not in ('train', 'distill', 'demo', 'cache', 'fed'):
-    raise UserError(f'--config.* overrides go with train, distill, demo, cache or fed, '
-                    f'not {args.command}')
+  if overrides and args.command not in ('train', 'distill', 'demo', 'cache', 'fed', 'plan',
+                                        'search-student'):
+    raise UserError(f'--config.* overrides go with train, distill, demo, cache, fed, plan or '
+                    f'search-student, not {args.command}')
 
   if args.command in ('train', 'distill'):
     config = load_config(args.config, overrides)
@@ -236,6 +311,10 @@ def _main(argv) -> int:
     return _cache_main(args, overrides)
   if args.command == 'fed':
     return _fed_main(args, overrides)
+  if args.command == 'plan':
+    return _plan_main(args, overrides, argv)
+  if args.command == 'search-student':
+    return _search_main(args, overrides)
   if args.command == 'losses':
     from kdjax.losses import catalog
     rows = [dict(name=s.name, family=s.family, batch_level=s.batch_level, reference=s.reference,

@@ -31,7 +31,7 @@ LAYERS = (
     ('kdjax.teacher',),
     ('kdjax.engine',),
     ('kdjax.cache',),
-    ('kdjax.distill', 'kdjax.federated', 'kdjax.schemes'),
+    ('kdjax.distill', 'kdjax.federated', 'kdjax.schemes', 'kdjax.plan'),
     ('kdjax.demo',),
     ('kdjax.demo_lm',),
     ('kdjax.cli',),

@@ -21,7 +21,7 @@ LOSSES = {
     'reverse_kl': {'reverse_kl': {'weight': 0.5, 'temperature': 1.0}},
     'skew_kl': {'skew_kl': {'weight': 0.5, 'alpha': 0.1}},
     'gjsd': {'generalized_jsd': {'weight': 0.5, 'beta': 0.5}},
-    'chunked': {'chunked_kd': {'weight': 0.5, 'temperature': 1.0, 'chunk_size': 512}},
+    'chunked': {'chunked_kd': {'weight': 0.5, 'temperature': 1.0, 'chunk_size': 256}},
 }
 
 

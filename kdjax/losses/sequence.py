@@ -4,17 +4,21 @@ Every logit loss in :mod:`kdjax.losses` already accepts ``[batch, time, vocab]``
 logits with a token mask ``where=[batch, time]``. With a large vocabulary the
 float32 intermediates (two log-softmaxes, probabilities, their gradients) of the
 whole ``[batch, time, vocab]`` block dominate memory. :func:`chunked` computes the
-same per-token values in chunks of tokens with :func:`jax.lax.map`, and
+same per-token values in chunks of each row's tokens with :func:`jax.lax.map`, and
 rematerializes each chunk in the backward pass (:func:`jax.checkpoint`), so only
 one chunk's float32 intermediates are alive at a time. Values and gradients equal
-the plain loss's.
+the plain loss's. The batch axis is never cut: a batch split over devices (data or
+FSDP parallelism) stays split, each device looping over its own rows' chunks.
 
 Measured on XLA:CPU (``benchmarks/chunked_sequence_loss.py``, figures in
 ``benchmarks/RESULTS.md``): at ``[8, 512, 32000]`` with 512-token chunks the compiled
 scratch memory drops 8x for float32 inputs; for bfloat16 inputs only 2.3x, because
 XLA:CPU itself converts the whole bfloat16 inputs and the stacked gradient to
 float32 around the loop (its bfloat16 normalization). The jaxpr stays bfloat16;
-accelerators were not measured.
+accelerators were not measured. (Those figures were taken when a chunk was
+``chunk_size`` consecutive tokens of the flattened batch, one row of 512 there; a
+chunk is now ``chunk_size`` tokens of every row, so the same chunk is ``chunk_size=64``
+over 8 rows.)
 
 Sequence-level KD (Kim & Rush, 2016: train on the teacher's generated sequences)
 needs no loss of its own: it is the ``ce`` term on teacher-generated targets.
@@ -40,28 +44,32 @@ KIM_RUSH_2016 = ('Kim, Rush. Sequence-Level Knowledge Distillation. EMNLP 2016. 
 
 def chunked(loss_fn: Callable[..., Array], chunk_size: int, *,
             remat: bool = True) -> Callable[..., Array]:
-  r"""Wraps a per-example loss to run over chunks of ``chunk_size`` tokens.
+  r"""Wraps a per-example loss to run over chunks of ``chunk_size`` tokens of each row.
 
   The wrapped function has the signature ``fn(*arrays, where=None, **options)``:
   every positional array shares the leading (per-example) shape of the first one,
-  ``[..., ]`` (logits ``[..., vocab]``, top-k ``[..., k]``, labels ``[...]``); the
-  class axis must be the last one. The leading axes are flattened to ``N`` tokens,
-  padded to a multiple of ``chunk_size`` (padding masked), and ``loss_fn`` runs on
-  ``[chunk_size, ...]`` slices under :func:`jax.lax.map`. Only per-example losses
-  can be chunked (not batch-level ones such as :func:`~kdjax.losses.dist`). With
-  :math:`\mathcal C_m` the tokens of chunk :math:`m`:
+  ``[rows, tokens..., ]`` (logits ``[..., vocab]``, top-k ``[..., k]``, labels
+  ``[...]``); the class axis must be the last one. The first axis is the batch of rows
+  and stays whole: each row's tokens (the axes after it, flattened) are padded to a
+  multiple of ``chunk_size`` (padding masked) and cut into chunks, and ``loss_fn`` runs
+  on ``[rows, chunk_size, ...]`` slices under :func:`jax.lax.map`, one chunk of every
+  row at a time. A batch sharded over devices (data or FSDP parallelism) thus stays
+  sharded: each device computes its own rows' chunks. A one-axis per-example shape
+  ``[tokens]`` is one row. Only per-example losses can be chunked (not batch-level ones
+  such as :func:`~kdjax.losses.dist`). With :math:`\mathcal C_m` the token positions of
+  chunk :math:`m`:
 
   .. math::
 
-    \mathrm{chunked}(\ell)(x)_n = \ell\big(x_{\mathcal C_m}\big)_n
+    \mathrm{chunked}(\ell)(x)_{b,n} = \ell\big(x_{:,\mathcal C_m}\big)_{b,n}
     \quad\text{for } n \in \mathcal C_m
 
-  i.e. the same per-token values, computed ``chunk_size`` tokens at a time.
+  i.e. the same per-token values, computed ``rows x chunk_size`` tokens at a time.
   Gradients flow to the arrays and to traced options (a scheduled temperature).
 
   Args:
-    loss_fn: ``loss_fn(*arrays, where=..., **options) -> [chunk]``.
-    chunk_size: tokens per chunk.
+    loss_fn: ``loss_fn(*arrays, where=..., **options) -> [rows, chunk]``.
+    chunk_size: tokens of each row per chunk.
     remat: recompute each chunk in the backward pass instead of storing its
       intermediates (the point of chunking; turn off only to compare).
 
@@ -75,7 +83,7 @@ def chunked(loss_fn: Callable[..., Array], chunk_size: int, *,
   >>> import jax.numpy as jnp
   >>> from kdjax.losses import kd
   >>> s = jnp.zeros((2, 5, 7)); t = jnp.ones((2, 5, 7)).at[..., 0].set(3.0)
-  >>> plain, chunk = kd(s, t), chunked(kd, 4)(s, t)
+  >>> plain, chunk = kd(s, t), chunked(kd, 2)(s, t)
   >>> print(chunk.shape, bool(jnp.allclose(plain, chunk)))
   (2, 5) True
   """
@@ -86,41 +94,46 @@ def chunked(loss_fn: Callable[..., Array], chunk_size: int, *,
     if not arrays:
       raise ValueError('chunked loss needs at least one array')
     lead = arrays[0].shape[:-1]
-    n = math.prod(lead)
+    rows = lead[0] if len(lead) > 1 else 1
+    n = math.prod(lead[1:]) if len(lead) > 1 else math.prod(lead)
     num_chunks = max(1, -(-n // chunk_size))
     pad = num_chunks * chunk_size - n
 
-    def to_chunks(a, fill):
+    def to_rows(a):
+      """``[*lead, *rest]`` -> ``[rows, num_chunks * chunk_size, *rest]`` (zero padding)."""
       a = jnp.asarray(a)
       if a.shape[:len(lead)] != lead:
         raise ValueError(f'array of shape {a.shape} does not start with the per-example '
                          f'shape {lead}')
       rest = a.shape[len(lead):]
-      flat = a.reshape((n,) + rest)
-      if pad:
-        flat = jnp.concatenate([flat, jnp.full((pad,) + rest, fill, flat.dtype)])
-      return flat.reshape((num_chunks, chunk_size) + rest)
+      a = a.reshape((rows, n) + rest)
+      return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * len(rest)) if pad else a
 
     w = jnp.ones(lead, bool) if where is None else jnp.broadcast_to(
         jnp.asarray(where, bool), lead)
-    chunks = tuple(to_chunks(a, 0) for a in arrays)
-    w_chunks = to_chunks(w, False)
+    padded = tuple(to_rows(a) for a in arrays) + (to_rows(w),)
 
-    def body(xs):
-      *chunk_arrays, chunk_where = xs
+    # Each chunk is sliced out of the whole arrays inside the loop (not stacked before
+    # it: moving the chunk axis to the front copies the arrays, and so does their
+    # gradient); the slices' gradients add into one array of the inputs' shape.
+    def body(i):
+      *chunk_arrays, chunk_where = (
+          jax.lax.dynamic_slice_in_dim(a, i * chunk_size, chunk_size, axis=1) for a in padded)
       return loss_fn(*chunk_arrays, where=chunk_where, **options)
 
     if remat:
       body = jax.checkpoint(body)
-    out = jax.lax.map(body, chunks + (w_chunks,))
-    return out.reshape(-1)[:n].reshape(lead)
+    out = jax.lax.map(body, jnp.arange(num_chunks))       # [num_chunks, rows, chunk_size]
+    out = jnp.moveaxis(out, 0, 1).reshape(rows, num_chunks * chunk_size)
+    return out[:, :n].reshape(lead)
 
   return functools.wraps(loss_fn)(wrapped) if hasattr(loss_fn, '__name__') else wrapped
 
 
 def chunked_kd(student_logits, teacher_logits, *, temperature=1.0, chunk_size: int = 1024,
                where=None) -> Array:
-  r""":func:`~kdjax.losses.kd` over ``[..., vocab]`` computed ``chunk_size`` tokens at a time.
+  r""":func:`~kdjax.losses.kd` over ``[..., vocab]`` computed ``chunk_size`` tokens of each
+  row at a time (:func:`chunked`).
 
   .. math::
 
@@ -134,7 +147,8 @@ def chunked_kd(student_logits, teacher_logits, *, temperature=1.0, chunk_size: i
     student_logits: ``[..., vocab]`` (bfloat16 is fine: upcast per chunk).
     teacher_logits: same shape.
     temperature: :math:`T > 0`.
-    chunk_size: tokens per chunk.
+    chunk_size: tokens of each row per chunk (a chunk holds ``rows x chunk_size`` tokens;
+      a ``[tokens, vocab]`` input is one row).
     where: optional token mask of the per-example shape, e.g. ``[batch, time]``.
 
   Returns:
