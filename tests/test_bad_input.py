@@ -33,6 +33,10 @@ SHIPPED = [
     ('cifar10/resnet32x4.py', ['train']), ('cifar10/resnet8x4_kd.py', ['distill']),
     ('fed/mnist1d_fedavg.py', ['fed', 'run']), ('fed/mnist1d_hetero.py', ['fed', 'run']),
     ('fed/shakespeare_fedavg.py', ['fed', 'run']), ('fed/mnist1d_sweep.py', ['fed', 'sweep']),
+    ('mnist1d/kdcl.py', ['train']), ('mnist1d/one.py', ['train']),
+    ('mnist1d/multi_teacher.py', ['distill']),
+    ('mnist1d/takd.py', ['distill']), ('mnist1d/born_again.py', ['distill']),
+    ('digits/takd.py', ['distill']), ('digits/born_again.py', ['distill']),
 ]
 
 # Numbers where an out-of-range-looking value is meaningful: a mesh axis of size -1

@@ -10,6 +10,7 @@ augmentation keys derive from ``(seed, id, epoch)``.
 from kdjax.data import builders
 from kdjax.data.augment import example_keys
 from kdjax.data.augment import make_augment
+from kdjax.data.augment import mix_draws
 from kdjax.data.augment import normalize_spec
 from kdjax.data.checkpoint import iterator_restore_args
 from kdjax.data.checkpoint import iterator_save_args

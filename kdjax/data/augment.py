@@ -25,6 +25,26 @@ Specs (``make_augment``):
   (zero is the per-channel mean after kdjax's standardization), take a random
   crop of the original size (offsets uniform in ``[0, 2 * crop_padding]``), then
   flip left-right with probability 1/2.
+* ``dict(kind='mixup', alpha=1.0)``: example :math:`i` of the batch is mixed with its
+  partner, the next example of the same batch (:math:`j = (i + 1) \\bmod B`, a fixed
+  rule, so the partner is as deterministic as the batch), with a weight
+  :math:`\\lambda_i \\sim \\mathrm{Beta}(\\alpha, \\alpha)` drawn from example :math:`i`'s
+  key: :math:`\\tilde x_i = \\lambda_i x_i + (1 - \\lambda_i) x_j` (Zhang et al., ICLR
+  2018, arXiv:1710.09412).
+* ``dict(kind='cutmix', alpha=1.0)``: the same partner and :math:`\\lambda_i`; a region
+  of the partner of :math:`1 - \\lambda_i` of the example's size is pasted into it. For
+  1-D signals ``[batch, length(, channels)]`` the region is a segment of
+  ``round((1 - lam) * length)`` samples at an offset uniform in ``[0, length - size]``;
+  for images a box of ``round(H * sqrt(1 - lam))`` by ``round(W * sqrt(1 - lam))``
+  pixels whose corner is uniform over the positions where it fits (Yun et al., ICCV
+  2019, arXiv:1905.04899; the box is kept inside the image instead of clipped).
+
+Mixup and cutmix do not mix the labels: they are meant for function matching
+(``configs/mnist1d/function_matching.py``; Beyer et al., CVPR 2022,
+arXiv:2106.05237), where the teacher labels the mixed input it is given, so a
+mixed run trains on teacher terms only. The draws (:func:`mix_draws`) are pure
+functions of ``(seed, id, epoch)``; the mixed view also depends on the partner, so a
+teacher cache, which keys on ``(id, epoch)`` only, does not apply to them.
 """
 
 from __future__ import annotations
@@ -42,7 +62,10 @@ _DEFAULTS = {
     'none': {},
     'signal': dict(shift=0, scale=0.0, noise=0.0, mode='roll'),
     'image': dict(crop_padding=4, flip=True),
+    'mixup': dict(alpha=1.0),
+    'cutmix': dict(alpha=1.0),
 }
+MIX_KINDS = ('mixup', 'cutmix')
 
 
 def normalize_spec(spec: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -75,6 +98,9 @@ def normalize_spec(spec: str | Mapping[str, Any] | None) -> dict[str, Any]:
     raise DataError(f"Signal shift mode must be 'roll' or 'pad', got "
                     f"{out['mode']!r}.")
   negative = [k for k, v in out.items() if k not in ('kind', 'mode') and v < 0]
+  if kind in MIX_KINDS and not out['alpha'] > 0:
+    raise DataError(f'{kind} needs alpha > 0 (the Beta(alpha, alpha) of its mixing '
+                    f'weight); got {out["alpha"]}.')
   if negative or out.get('scale', 0.0) >= 1.0:
     raise DataError(
         f'Augmentation options must be non-negative (and scale < 1); got '
@@ -124,12 +150,75 @@ def _image_one(key, x, *, crop_padding, flip):
   return x
 
 
+def mix_draws(seed, ids: jax.Array, epochs: jax.Array, *, alpha: float,
+              length: int, width: int = 1) -> dict[str, jax.Array]:
+  """The random draws of mixup and cutmix for a batch, each a pure function of its
+  example's ``(seed, id, epoch)`` (:func:`example_keys`).
+
+  Args:
+    seed: the augmentation seed.
+    ids: ``[batch]`` example ids.
+    epochs: ``[batch]`` epochs.
+    alpha: the Beta(alpha, alpha) parameter of the mixing weight.
+    length: the signal length (images: the height).
+    width: images: the width; 1 for signals.
+
+  Returns:
+    ``lam`` ``[batch]`` (the weight of the example itself), and cutmix's region:
+    ``size`` ``[batch, 2]`` (rows, columns; columns 1 for signals) and ``start``
+    ``[batch, 2]``.
+
+  >>> d = mix_draws(0, jnp.arange(3), jnp.zeros(3, jnp.int32), alpha=1.0, length=40)
+  >>> d['lam'].shape, d['size'].shape, bool(jnp.all(d['start'] + d['size'] <= 40))
+  ((3,), (3, 2), True)
+  """
+  keys = example_keys(seed, ids, epochs)
+
+  def one(key):
+    k_lam, k_row, k_col = jax.random.split(key, 3)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    cut = 1.0 - lam
+    if width == 1:
+      size = jnp.stack([jnp.round(cut * length), jnp.float32(1)]).astype(jnp.int32)
+    else:
+      side = jnp.sqrt(cut)
+      size = jnp.stack([jnp.round(side * length), jnp.round(side * width)]).astype(jnp.int32)
+    row = jax.random.randint(k_row, (), 0, length - size[0] + 1)
+    col = jax.random.randint(k_col, (), 0, width - size[1] + 1)
+    return lam, size, jnp.stack([row, col])
+
+  lam, size, start = jax.vmap(one)(keys)
+  return {'lam': lam, 'size': size, 'start': start}
+
+
+def _mix(kind: str, x: jax.Array, ids, epochs, *, seed, alpha: float) -> jax.Array:
+  """Mixup or cutmix of a batch with its partners ``roll(x, -1)`` (module docstring)."""
+  image = jnp.ndim(x) == 4
+  if jnp.ndim(x) < 2:
+    raise DataError(f'{kind} needs a batch [batch, length(, channels)] or images '
+                    f'[batch, height, width, channels], got shape {x.shape}.')
+  partner = jnp.roll(x, -1, axis=0)
+  d = mix_draws(seed, ids, epochs, alpha=alpha, length=x.shape[1],
+                width=x.shape[2] if image else 1)
+  if kind == 'mixup':
+    lam = d['lam'].astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return lam * x + (1 - lam) * partner
+  rows = jnp.arange(x.shape[1])
+  inside = ((rows[None] >= d['start'][:, :1]) & (rows[None] < (d['start'] + d['size'])[:, :1]))
+  if image:
+    cols = jnp.arange(x.shape[2])
+    across = ((cols[None] >= d['start'][:, 1:]) & (cols[None] < (d['start'] + d['size'])[:, 1:]))
+    inside = inside[:, :, None] & across[:, None, :]
+  inside = inside.reshape(inside.shape + (1,) * (x.ndim - inside.ndim))
+  return jnp.where(inside, partner, x)
+
+
 def make_augment(spec: str | Mapping[str, Any] | None) -> AugmentFn:
   """Builds ``augment(x, ids, epochs, *, seed) -> x`` for a spec.
 
   Args:
-    spec: ``None``/``'none'``, or a dict with ``kind`` ``'signal'`` or
-      ``'image'`` and its options (see the module docstring).
+    spec: ``None``/``'none'``, or a dict with ``kind`` ``'signal'``, ``'image'``,
+      ``'mixup'`` or ``'cutmix'`` and its options (see the module docstring).
 
   Returns:
     A pure function of the batch ``x`` ``[batch, ...]``, the example ``ids``
@@ -152,6 +241,12 @@ def make_augment(spec: str | Mapping[str, Any] | None) -> AugmentFn:
       del ids, epochs, seed
       return x
     return identity
+  if kind in MIX_KINDS:
+    alpha = spec['alpha']
+
+    def mix(x, ids, epochs, *, seed):
+      return _mix(kind, x, ids, epochs, seed=seed, alpha=alpha)
+    return jax.jit(mix)
   one = _signal_one if kind == 'signal' else _image_one
   options = spec
 

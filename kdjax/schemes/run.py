@@ -11,11 +11,21 @@ from typing import Any, Callable
 import ml_collections
 
 from kdjax.errors import UserError
+from kdjax.schemes import cross
 from kdjax.schemes import dml
+from kdjax.schemes import multi_teacher
+from kdjax.schemes import online
+from kdjax.schemes import self_distill
+from kdjax.schemes import stages
 
 # name -> train_and_evaluate(config, workdir) -> summary
 SCHEMES: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] = {
     dml.NAME: dml.train_and_evaluate,
+    **{name: online.train_and_evaluate for name in online.NAMES},
+    multi_teacher.NAME: multi_teacher.train_and_evaluate,
+    stages.NAME: stages.train_and_evaluate,
+    cross.NAME: cross.train_and_evaluate,
+    **{name: self_distill.train_and_evaluate for name in self_distill.NAMES},
 }
 
 
@@ -27,7 +37,7 @@ def train_scheme(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
   >>> train_scheme(ml_collections.ConfigDict({'scheme': {'name': 'nope'}}), '/tmp/x')
   Traceback (most recent call last):
-  kdjax.errors.UserError: config.scheme.name 'nope' is not a scheme; use one of: dml
+  kdjax.errors.UserError: config.scheme.name 'nope' is not a scheme; use one of: dml, kdcl, one, multi_teacher, stages, cross, byot, mean_teacher, snapshot
   """
   scheme = config.get('scheme')
   name = scheme.get('name') if hasattr(scheme, 'get') else None

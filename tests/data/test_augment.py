@@ -123,7 +123,7 @@ def test_example_keys_are_fold_ins():
 
 def test_bad_specs_raise_data_error():
   with pytest.raises(kd.DataError, match='Unknown augmentation kind'):
-    kd.make_augment(dict(kind='mixup'))
+    kd.make_augment(dict(kind='rotate'))
   with pytest.raises(kd.DataError, match='crop_size'):
     kd.make_augment(dict(kind='image', crop_size=3))
   with pytest.raises(kd.DataError, match="'roll' or 'pad'"):
