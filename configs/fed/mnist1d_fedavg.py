@@ -18,7 +18,9 @@ and ``local_epochs`` their passes per round.
 
 ``algorithm`` is one of fedavg, fedprox, scaffold, fednova, fedavgm, fedadam,
 fedyogi, fedbn, ditto, and the federated distillation methods fd, fedmd, dsfl,
-feddf, fedd2s, knfu, edgefd (those that distill on public data need ``proxy_size``);
+feddf, fedd2s, knfu, edgefd (those that distill on public data need ``proxy_size``),
+and the baselines local_only (each client alone, nothing sent) and fedavg_ft (FedAvg,
+then each client fine-tunes; ``finetune_epochs``);
 its options go in ``algorithm_options`` (``mu`` for fedprox, ``lam`` for ditto,
 ``server_lr`` for the FedOpt family). For IID use ``--config.partition.method=iid``.
 ``client_models`` (see ``configs/fed/mnist1d_hetero.py``) gives the clients

@@ -18,6 +18,7 @@ from kdjax.federated.edgefd import edgefd
 from kdjax.federated.fd import fd
 from kdjax.federated import groups
 from kdjax.federated.fedavg import fedavg
+from kdjax.federated.fedavg_ft import fedavg_ft
 from kdjax.federated.fedbn import fedbn
 from kdjax.federated.fedmd import fedmd
 from kdjax.federated.fedd2s import fedd2s
@@ -30,6 +31,7 @@ from kdjax.federated.fedprox import fedprox
 from kdjax.federated.knfu import knfu
 from kdjax.federated.local import LocalTrainer
 from kdjax.federated.local import make_local_trainer
+from kdjax.federated.local_only import local_only
 from kdjax.federated.packing import ClientData
 from kdjax.federated.packing import pack
 from kdjax.federated.packing import pack_partition

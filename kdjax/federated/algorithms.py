@@ -16,6 +16,7 @@ from kdjax.federated.edgefd import edgefd
 from kdjax.federated.fd import fd
 from kdjax.federated.fedd2s import fedd2s
 from kdjax.federated.fedavg import fedavg
+from kdjax.federated.fedavg_ft import fedavg_ft
 from kdjax.federated.fedbn import fedbn
 from kdjax.federated.fedmd import fedmd
 from kdjax.federated.feddf import feddf
@@ -26,6 +27,7 @@ from kdjax.federated.fedopt import fedyogi
 from kdjax.federated.fedprox import fedprox
 from kdjax.federated.knfu import knfu
 from kdjax.federated.local import LocalTrainer
+from kdjax.federated.local_only import local_only
 from kdjax.federated.scaffold import scaffold
 
 ALGORITHMS: dict[str, Callable[..., base.FedAlgorithm]] = {
@@ -45,6 +47,8 @@ ALGORITHMS: dict[str, Callable[..., base.FedAlgorithm]] = {
     'edgefd': edgefd,
     'knfu': knfu,
     'fedd2s': fedd2s,
+    'local_only': local_only,
+    'fedavg_ft': fedavg_ft,
 }
 
 # Algorithms whose factory takes the unlabeled proxy / public inputs as second argument.

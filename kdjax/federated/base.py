@@ -22,6 +22,17 @@ An algorithm is a :class:`FedAlgorithm`:
   for algorithms that send each client its own message (KnFu's personalized
   fused knowledge). The client states then also hold the server's memory of
   each client's last report.
+* ``finetune(server_state, client_state, data, rng) -> (params, model_state)``
+  (optional): the model a client evaluates on its local test split, given its
+  packed *training* split (FedAvg + fine-tuning of the final global model).
+  When set, the personalized evaluation
+  (:func:`kdjax.federated.simulator.make_personal_evaluate`) calls it for
+  every client, vmapped, instead of ``personal``; nothing it returns is kept.
+* ``server_distill(server_state, client_states) -> (server_state, client_states)``
+  (optional): run by the server after ``personalize`` over all stacked client
+  states, for algorithms whose server *trains* on the clients' stored reports
+  (FedD2S's server-side heads) and sends each client its own message. Only
+  single-architecture runs call it (:mod:`kdjax.federated.groups` does not).
 * ``has_global_model``: False for federated distillation algorithms without
   a server model (FD, FedMD, DS-FL); their "global accuracy" is then the mean
   accuracy of the client models on the global test set.
@@ -90,6 +101,8 @@ class FedAlgorithm(NamedTuple):
   personalize: Callable[[ServerState, Any], Any] | None = None
   heterogeneous: bool = False
   group_keys: tuple[str, ...] = ()
+  finetune: Callable[..., tuple[Any, Any]] | None = None
+  server_distill: Callable[[ServerState, Any], tuple[ServerState, Any]] | None = None
 
 
 def global_model(server: ServerState, client_state: Any = None) -> tuple[Any, Any]:

@@ -1,54 +1,72 @@
 """FedD2S: personalized data-free federated distillation with deep-to-shallow layer dropping.
 
-Clients keep their own models; no public or proxy data exists (data-free). A
-cohort client's round:
+Clients keep their own models; no public or proxy data exists (data-free).
+Two forms of the exchanged knowledge, ``knowledge=``:
 
-1. *Distil and train.* It trains on its private data with
-   ``CE + β · KD(z, t_y)``, where ``t_y`` is row ``y`` (the example's label) of
-   the personalized teacher table ``T_k`` the server last sent it (the term is
-   left out for classes its teacher has no knowledge of). **Layer dropping:**
-   the gradient of the KD term reaches only the client's layers of depth
-   ``≤ d(r)``; deeper layers are trained by the CE term alone and so keep
-   the client's personal knowledge.
-2. *Report.* For every class ``c`` it uploads the sum ``S_k[c]`` of its
-   model's logits (eval mode, after training) over its local examples of class
-   ``c`` and their count ``n_k[c]`` — a ``[C, C]`` table and a ``[C]`` vector,
-   whatever the architecture, so clients of different architectures exchange
-   the same knowledge (:mod:`kdjax.federated.groups`).
+``'heads'`` (the paper's form; the sweep's setting). The server holds *head models*
+that turn a client's intermediate representations into soft labels; the
+distillation runs both ways. A cohort client's round ``r``:
 
-**Personalized server aggregation.** The server remembers every client's last
-report. For client ``k`` it weighs the other reported clients ``j ≠ k`` by
-how similar their label histograms are,
-``w_kj = softmax_j(γ · cos(n_k, n_j))``, and fuses their knowledge per class:
+1. *Distil and train.* With the server's head ``g_s`` of the current cut
+   ``s`` (see below), each of its examples ``x_i`` gets the soft label
+   ``q_i = g_s(h_s(x_i))`` from its own representation ``h_s(x_i)`` at layer
+   ``s`` (eval mode, before training; the representation it uploaded at its
+   last report, since its model changes only when it trains). It trains on
+   ``CE(z_i, y_i) + β · KD(z_i, q_i)`` (Hinton KD at ``temperature``); the
+   target depends on the example, not only on its label. **Layer dropping:**
+   the KD gradient reaches only layers of depth ``≤ d(r)``.
+2. *Report.* It uploads, for ``reps_per_client`` of its examples (a seeded
+   random subset; all of them when it holds fewer), the representation
+   ``h_s(x_i)`` at the cut, its logits ``z_i`` and the label ``y_i``.
+
+The server remembers every client's last report and, after each round,
+trains the head of the current cut on the reports made at that cut with
+``CE(g_s(h), y) + KD(g_s(h), z)`` (``head_steps`` full-batch Adam steps at
+``head_lr``): the server head learns from every client, and each client
+learns from it through the soft labels of its own examples. The cut is
+``s(r) = min(d(r), D − 1)``: the representation entering the client's
+classifier head at first, one layer shallower every ``drop_every`` rounds.
+A server head ``g_s`` is a linear classifier on the (pooled) stage-``s``
+features, one per stage. A client distils once the head of its cut has
+been trained (round 1 on).
+
+``'class_table'`` (kdjax's earlier data-free reading, kept for
+heterogeneous architectures). Clients upload per-class sums of their logits
+and counts; the server fuses, per client ``k``, the other clients' tables
+with weights ``w_kj = softmax_j(γ · cos(n_k, n_j))`` of label-histogram
+similarity:
 
 .. math::
 
-  T_k[c] = \\frac{\\sum_{j \\ne k} w_{kj} S_j[c]}{\\sum_{j \\ne k} w_{kj} n_j[c]}.
+  T_k[c] = \\frac{\\sum_{j \\ne k} w_{kj} S_j[c]}{\\sum_{j \\ne k} w_{kj} n_j[c]},
 
-``γ = 0`` gives every other client the same weight: FD's per-class average
-without the client's own contribution. A client receives ``T_k`` once it has
-reported itself (before that it has no histogram and trains on CE alone).
+and a client trains on ``CE + β · KD(z, T_k[y])``. Its target depends only
+on the example's label: a per-class label smoothing, which cannot teach a
+client about inputs it does not hold (docs/fed_baselines.md measures it).
 
-**Deep-to-shallow schedule.** A model's layers are numbered by depth
-``1 … D`` (:func:`layer_depths`: the ``i``-th entry of a layer list —
+**Deep-to-shallow schedule** (both forms). A model's layers are numbered by
+depth ``1 … D`` (:func:`layer_depths`: the ``i``-th entry of a layer list —
 ``hidden``, ``convs``, ``norms`` — has depth ``i + 1``; ``head`` has depth
 ``D``). In round ``r`` (0-based) the distillation reaches the layers of depth
-``≤ d(r) = max(D − ⌊r / drop_every⌋, min_depth)``: at first every layer
-learns from the federation; every ``drop_every`` rounds the deepest layer
-still taking part drops out, down to ``min_depth``. ``drop_every = 0``
-disables dropping (every layer distils in every round). ``drop_every`` is
-the paper's layer-dropping rate and the layers deeper than ``min_depth`` its
-dropping set. With several architectures, ``D`` is each architecture's own.
+``≤ d(r) = max(D − ⌊r / drop_every⌋, min_depth)``; ``drop_every = 0``
+disables dropping. ``drop_every`` is the paper's layer-dropping rate and the
+layers deeper than ``min_depth`` its dropping set.
 
-Choices made (this is our reading; the seed paper's abstract gives the idea,
-not the equations): the paper's server-side heads, which turn uploaded
-intermediate representations into soft labels, are replaced by per-class
-logit knowledge (nothing example-level leaves a client, and heterogeneous
-architectures share one knowledge space); layer dropping is applied to which
-client layers the distillation gradient trains; the personalization weights
-use label-histogram cosine similarity; the KD distance is Hinton's KD at
-``temperature`` (:func:`kdjax.losses.kd`); the round counter that drives
-``d(r)`` is kept in the server state.
+Sources and choices made: the arXiv abstract (arXiv:2402.10846) gives the
+idea; the method summary (https://www.sciencestack.ai/paper/2402.10846:
+"using head models to convert intermediate representations into soft
+labels and enforcing KL-divergence and cross-entropy losses on both
+distillation directions"; deeper layers progressively dropped from the
+federation) gives the server heads. The paper's equations were not
+available to us; ours are this reading, with the two-way mutual
+distillation of FedGKT (He, Annavaram & Avestimehr, "Group Knowledge
+Transfer", NeurIPS 2020) as the template: linear server heads per stage
+(global-average pooled for convolutional stages), Adam on the server, the
+subset of ``reps_per_client`` examples per report, the client computing its
+soft labels with the downloaded head (the same numbers as the server
+applying it to the uploaded representations), the round counter that
+drives ``d(r)`` kept in the server state. ``'heads'`` needs one
+architecture (``heterogeneous=False``).
 """
 
 from __future__ import annotations
@@ -57,12 +75,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kdjax.federated import base
 from kdjax.federated import public
 from kdjax.federated.fd import class_table_kd
+from kdjax.engine.step import init_train_state
+from kdjax.engine.step import make_train_step
+from kdjax.errors import UserError
 from kdjax.federated.local import LocalTrainer
+from kdjax.federated.local import epoch_orders
+from kdjax.losses import build_objective
+from kdjax.losses import kd
 
 # Layer lists whose ``i``-th entry is the ``(i + 1)``-th layer of a kdjax model.
 LAYER_LISTS = ('hidden', 'convs', 'norms', 'blocks', 'layers', 'stages')
@@ -154,10 +179,10 @@ def personalized_teachers(sums: jax.Array, counts: jax.Array, reported: jax.Arra
   return num / jnp.maximum(den, 1e-12)[..., None], known
 
 
-def fedd2s(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
-           temperature: float = 1.0, gamma: float = 5.0, drop_every: int = 5,
-           min_depth: int = 1) -> base.FedAlgorithm:
-  """FedD2S with per-class logit knowledge and deep-to-shallow layer dropping.
+def _class_table_fedd2s(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
+                        temperature: float = 1.0, gamma: float = 5.0, drop_every: int = 5,
+                        min_depth: int = 1) -> base.FedAlgorithm:
+  """FedD2S with per-class logit knowledge (``knowledge='class_table'``).
 
   Args:
     trainer: the local trainer.
@@ -183,16 +208,13 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
   >>> from kdjax.models import create, functional
   >>> from kdjax.federated.local import make_local_trainer
   >>> apply, params, state = functional(create('mlp', num_classes=3, input_shape=(4,), hidden=(8,)))
-  >>> alg = fedd2s(make_local_trainer(apply, batch_size=2), num_classes=3)
+  >>> alg = fedd2s(make_local_trainer(apply, batch_size=2), num_classes=3, knowledge='class_table')
   >>> _, clients = alg.init(params, state, 5)
   >>> clients['teacher'].shape, alg.heterogeneous
   ((5, 3, 3), True)
   """
   c = int(num_classes)
-  if int(min_depth) < 1:
-    raise ValueError(f'min_depth must be >= 1, got {min_depth}')
-  if int(drop_every) < 0:
-    raise ValueError(f'drop_every must be >= 0, got {drop_every}')
+  _check_schedule(drop_every, min_depth)
   apply = trainer.apply
 
   def init(params, model_state, num_clients):
@@ -246,3 +268,256 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, beta: float = 1.0,
   return base.FedAlgorithm('fedd2s', init, client_update, server_update, public.own_model,
                            download, has_global_model=False, personalize=personalize,
                            heterogeneous=True)
+
+
+KNOWLEDGE = ('heads', 'class_table')
+
+
+def _check_schedule(drop_every, min_depth) -> None:
+  if int(min_depth) < 1:
+    raise ValueError(f'min_depth must be >= 1, got {min_depth}')
+  if int(drop_every) < 0:
+    raise ValueError(f'drop_every must be >= 0, got {drop_every}')
+
+
+def fedd2s(trainer: LocalTrainer, *, num_classes: int, knowledge: str = 'class_table',
+           beta: float = 1.0, temperature: float = 1.0, gamma: float = 5.0,
+           drop_every: int = 5, min_depth: int = 1, reps_per_client: int = 64,
+           head_steps: int = 20, head_lr: float = 0.01) -> base.FedAlgorithm:
+  """FedD2S with deep-to-shallow layer dropping (see the module docstring).
+
+  Args:
+    trainer: the local trainer (its learning rate, momentum, batch size and
+      epochs; its optimizer is ``optax.sgd(lr, momentum)``).
+    num_classes: the number of classes ``C``.
+    knowledge: ``'class_table'`` (the default: per-class logit tables; any mix
+      of architectures, so grouped heterogeneous runs use it) or ``'heads'``
+      (server-side heads turn uploaded representations into per-example soft
+      labels; the paper's form, one architecture; the sweep sets it).
+    beta: weight ``β`` of the distillation term.
+    temperature: KD temperature (both directions).
+    gamma: ``'class_table'``: sharpness ``γ`` of the personalized weights.
+    drop_every: rounds between two layer drops (0: no dropping).
+    min_depth: the shallowest depth the distillation keeps reaching (≥ 1).
+    reps_per_client: ``'heads'``: examples per report.
+    head_steps: ``'heads'``: server Adam steps per round on each head.
+    head_lr: ``'heads'``: the server heads' Adam learning rate.
+
+  Returns:
+    A :class:`~kdjax.federated.base.FedAlgorithm` without a global model.
+    ``'heads'``: the server state's ``extra`` holds ``round`` and the heads
+    (``w`` ``[S, H, C]``, ``b`` ``[S, C]``, ``trained`` ``[S]``: ``S = D − 1``
+    stages, ``H`` the widest stage); client states hold the model and the
+    server's memory of the client's last report (``rep`` ``[M, H]``,
+    ``logits`` ``[M, C]``, ``label`` ``[M]`` with ``-1`` on unused rows,
+    ``stage``).
+
+  Raises:
+    UserError: an unknown ``knowledge``.
+
+  References:
+    Atapour, Seyedmohammadi, Abouei, Mohammadi & Plataniotis, "FedD2S:
+    Personalized Data-Free Federated Knowledge Distillation", arXiv:2402.10846,
+    2024; He, Annavaram & Avestimehr, "Group Knowledge Transfer: Federated
+    Learning of Large CNNs at the Edge", NeurIPS 2020.
+
+  >>> from kdjax.models import create, functional
+  >>> from kdjax.federated.local import make_local_trainer
+  >>> apply, params, state = functional(create('mlp', num_classes=3, input_shape=(4,), hidden=(8, 6)))
+  >>> alg = fedd2s(make_local_trainer(apply, batch_size=2), num_classes=3, reps_per_client=4)
+  >>> server, clients = alg.init(params, state, 5)
+  >>> server.extra['w'].shape, clients['rep'].shape, alg.heterogeneous
+  ((2, 8, 3), (5, 4, 8), False)
+  """
+  if knowledge == 'class_table':
+    return _class_table_fedd2s(trainer, num_classes=num_classes, beta=beta,
+                               temperature=temperature, gamma=gamma, drop_every=drop_every,
+                               min_depth=min_depth)
+  if knowledge != 'heads':
+    raise UserError(f"fedd2s knowledge must be 'heads' or 'class_table', got {knowledge!r}; "
+                    'set algorithm_options.knowledge.')
+  _check_schedule(drop_every, min_depth)
+  c, m = int(num_classes), int(reps_per_client)
+  apply = trainer.apply
+  tx = optax.sgd(trainer.lr, trainer.momentum if trainer.momentum else None)
+  objective = build_objective({'ce': {}})
+  head_tx = optax.adam(float(head_lr))
+
+  def init(params, model_state, num_clients):
+    n = num_clients
+    depth = num_layers(params)
+    if depth < 2:
+      raise UserError('fedd2s with server heads needs a model with at least one hidden '
+                      "layer; use knowledge='class_table'.")
+    width = _stage_width(params)
+    extra = {'round': jnp.zeros((), jnp.int32),
+             'w': jnp.zeros((depth - 1, width, c), jnp.float32),
+             'b': jnp.zeros((depth - 1, c), jnp.float32),
+             'trained': jnp.zeros((depth - 1,), bool)}
+    clients = {'params': public.stack_for_clients(params, n),
+               'model_state': public.stack_for_clients(model_state, n),
+               'rep': jnp.zeros((n, m, width), jnp.float32),
+               'logits': jnp.zeros((n, m, c), jnp.float32),
+               'label': jnp.full((n, m), -1, jnp.int32),
+               'stage': jnp.zeros((n,), jnp.int32)}
+    return base.ServerState(params, model_state, optax.EmptyState(), extra), clients
+
+  def client_update(server, client_state, data, rng):
+    p, ms = client_state['params'], client_state['model_state']
+    x, label, mask = data[0], data[1], data[2]
+    depths = layer_depths(p)
+    depth = int(max(jax.tree.leaves(depths)))
+    d = kd_depth(server.extra['round'], depth, drop_every=drop_every, min_depth=min_depth)
+    stage = current_stage(d, depth)
+    grad_mask = jax.tree.map(lambda dep: (dep <= d).astype(jnp.float32), depths)
+    width = server.extra['w'].shape[1]
+    # Soft labels of every example from its representation at the cut (before training).
+    reps = stage_features(apply(p, ms, x, train=False)[0].features, depth - 1, width)[stage]
+    soft = soft_labels(server.extra['w'][stage], server.extra['b'][stage], reps)
+    distil = server.extra['trained'][stage]
+
+    def aux(out, batch):
+      where = jnp.logical_and(batch['mask'], distil)
+      per = kd(out.logits, batch['soft'], temperature=temperature, where=where)
+      w = where.astype(jnp.float32)
+      return beta * jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    params, model_state, metrics = _train_with_targets(
+        apply, objective, tx, p, ms, {'x': x, 'label': label, 'mask': mask, 'soft': soft}, rng,
+        batch_size=trainer.batch_size, epochs=trainer.epochs, aux=aux, aux_mask=grad_mask)
+    # The report: `m` examples (real ones first, in a seeded order).
+    order = epoch_orders(jax.random.fold_in(rng, 7), mask, 1)[0]
+    idx = order[:min(m, order.shape[0])]
+    out = apply(params, model_state, x[idx], train=False)[0]
+    rep = stage_features(out.features, depth - 1, width)[stage]
+    lab = jnp.where(mask[idx], label[idx], -1)
+    pad = m - idx.shape[0]
+    report = {'rep': jnp.pad(rep, ((0, pad), (0, 0))),
+              'logits': jnp.pad(out.logits.astype(jnp.float32), ((0, pad), (0, 0))),
+              'label': jnp.pad(lab, (0, pad), constant_values=-1).astype(jnp.int32)}
+    new_state = dict(client_state, params=params, model_state=model_state,
+                     stage=stage.astype(jnp.int32), **report)
+    # The update is what the client uploads; the server reads the per-client copies in
+    # `server_distill`, the cohort average is not used.
+    return base.ClientOutput(report, jnp.ones((), jnp.float32), new_state, metrics)
+
+  def server_update(server, mean, info):
+    del mean
+    return server._replace(extra=dict(server.extra,
+                                      round=jnp.asarray(info['round'], jnp.int32) + 1))
+
+  def server_distill(server, clients):
+    ex = server.extra
+    depth = ex['w'].shape[0] + 1
+    # The cut the round that just ended used (its round index is round - 1).
+    stage = current_stage(kd_depth(ex['round'] - 1, depth, drop_every=drop_every,
+                                   min_depth=min_depth), depth)
+    at_cut = (clients['stage'] == stage)[:, None] & (clients['label'] >= 0)
+    w, b = train_server_head(ex['w'][stage], ex['b'][stage], clients['rep'],
+                             clients['logits'], clients['label'], at_cut, tx=head_tx,
+                             steps=head_steps, temperature=temperature)
+    trained = jnp.any(at_cut)
+    extra = dict(ex, w=ex['w'].at[stage].set(jnp.where(trained, w, ex['w'][stage])),
+                 b=ex['b'].at[stage].set(jnp.where(trained, b, ex['b'][stage])),
+                 trained=ex['trained'].at[stage].set(ex['trained'][stage] | trained))
+    return server._replace(extra=extra), clients
+
+  def download(server):
+    # The head of the client's cut.
+    return (server.extra['w'][0], server.extra['b'][0])
+
+  return base.FedAlgorithm('fedd2s', init, client_update, server_update, public.own_model,
+                           download, has_global_model=False, server_distill=server_distill)
+
+
+def current_stage(d, depth: int):
+  """The 0-based stage index of the cut: ``min(d, D − 1) − 1`` (stage ``s`` is the
+  output of the ``s``-th layer; the head's input is stage ``D − 1``).
+
+  >>> [int(current_stage(d, 3)) for d in (3, 2, 1)]
+  [1, 1, 0]
+  """
+  return jnp.minimum(jnp.asarray(d, jnp.int32), depth - 1) - 1
+
+
+def stage_features(features: dict, num_stages: int, width: int) -> jax.Array:
+  """``[S, B, width]``: the ``stage1 … stageS`` features, each averaged over its middle
+  (spatial) axes, in float32, zero-padded to ``width``.
+
+  >>> f = {'stage1': jnp.ones((2, 5, 3)), 'stage2': jnp.ones((2, 4))}
+  >>> stage_features(f, 2, 4)[:, 0].tolist()
+  [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+  """
+  out = []
+  for i in range(num_stages):
+    h = features[f'stage{i + 1}'].astype(jnp.float32)
+    if h.ndim > 2:
+      h = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)))
+    out.append(jnp.pad(h, ((0, 0), (0, width - h.shape[-1]))))
+  return jnp.stack(out)
+
+
+def _stage_width(params) -> int:
+  """The widest stage: the largest last axis of a parameter of a layer below the head."""
+  depths = layer_depths(params)
+  top = max(jax.tree.leaves(depths))
+  return int(max(np.shape(a)[-1] for a, d in zip(jax.tree.leaves(params),
+                                                   jax.tree.leaves(depths))
+                 if d < top and np.ndim(a) >= 1))
+
+
+def soft_labels(w: jax.Array, b: jax.Array, reps: jax.Array) -> jax.Array:
+  """A server head's soft labels (logits) ``reps @ w + b`` of ``[..., H]`` representations.
+
+  >>> soft_labels(jnp.eye(2), jnp.ones(2), jnp.array([[1., 2.]])).tolist()
+  [[2.0, 3.0]]
+  """
+  return reps @ w + b
+
+
+def head_loss(w, b, reps, logits, labels, where, *, temperature: float = 1.0) -> jax.Array:
+  """The server head's loss: mean over ``where`` of ``CE(g(h), y) + KD(g(h), z)``.
+
+  ``g(h) = h @ w + b``; ``KD`` is Hinton's (:func:`kdjax.losses.kd`, the client's logits
+  ``z`` as teacher).
+  """
+  u = soft_labels(w, b, reps)
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(u), jnp.maximum(labels, 0)[..., None], -1)[..., 0]
+  per = ce + kd(u, logits, temperature=temperature, where=where)
+  wt = where.astype(jnp.float32)
+  return jnp.sum(per * wt) / jnp.maximum(jnp.sum(wt), 1.0)
+
+
+def train_server_head(w, b, reps, logits, labels, where, *, tx, steps: int,
+                      temperature: float = 1.0):
+  """``steps`` full-batch steps of ``tx`` on :func:`head_loss` from ``(w, b)``; ``(w, b)``."""
+  grad = jax.grad(lambda p: head_loss(p[0], p[1], reps, logits, labels, where,
+                                      temperature=temperature))
+
+  def body(carry, _):
+    p, opt = carry
+    updates, opt = tx.update(grad(p), opt, p)
+    return (optax.apply_updates(p, updates), opt), None
+
+  (p, _), _ = jax.lax.scan(body, ((w, b), tx.init((w, b))), None, length=int(steps))
+  return p
+
+
+def _train_with_targets(apply, objective, tx, params, model_state, data, rng, *,
+                        batch_size: int, epochs: int, aux, aux_mask):
+  """Local training as :mod:`kdjax.federated.local` does it, with per-example targets in
+  the batch (``data['soft']``), which :class:`~kdjax.federated.local.LocalTrainer` does
+  not carry: the same orders, masked steps and keys."""
+  mask = data['mask']
+  nb = mask.shape[0] // batch_size
+  order = epoch_orders(jax.random.fold_in(rng, 0), mask, epochs).reshape(epochs * nb,
+                                                                         batch_size)
+  step = make_train_step(apply, objective, tx, aux_loss=aux, aux_grad_mask=aux_mask,
+                         skip_empty=True, nonfinite='ignore')
+  loss_params, loss_state = objective.init(jax.random.key(0), {})
+  state = init_train_state(params, model_state, tx, rng=jax.random.fold_in(rng, 1),
+                           loss_params=loss_params, loss_state=loss_state)
+  state, metrics = jax.lax.scan(
+      lambda st, idx: step(st, jax.tree.map(lambda a: a[idx], data)), state, order)
+  summed = {k: jax.tree.map(jnp.sum, metrics[k]) for k in ('loss', 'accuracy')}
+  return state.params['student'], state.model_state, summed

@@ -105,7 +105,7 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
     A dict with ``apply``, ``params``, ``model_state``, ``algorithm``,
     ``round_fn``, ``evaluate``, ``personal_evaluate``, ``train`` / ``test``
     (packed, on device), ``test_x`` / ``test_label`` (the global test split),
-    ``partition`` and ``labels``.
+    ``partition``, ``labels`` and ``seed``.
   """
   validate(config)
   data_dir = config.data.data_dir or None
@@ -151,7 +151,7 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   data_parts = {
       'train': jax.tree.map(jax.numpy.asarray, tr), 'test': jax.tree.map(jax.numpy.asarray, te),
       'test_x': jax.numpy.asarray(test['x']), 'test_label': jax.numpy.asarray(test['label']),
-      'partition': part, 'labels': train['label'],
+      'partition': part, 'labels': train['label'], 'seed': int(config.seed),
   }
   if config.get('client_models'):   # heterogeneous architectures (kdjax.federated.groups)
     return {**_setup_groups(config, num_classes=num_classes, input_shape=train['x'].shape[1:],
@@ -249,6 +249,16 @@ def _setup_groups(config: ml_collections.ConfigDict, *, num_classes: int, input_
   }
 
 
+def personal_evaluate(parts: dict[str, Any], state: sim.SimState):
+  """``(correct [N], count [N])`` of every client's personal model on its local test split.
+
+  Algorithms with a ``finetune`` hook (fedavg_ft) first adapt the current server
+  state on each client's training split (``parts['train']``), keyed by the run's seed.
+  """
+  return parts['personal_evaluate'](state, parts['test'], parts['train'],
+                                    int(parts.get('seed', 0)))
+
+
 def evaluate_state(parts: dict[str, Any], state: sim.SimState) -> dict[str, float]:
   """Global test accuracy and personalized accuracy summary of ``state``."""
   if 'groups' in parts:
@@ -260,7 +270,7 @@ def evaluate_state(parts: dict[str, Any], state: sim.SimState) -> dict[str, floa
   else:   # no server model: the mean over the client models
     cs, ns = parts['clients_global_evaluate'](state, parts['test_x'], parts['test_label'])
     c, n = float(np.mean(np.asarray(cs) / np.maximum(np.asarray(ns), 1.0))), 1.0
-  pc, pn = parts['personal_evaluate'](state, parts['test'])
+  pc, pn = personal_evaluate(parts, state)
   out = {'global_accuracy': float(c) / max(float(n), 1.0)}
   out.update(sim.personalized_summary(np.asarray(pc), np.asarray(pn)))
   return out
@@ -311,7 +321,7 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
     pc, pn = parts['grouped_evaluate'](state, parts['test'], parts['test_x'],
                                        parts['test_label'])[1]
   else:
-    pc, pn = parts['personal_evaluate'](state, parts['test'])
+    pc, pn = personal_evaluate(parts, state)
   summary = {
       'round': int(state.round),
       'algorithm': config.algorithm,

@@ -285,6 +285,8 @@ def _seeded_round(algorithm, *, num_clients, k, sampling, dropout, chunk, shard)
                            new_states)
     if algorithm.personalize is not None:
       clients = algorithm.personalize(new_server, clients)
+    if algorithm.server_distill is not None:
+      new_server, clients = algorithm.server_distill(new_server, clients)
     info = {'cohort': cohort, 'reported': reported, 'num_reported': num_reported,
             'loss': metrics['loss'], 'accuracy': metrics['accuracy']}
     return SimState(state.round + 1, new_server, clients), info
@@ -416,39 +418,64 @@ def make_evaluate(apply_fn: Callable[..., Any], *, batch_size: int = 1000) -> Ca
       apply_fn, params, model_state, x, label, batch_size))
 
 
+# ``fold_in`` offset of the evaluation-time fine-tuning keys (``FedAlgorithm.finetune``).
+FINETUNE_KEY = 3
+
+
+def finetune_key(seed, round_index, client) -> jax.Array:
+  """The key of client ``client``'s evaluation-time fine-tuning after ``round_index`` rounds."""
+  return jax.random.fold_in(jax.random.fold_in(round_key(seed, round_index), FINETUNE_KEY),
+                            client)
+
+
 def make_personal_evaluate(algorithm: base.FedAlgorithm, apply_fn: Callable[..., Any], *,
                            clients_per_chunk: int | None = None,
                            max_examples: int = EVAL_EXAMPLES) -> Callable:
-  """``evaluate(state, test) -> (correct [N], count [N])`` on every client's local test split.
+  """``evaluate(state, test, train=None, seed=0) -> (correct [N], count [N])`` on every
+  client's local test split.
 
   Each client evaluates ``algorithm.personal(server, its client state)`` (the
-  global model for non-personalized algorithms). Memory is bounded: clients are
-  vmapped in chunks of at most ``max_examples // E`` clients (``E``: the padded
-  local test size; and at most ``clients_per_chunk``), ``lax.map`` over the
-  chunks, and a client's examples go through in batches of at most
-  ``max_examples``.
+  global model for non-personalized algorithms), or, for an algorithm with a
+  ``finetune`` hook, ``algorithm.finetune(server, its client state, its row of
+  train, key)`` with ``key = finetune_key(seed, state.round, client)``: every
+  client (not only the last cohort) adapts the current server state on its own
+  training split, then evaluates. ``train`` is then required. Memory is
+  bounded: clients are vmapped in chunks of at most ``max_examples // E``
+  clients (``E``: the padded local test size; and at most
+  ``clients_per_chunk``), ``lax.map`` over the chunks, and a client's examples
+  go through in batches of at most ``max_examples``.
   """
+  tune = algorithm.finetune
 
-  def one_client(server, cstate, x, label, batch):
-    params, model_state = algorithm.personal(server, cstate)
+  def one_client(server, cstate, x, label, batch, tdata, key):
+    if tune is None:
+      params, model_state = algorithm.personal(server, cstate)
+    else:
+      params, model_state = tune(server, cstate, tdata, key)
     return _count_correct(apply_fn, params, model_state, x, label, batch)
 
-  def evaluate(state: SimState, test: ClientData):
+  def evaluate(state: SimState, test: ClientData, train: ClientData | None = None, seed=0):
+    if tune is not None and train is None:
+      raise ValueError(f'{algorithm.name} fine-tunes before evaluating: pass the packed '
+                       'training split (evaluate(state, test, train, seed))')
     n, e = test.x.shape[0], test.x.shape[1]
     batch = max(1, min(e, int(max_examples)))
     chunk = max(1, int(max_examples) // batch)
     if clients_per_chunk:
       chunk = min(chunk, int(clients_per_chunk))
     chunk = min(chunk, n)
-    fn = jax.vmap(lambda sv, cs, x, y: one_client(sv, cs, x, y, batch),
-                  in_axes=(None, 0, 0, 0))
+    tdata = {} if tune is None else tuple(train)
+    keys = (jnp.zeros((n,)) if tune is None else
+            jax.vmap(lambda i: finetune_key(seed, state.round, i))(jnp.arange(n)))
+    fn = jax.vmap(lambda sv, cs, x, y, td, k: one_client(sv, cs, x, y, batch, td, k),
+                  in_axes=(None, 0, 0, 0, 0, 0))
+    per_client = (state.clients, test.x, test.label, tdata, keys)
     if chunk >= n:
-      return fn(state.server, state.clients, test.x, test.label)
+      return fn(state.server, *per_client)
     nc = -(-n // chunk)
     pad = nc * chunk - n
     padt = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)]) if pad else a
-    xs = jax.tree.map(lambda a: padt(a).reshape(nc, chunk, *a.shape[1:]),
-                      (state.clients, test.x, test.label))
+    xs = jax.tree.map(lambda a: padt(a).reshape(nc, chunk, *a.shape[1:]), per_client)
     c, v = jax.lax.map(lambda t: fn(state.server, *t), xs)
     return c.reshape(-1)[:n], v.reshape(-1)[:n]
 

@@ -63,6 +63,8 @@ ROW_KEYS = ('alpha', 'algorithm', 'seed', 'rounds', 'global_accuracy',
             'wall_time_s', 'setup_time_s', 'rounds_per_sec')
 METRICS = ('global_accuracy', 'personalized_accuracy_mean', 'personalized_accuracy_worst10',
            'bytes_total', 'wall_time_s')
+# The baseline of the personalized comparison: each client trains alone, nothing is sent.
+BASELINE = 'local_only'
 
 
 # --------------------------------------------------------------------------- the grid
@@ -199,7 +201,7 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if (r + 1) % eval_every == 0 or r + 1 == num_rounds:
         row.update(run_lib.evaluate_state(parts, state))
       rows.append(row)
-  pc, pn = parts['personal_evaluate'](state, parts['test'])
+  pc, pn = run_lib.personal_evaluate(parts, state)
   wall = time.perf_counter() - t0
   return _write_cell(config, workdir, rows, reported, pc, pn, bytes_update=bytes_update,
                      bytes_down=bytes_down, wall=wall, setup_time=setup_time)
@@ -270,10 +272,13 @@ def run_seed_group(configs: list[ml_collections.ConfigDict],
   inputs = (train, seeds, proxies)
   # Every seed's evaluation uses seed 0's jitted evaluators (the algorithm and model are
   # the same functions) on that seed's own data, so they compile once.
-  evals = [dict(p, test=jax.tree.map(jnp.asarray, t), evaluate=parts[0]['evaluate'],
+  # Fine-tuning algorithms (fedavg_ft) adapt on each seed's padded training split, which
+  # trains as the unpadded one does (packing.pad_to) and keeps one compiled shape.
+  evals = [dict(p, test=jax.tree.map(jnp.asarray, t),
+                train=jax.tree.map(jnp.asarray, tr), evaluate=parts[0]['evaluate'],
                 personal_evaluate=parts[0]['personal_evaluate'],
                 clients_global_evaluate=parts[0]['clients_global_evaluate'])
-           for p, t in zip(parts, tests)]
+           for p, t, tr in zip(parts, tests, trains)]
   num_rounds = int(config.num_rounds)
   eval_every = max(int(config.get('eval_every', 0) or num_rounds), 1)
   seed_state = lambda i: jax.tree.map(lambda a: a[i], states)
@@ -292,8 +297,7 @@ def run_seed_group(configs: list[ml_collections.ConfigDict],
         if evaluate:
           row.update(run_lib.evaluate_state(evals[i], seed_state(i)))
         rows[i].append(row)
-  finals = [evals[i]['personal_evaluate'](seed_state(i), evals[i]['test'])
-            for i in range(len(configs))]
+  finals = [run_lib.personal_evaluate(evals[i], seed_state(i)) for i in range(len(configs))]
   wall = (time.perf_counter() - t0) / len(configs)
   out = []
   for i, (c, w) in enumerate(zip(configs, workdirs)):
@@ -448,6 +452,12 @@ def result_row(alpha: float, algorithm: str, seed: int, summary: dict) -> dict[s
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """Mean and std (over seeds, population std) of :data:`METRICS` per α × algorithm.
 
+  Where the rows hold :data:`BASELINE` (``local_only``) cells, every other
+  algorithm's row also gets ``personalized_vs_local_mean`` / ``_min``: its
+  personalized mean accuracy minus local_only's on the same α and seed (the same
+  partition), averaged over seeds and at its worst seed (NaN where a seed lacks
+  the baseline).
+
   >>> r = [{'alpha': 1.0, 'algorithm': 'fedavg', 'seed': s, 'global_accuracy': a,
   ...       'personalized_accuracy_mean': a, 'personalized_accuracy_worst10': a,
   ...       'bytes_total': 10, 'wall_time_s': 1.0} for s, a in ((0, 0.5), (1, 0.7))]
@@ -458,6 +468,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   groups: dict[tuple[float, str], list[dict]] = {}
   for r in rows:
     groups.setdefault((r['alpha'], r['algorithm']), []).append(r)
+  local = {(r['alpha'], r['seed']): r['personalized_accuracy_mean'] for r in rows
+           if r['algorithm'] == BASELINE and r['personalized_accuracy_mean'] is not None}
   out = []
   for (alpha, algorithm), rs in groups.items():
     s = {'alpha': alpha, 'algorithm': algorithm, 'num_seeds': len(rs)}
@@ -465,23 +477,43 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
       v = np.array([np.nan if r[m] is None else float(r[m]) for r in rs], np.float64)
       s[f'{m}_mean'] = float(v.mean())
       s[f'{m}_std'] = float(v.std())
+    if local and algorithm != BASELINE:
+      d = np.array([float(r['personalized_accuracy_mean']) - local.get((alpha, r['seed']), np.nan)
+                    if r['personalized_accuracy_mean'] is not None else np.nan for r in rs])
+      s['personalized_vs_local_mean'] = float(d.mean())
+      s['personalized_vs_local_min'] = float(d.min())
     out.append(s)
   return out
 
 
 def format_table(summary: list[dict[str, Any]]) -> str:
-  """A Markdown table of :func:`summarize`'s rows (accuracies in %, mean ± std)."""
+  """A Markdown table of :func:`summarize`'s rows (accuracies in %, mean ± std).
+
+  With a :data:`BASELINE` in the sweep, a last column gives each algorithm's
+  personalized accuracy minus local_only's in percentage points (mean over seeds
+  and the worst seed).
+  """
+  vs_local = any('personalized_vs_local_mean' in s for s in summary)
   head = ('| α | algorithm | seeds | global acc. % | personalized mean % | '
           'personalized worst-10% % | MB sent | wall s |')
-  lines = [head, '|' + '---|' * 8]
+  cols = 8
+  if vs_local:
+    head += f' personalized − {BASELINE} pp (mean, worst seed) |'
+    cols += 1
+  lines = [head, '|' + '---|' * cols]
   for s in summary:
     pct = lambda m: f"{100 * s[m + '_mean']:.1f} ± {100 * s[m + '_std']:.1f}"
     alpha = '∞ (IID)' if math.isinf(s['alpha']) else f"{s['alpha']:g}"
-    lines.append(
+    line = (
         f"| {alpha} | {s['algorithm']} | "
         f"{s['num_seeds']} | {pct('global_accuracy')} | {pct('personalized_accuracy_mean')} | "
         f"{pct('personalized_accuracy_worst10')} | {s['bytes_total_mean'] / 1e6:.1f} | "
         f"{s['wall_time_s_mean']:.1f} ± {s['wall_time_s_std']:.1f} |")
+    if vs_local:
+      d = s.get('personalized_vs_local_mean')
+      line += (' — |' if d is None else
+               f" {100 * d:+.1f} ({100 * s['personalized_vs_local_min']:+.1f}) |")
+    lines.append(line)
   return '\n'.join(lines)
 
 
@@ -495,7 +527,7 @@ def write_report(rows: list[dict[str, Any]], workdir: str, *, cells_dir: str | N
   _write_json(os.path.join(workdir, 'results.json'), rows)
   summary = summarize(rows)
   with open(os.path.join(workdir, 'summary.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(summary[0]))
+    w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in summary for k in s)))
     w.writeheader()
     w.writerows(summary)
   table = format_table(summary)

@@ -133,7 +133,8 @@ def test_fedd2s_vmap_rounds_equal_sequential_reference():
                                            hidden=(6, 4), seed=2))
   trainer = make_local_trainer(apply, batch_size=B, epochs=1, lr=0.2)
   beta, gamma = 2.0, 3.0
-  alg = fedd2s(trainer, num_classes=C, beta=beta, gamma=gamma, drop_every=1)
+  alg = fedd2s(trainer, num_classes=C, knowledge='class_table', beta=beta, gamma=gamma,
+               drop_every=1)
   round_fn = sim.make_round(alg, num_clients=N, clients_per_round=K, seed=1)
   st = sim.init_state(alg, params, state, N)
   cparams = [params] * N
@@ -196,3 +197,84 @@ def test_fedd2s_cli_run_improves_over_initial_accuracy(tmp_path, capsys):
   assert summary['round'] == 6
   assert summary['global_accuracy'] > initial['global_accuracy'] + 0.05
   assert summary['personalized_accuracy_mean'] > initial['personalized_accuracy_mean'] + 0.05
+
+
+def _head_np(w, b, reps, logits, labels, where, steps, lr, t):
+  """The server head written from the formula: full-batch Adam (optax defaults) on the mean
+  over `where` of CE(g(h), y) + t^2 KL(softmax(z/t) || softmax(g(h)/t)), g(h) = h w + b."""
+  w, b = w.astype(np.float64), b.astype(np.float64)
+  sm = lambda a: np.exp(a - a.max(-1, keepdims=True)) / np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  wt = where.astype(np.float64)
+  n = max(wt.sum(), 1.0)
+  m = [np.zeros_like(w), np.zeros_like(b)]
+  v = [np.zeros_like(w), np.zeros_like(b)]
+  for i in range(1, steps + 1):
+    u = reps @ w + b
+    onehot = np.eye(u.shape[-1])[np.maximum(labels, 0)]
+    du = (sm(u) - onehot) + t * (sm(u / t) - sm(logits / t))   # d/du of CE + t^2 KL
+    du *= wt[..., None] / n
+    g = [reps.reshape(-1, reps.shape[-1]).T @ du.reshape(-1, du.shape[-1]),
+         du.reshape(-1, du.shape[-1]).sum(0)]
+    for j, p in enumerate((w, b)):
+      m[j] = 0.9 * m[j] + 0.1 * g[j]
+      v[j] = 0.999 * v[j] + 0.001 * g[j] ** 2
+      p -= lr * (m[j] / (1 - 0.9 ** i)) / (np.sqrt(v[j] / (1 - 0.999 ** i)) + 1e-8)
+  return w, b
+
+
+def test_server_head_soft_labels_match_numpy_reference():
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  import optax
+  from kdjax.federated.fedd2s import soft_labels
+  from kdjax.federated.fedd2s import train_server_head
+  rng = np.random.default_rng(1)
+  reps = rng.normal(size=(3, 4, 5)).astype(np.float32)      # 3 clients x 4 reports x H=5
+  logits = rng.normal(size=(3, 4, C)).astype(np.float32)
+  labels = rng.integers(0, C, (3, 4)).astype(np.int32)
+  labels[2, 3] = -1
+  where = labels >= 0
+  where[1] = False                                          # a client reported at another cut
+  w0 = rng.normal(size=(5, C)).astype(np.float32) * 0.1
+  b0 = np.zeros(C, np.float32)
+  for t in (1.0, 2.0):
+    w, b = train_server_head(jnp.asarray(w0), jnp.asarray(b0), jnp.asarray(reps),
+                             jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(where),
+                             tx=optax.adam(0.05), steps=7, temperature=t)
+    w_np, b_np = _head_np(w0, b0, reps, logits, labels, where, 7, 0.05, t)
+    np.testing.assert_allclose(np.asarray(w), w_np, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b), b_np, rtol=1e-4, atol=1e-5)
+  # The soft labels are per example: two examples of one label get different targets.
+  q = np.asarray(soft_labels(w, b, jnp.asarray(reps)))
+  np.testing.assert_allclose(q, reps @ w_np + b_np, rtol=1e-4, atol=1e-4)
+  same = [(i, j) for i in range(4) for j in range(i + 1, 4) if labels[0, i] == labels[0, j]]
+  assert all(not np.allclose(q[0, i], q[0, j]) for i, j in same)
+
+
+def test_fedd2s_heads_rounds_train_the_head_and_distil_per_example():
+  from kdjax.federated.fedd2s import current_stage
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, C, 72).astype(np.int32)
+  x = (np.eye(C, 5)[y] * 2 + rng.normal(size=(72, 5))).astype(np.float32)
+  part = partition.dirichlet(y, N, 1.0, min_size=4, seed=0)
+  train = jax.tree.map(jnp.asarray, packing.pack(x, y, part.train, multiple=B))
+  apply, params, state = functional(create('mlp', num_classes=C, input_shape=(5,),
+                                           hidden=(6, 4), seed=1))
+  alg = fedd2s(make_local_trainer(apply, batch_size=B, lr=0.1), num_classes=C,
+               knowledge='heads', reps_per_client=8, drop_every=1, head_steps=3)
+  assert not alg.heterogeneous and alg.server_distill is not None
+  rf = sim.make_round(alg, num_clients=N, clients_per_round=K, seed=0)
+  st = sim.init_state(alg, params, state, N)
+  st, info = rf(st, train)
+  cohort = np.asarray(info['cohort'])
+  # Round 0 cut: d = D = 3, the stage entering the head (index 1); its head is trained.
+  assert int(current_stage(3, 3)) == 1
+  assert np.asarray(st.server.extra['trained']).tolist() == [False, True]
+  assert np.abs(np.asarray(st.server.extra['w'][1])).sum() > 0
+  assert (np.asarray(st.clients['stage'])[cohort] == 1).all()
+  lab = np.asarray(st.clients['label'])
+  counts = np.asarray(train.count)
+  for k in cohort:   # a report of min(count, 8) real examples
+    assert (lab[k] >= 0).sum() == min(int(counts[k]), 8)
+  st, _ = rf(st, train)   # round 1: d = 2, cut at stage index 1 still (min(d, D - 1))
+  st, _ = rf(st, train)   # round 2: d = 1, cut at stage index 0
+  assert np.asarray(st.server.extra['trained']).tolist() == [True, True]

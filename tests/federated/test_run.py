@@ -262,7 +262,7 @@ def test_every_registered_algorithm_traces_a_round_and_evaluation():
     new, info = jax.eval_shape(round_fn, st, tr)
     assert jax.tree.structure(new) == jax.tree.structure(st), name
     assert info['cohort'].shape == (2,)
-    c, n = jax.eval_shape(sim.make_personal_evaluate(alg, apply), st, te)
+    c, n = jax.eval_shape(sim.make_personal_evaluate(alg, apply), st, te, tr, 0)
     assert c.shape == (4,), name
 
 

@@ -171,11 +171,13 @@ def test_a_config_without_grid_is_refused(tmp_path, capsys):
   assert len(err.splitlines()) == 1 and 'grid' in err
 
 
-@pytest.mark.parametrize('algorithms, sequential_k', [(('scaffold', 'fedd2s', 'feddf'), 2)])
+@pytest.mark.parametrize('algorithms, sequential_k',
+                         [(('scaffold', 'fedd2s', 'feddf', 'fedavg_ft'), 2)])
 def test_seeds_vmapped_equal_seeds_run_one_by_one(tmp_path, algorithms, sequential_k):
   """One vmapped simulation over 2 seeds (different padded shapes) = 2 sequential runs:
   client state (SCAFFOLD), a personalized message (FedD2S), and a proxy set drawn per
-  seed, a vmapped argument (FedDF). The vmapped run does its 3 rounds in one call, the
+  seed, a vmapped argument (FedDF), fine-tuning on the padded training split (fedavg_ft).
+  The vmapped run does its 3 rounds in one call, the
   sequential one in calls of ``sequential_k`` rounds (2 then 1)."""
   from kdjax.config import load_config
   from kdjax.federated import run as run_lib
