@@ -249,11 +249,16 @@ def score_runs(teacher_dir: str, run_dirs: dict[str, list[str]], *,
     teacher_top1.append(np.asarray(t_score(*teacher.variables, b, np.zeros_like(b['label']))[3]))
 
   out: dict[str, list[dict]] = {}
+  # One compiled scorer per architecture: runs of the same model config share it.
+  scorers = {json.dumps(tconfig.model.to_dict(), sort_keys=True): t_score}
   for key, dirs in run_dirs.items():
     out[key] = []
     for run_dir in dirs:
       model = teacher if run_dir == teacher_dir else teacher_lib.load_teacher(run_dir, mesh)
-      score = t_score if model is teacher else make_score(model.apply)
+      arch = json.dumps(workdir_lib.read_config(run_dir)['model'], sort_keys=True)
+      if arch not in scorers:
+        scorers[arch] = make_score(model.apply)
+      score = scorers[arch]
       nats = count = agree = 0.0
       for b, t1 in zip(batches(), teacher_top1):
         s, c, a, _ = score(*model.variables, b, t1)

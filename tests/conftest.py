@@ -138,3 +138,11 @@ def kdjax_main(capsys):
     return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
   return run
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow and multi-process tests first (stable order otherwise): with -n 2 the long
+  ones then run while the quick ones fill the other worker, not at the end alone."""
+  def slow(item):
+    return any(item.get_closest_marker(m) is not None for m in ('slow', 'multiprocess'))
+  items[:] = [i for i in items if slow(i)] + [i for i in items if not slow(i)]

@@ -324,7 +324,8 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, knowledge: str = 'class_t
   >>> from kdjax.models import create, functional
   >>> from kdjax.federated.local import make_local_trainer
   >>> apply, params, state = functional(create('mlp', num_classes=3, input_shape=(4,), hidden=(8, 6)))
-  >>> alg = fedd2s(make_local_trainer(apply, batch_size=2), num_classes=3, reps_per_client=4)
+  >>> alg = fedd2s(make_local_trainer(apply, batch_size=2), num_classes=3, knowledge='heads',
+  ...              reps_per_client=4)
   >>> server, clients = alg.init(params, state, 5)
   >>> server.extra['w'].shape, clients['rep'].shape, alg.heterogeneous
   ((2, 8, 3), (5, 4, 8), False)

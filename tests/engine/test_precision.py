@@ -106,10 +106,13 @@ def test_precision_is_in_the_lowered_step_and_forward():
         params, state, batch['x']).as_text()
     return step, forward
 
-  for text in texts(highest):
-    assert 'dot_general' in text and 'HIGHEST' in text
-  for text in texts(default):
-    assert 'dot_general' in text and 'HIGHEST' not in text
+  # 'default' leaves the ambient precision as it is: set it here, since another test of
+  # this process may have left the global one at 'highest'.
+  with jax.default_matmul_precision('default'):
+    for text in texts(highest):
+      assert 'dot_general' in text and 'HIGHEST' in text
+    for text in texts(default):
+      assert 'dot_general' in text and 'HIGHEST' not in text
 
 
 # --------------------------------------------------------------------------- bfloat16
