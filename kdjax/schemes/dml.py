@@ -260,37 +260,14 @@ def make_dml_step(cohort: Cohort, objective, tx: optax.GradientTransformation, *
   def forward(params, state: TrainState, batch, rngs):
     where = batch['mask']
 
-    def one(student, p, lp, model_state, loss_state, rng):
-      out, model_state = student.apply(p, model_state, batch['x'], train=True, rng=rng,
-                                       **model_kwargs(batch))
-      inputs = {'labels': batch['label'], 'where': where, 'step': state.step,
-                'student_logits': out.logits, 'student_features': out.features,
-                'student_attentions': out.attentions}
-      if 'id' in batch:
-        inputs['example_ids'] = batch['id']
-      loss, loss_state, metrics = objective.apply(lp, loss_state, inputs)
-      return out.logits, loss, model_state, loss_state, metrics
-
-    logits, label_loss, model_state, loss_state, metrics = cohort.map(
-        one, params['student'], params['loss'], state.model_state, state.loss_state, rngs)
-    logits, label_loss, metrics = cohort.stack(logits), cohort.stack(label_loss), \
-        cohort.stack(metrics)
+    logits, label_loss, model_state, loss_state, metrics = cohort_label_losses(
+        cohort, objective, params, state, batch, rngs)
     mutual = mutual_kl(logits, temperature=temperature, where=where)
     mutual_mean, metrics['loss/mutual'] = jax.vmap(lambda v: reduce_value(v, where))(mutual)
     losses = label_loss + weight * mutual_mean
     return jnp.sum(losses), (losses, logits, model_state, loss_state, metrics)
 
-  def update(student, p, lp, g, lg, opt_state, model_state, loss_state, old_model_state,
-             old_loss_state, loss, metrics):
-    del student
-    params, grads = {'student': p, 'loss': lp}, {'student': g, 'loss': lg}
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    (new_params, new_opt, model_state, loss_state), metrics = guard_nonfinite(
-        nonfinite, loss, grads, (new_params, new_opt, model_state, loss_state),
-        (params, opt_state, old_model_state, old_loss_state), metrics)
-    return new_params['student'], new_params['loss'], new_opt, model_state, loss_state, \
-        metrics
+  update = member_update(tx, nonfinite)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -310,6 +287,54 @@ def make_dml_step(cohort: Cohort, objective, tx: optax.GradientTransformation, *
     return new, cohort_metrics(cohort.stack(metrics))
 
   return step
+
+
+def cohort_label_losses(cohort: Cohort, objective, params, state: TrainState, batch, rngs):
+  """Every member's forward and objective on ``batch`` (``cohort.map``: vmapped for one
+  architecture, looped otherwise), stacked over the members.
+
+  Returns:
+    ``(logits [K, ...], label losses [K, B], model_state, loss_state, metrics [K])``;
+    the two states per member as ``cohort.map`` returns them.
+  """
+  where = batch['mask']
+
+  def one(student, p, lp, model_state, loss_state, rng):
+    out, model_state = student.apply(p, model_state, batch['x'], train=True, rng=rng,
+                                     **model_kwargs(batch))
+    inputs = {'labels': batch['label'], 'where': where, 'step': state.step,
+              'student_logits': out.logits, 'student_features': out.features,
+              'student_attentions': out.attentions}
+    if 'id' in batch:
+      inputs['example_ids'] = batch['id']
+    loss, loss_state, metrics = objective.apply(lp, loss_state, inputs)
+    return out.logits, loss, model_state, loss_state, metrics
+
+  logits, label_loss, model_state, loss_state, metrics = cohort.map(
+      one, params['student'], params['loss'], state.model_state, state.loss_state, rngs)
+  return (cohort.stack(logits), cohort.stack(label_loss), model_state, loss_state,
+          cohort.stack(metrics))
+
+
+def member_update(tx: optax.GradientTransformation, nonfinite: str) -> Callable:
+  """``update(student, p, lp, g, lg, opt_state, model_state, loss_state, old_model_state,
+  old_loss_state, loss, metrics)``: one member's optimizer step on its student and loss
+  parameters, kept from being applied by :func:`kdjax.engine.step.guard_nonfinite` when
+  its loss or gradients are not finite (``cohort.map`` runs it over the members)."""
+
+  def update(student, p, lp, g, lg, opt_state, model_state, loss_state, old_model_state,
+             old_loss_state, loss, metrics):
+    del student
+    params, grads = {'student': p, 'loss': lp}, {'student': g, 'loss': lg}
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    (new_params, new_opt, model_state, loss_state), metrics = guard_nonfinite(
+        nonfinite, loss, grads, (new_params, new_opt, model_state, loss_state),
+        (params, opt_state, old_model_state, old_loss_state), metrics)
+    return new_params['student'], new_params['loss'], new_opt, model_state, loss_state, \
+        metrics
+
+  return update
 
 
 def cohort_metrics(per_student: dict) -> dict:

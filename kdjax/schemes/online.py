@@ -84,12 +84,13 @@ from kdjax.losses import build_objective
 from kdjax.losses import kd
 from kdjax.losses import reduce_value
 from kdjax.models import ModelOutput
-from kdjax.models.base import model_kwargs
 from kdjax.parallel import shardings_from_rules
 from kdjax.schemes.cohort import Cohort
 from kdjax.schemes.cohort import make_cohort
+from kdjax.schemes.dml import cohort_label_losses
 from kdjax.schemes.dml import cohort_metrics
 from kdjax.schemes.dml import make_dml_init
+from kdjax.schemes.dml import member_update
 
 # Scheme name -> its ensemble.
 ENSEMBLES = {'kdcl': 'average', 'one': 'gate'}
@@ -262,21 +263,8 @@ def make_online_step(cohort: Cohort, objective, tx: optax.GradientTransformation
   def forward(params, state: TrainState, batch, rngs):
     where = batch['mask']
 
-    def one(student, p, lp, model_state, loss_state, rng):
-      out, model_state = student.apply(p, model_state, batch['x'], train=True, rng=rng,
-                                       **model_kwargs(batch))
-      inputs = {'labels': batch['label'], 'where': where, 'step': state.step,
-                'student_logits': out.logits, 'student_features': out.features,
-                'student_attentions': out.attentions}
-      if 'id' in batch:
-        inputs['example_ids'] = batch['id']
-      loss, loss_state, metrics = objective.apply(lp, loss_state, inputs)
-      return out.logits, loss, model_state, loss_state, metrics
-
-    logits, label_loss, model_state, loss_state, metrics = cohort.map(
-        one, params['student'], params['loss'], state.model_state, state.loss_state, rngs)
-    logits, label_loss, metrics = (cohort.stack(logits), cohort.stack(label_loss),
-                                   cohort.stack(metrics))
+    logits, label_loss, model_state, loss_state, metrics = cohort_label_losses(
+        cohort, objective, params, state, batch, rngs)
     weights = gate_apply(params['gate'], batch['x']) if gated else None
     ensemble = ensemble_logits(jax.lax.stop_gradient(logits), weights)
     target = jax.lax.stop_gradient(ensemble)
@@ -287,17 +275,7 @@ def make_online_step(cohort: Cohort, objective, tx: optax.GradientTransformation
     aux = (losses, gate_loss, logits, target, weights, model_state, loss_state, metrics)
     return jnp.sum(losses) + gate_loss, aux
 
-  def update(student, p, lp, g, lg, opt_state, model_state, loss_state, old_model_state,
-             old_loss_state, loss, metrics):
-    del student
-    params, grads = {'student': p, 'loss': lp}, {'student': g, 'loss': lg}
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    (new_params, new_opt, model_state, loss_state), metrics = guard_nonfinite(
-        nonfinite, loss, grads, (new_params, new_opt, model_state, loss_state),
-        (params, opt_state, old_model_state, old_loss_state), metrics)
-    return new_params['student'], new_params['loss'], new_opt, model_state, loss_state, \
-        metrics
+  update = member_update(tx, nonfinite)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
