@@ -21,8 +21,9 @@ class CNN(nnx.Module):
 
   The number of spatial axes is ``len(input_shape) - 1``: ``(40, 1)`` gives a
   1-D CNN, ``(8, 8, 1)`` a 2-D one. Each conv pads ``kernel_size // 2`` on both
-  sides, so with an odd kernel a stride-``s`` stage maps length ``n`` to
-  ``ceil(n / s)`` (40 -> 20 -> 10 -> 5 for the MNIST-1D default).
+  sides (unless ``padding`` is given), so with an odd kernel a stride-``s`` stage
+  maps length ``n`` to ``ceil(n / s)`` (40 -> 20 -> 10 -> 5 for the MNIST-1D
+  default). In general a stage maps ``n`` to ``(n + 2 p - k) // s + 1``.
 
   Features: ``'stage{i}'`` is the ``i``-th conv block's output
   ``[B, *spatial_i, channels[i-1]]``; ``'penultimate'`` is the flattened (or
@@ -34,6 +35,12 @@ class CNN(nnx.Module):
     channels: output channels of each conv stage.
     kernel_size: conv window (an int, or one per spatial axis).
     strides: an int for every stage, or one entry per stage.
+    kernel_sizes: ``None`` (every stage uses ``kernel_size``) or one window per
+      stage (each an int or one per spatial axis); it replaces ``kernel_size``.
+      The MNIST-1D paper's CNN has ``(5, 3, 3)``.
+    padding: ``None`` (each conv pads ``k // 2`` on both sides of each axis) or
+      an int: every conv pads that many on both sides of each axis (the MNIST-1D
+      paper's CNN pads 1, PyTorch's ``padding=1``).
     norm: ``None``, ``'batch'`` or ``'layer'`` after each conv.
     pool: ``'flatten'`` (keeps positions: the MNIST-1D paper's CNN) or
       ``'mean'`` (global average pooling).
@@ -62,6 +69,8 @@ class CNN(nnx.Module):
       channels: Sequence[int],
       kernel_size: int | Sequence[int],
       strides: int | Sequence[int],
+      kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+      padding: int | None = None,
       norm: str | None = None,
       pool: str = 'flatten',
       dropout: float = 0.0,
@@ -82,11 +91,19 @@ class CNN(nnx.Module):
     strides = (strides,) * n if isinstance(strides, int) else tuple(strides)
     if len(strides) != n:
       raise ValueError(f'strides {strides} must have one entry per stage ({n}).')
+    if kernel_sizes is None:
+      kernel_sizes = (kernel_size,) * n
+    if len(kernel_sizes) != n:
+      raise ValueError(
+          f'kernel_sizes {tuple(kernel_sizes)} must have one entry per stage ({n}).')
+    if padding is not None and padding < 0:
+      raise ValueError(f'padding must be None or an int >= 0, got {padding!r}.')
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    window = layers.ntuple(kernel_size, ndim)
     convs, norms = [], []
     spatial, c_in = list(input_shape[:-1]), input_shape[-1]
-    for c_out, s in zip(channels, strides):
+    for c_out, s, k_size in zip(channels, strides, kernel_sizes):
+      window = layers.ntuple(k_size, ndim)
+      pads = [(k // 2 if padding is None else padding,) * 2 for k in window]
       convs.append(
           layers.conv(
               c_in,
@@ -94,6 +111,7 @@ class CNN(nnx.Module):
               window,
               ndim=ndim,
               strides=s,
+              padding=pads,
               use_bias=norm != 'batch',
               conv_impl=conv_impl,
               kernel_init=nnx.initializers.lecun_normal(),
@@ -101,7 +119,8 @@ class CNN(nnx.Module):
           )
       )
       norms.append(layers.norm(norm, c_out, **kw))
-      spatial = [(m + 2 * (k // 2) - k) // s + 1 for m, k in zip(spatial, window)]
+      spatial = [(m + p + q - k) // s + 1
+                 for m, k, (p, q) in zip(spatial, window, pads)]
       c_in = c_out
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)
