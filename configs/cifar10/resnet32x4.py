@@ -1,6 +1,8 @@
 """CIFAR-10 teacher: ResNet32x4 from labels (the CRD / mdistiller recipe, 240 epochs).
 
 Reads `tfds.data_source('cifar10')`: needs the data prepared or internet once.
+`recipe(data_name, arg)` is the recipe for either CIFAR (configs/cifar100/resnet32x4.py
+is `recipe('cifar100', arg)`); both have 50,000 training images.
 
     kdjax train --config configs/cifar10/resnet32x4.py --workdir workdirs/cifar_r32x4
     kdjax train --config configs/cifar10/resnet32x4.py:tiny ...   # a smoke run (tests use mock data)
@@ -12,8 +14,13 @@ STEPS_PER_EPOCH = 50_000 // 64   # 781
 
 
 def get_config(arg=None):
+  return recipe('cifar10', arg)
+
+
+def recipe(data_name: str, arg=None):
+  """The ResNet32x4 recipe on ``data_name`` (``'cifar10'`` or ``'cifar100'``)."""
   c = base_config()
-  c.data.name = 'cifar10'
+  c.data.name = data_name
   c.data.eval_split = 'test'
   c.data.augment = {'kind': 'image', 'crop_padding': 4, 'flip': True}
   c.data.eval_batch_size = 500
