@@ -14,6 +14,8 @@ of the same example, or predict different label spaces.
     periodic Hann window :math:`w` of :math:`N = 8` samples and hop :math:`H = 4`,
     ``[batch, frames = 1 + (L - N) / H, channels * (N / 2 + 1)]`` (frames as positions,
     frequencies as channels; 9 x 5 for MNIST-1D).
+  - ``'identity+spectrogram'``: both, flattened and concatenated, ``[batch, 85, 1]`` for
+    MNIST-1D (the multimodal input of :mod:`kdjax.schemes.mst_distill`'s teachers).
 
   Feature losses between the two (``hint`` with a projector, :mod:`kdjax.losses`) work
   as in plain KD: the objective's projector maps the student's feature onto the
@@ -120,10 +122,25 @@ def spectrogram(x: jax.Array, *, window: int = STFT_WINDOW, hop: int = STFT_HOP)
   return mag.reshape(x.shape[0], frames, -1).astype(x.dtype)
 
 
+def raw_and_spectrogram(x: jax.Array) -> jax.Array:
+  """Both modalities in one input (a *multimodal* view): the raw signal and its
+  :func:`spectrogram`, each flattened and concatenated, ``[batch, L * C + frames * F, 1]``.
+
+  >>> raw_and_spectrogram(jnp.ones((2, 40, 1))).shape
+  (2, 85, 1)
+  """
+  if x.ndim == 2:
+    x = x[..., None]
+  b = x.shape[0]
+  both = [x.reshape(b, -1), spectrogram(x).reshape(b, -1)]
+  return jnp.concatenate(both, axis=1)[..., None]
+
+
 VIEWS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'identity': identity_view,
     'downsample2': downsample2,
     'spectrogram': spectrogram,
+    'identity+spectrogram': raw_and_spectrogram,
 }
 
 
@@ -135,7 +152,7 @@ def view_fn(name: str) -> Callable[[jax.Array], jax.Array]:
 
   >>> view_fn('fft')
   Traceback (most recent call last):
-  kdjax.errors.UserError: view 'fft' is not a view; use one of: identity, downsample2, spectrogram
+  kdjax.errors.UserError: view 'fft' is not a view; use one of: identity, downsample2, spectrogram, identity+spectrogram
   """
   if name not in VIEWS:
     raise UserError(f'view {name!r} is not a view; use one of: {", ".join(VIEWS)}')

@@ -11,8 +11,12 @@ from typing import Any, Callable
 import ml_collections
 
 from kdjax.errors import UserError
+from kdjax.schemes import bdkd_online
 from kdjax.schemes import cross
+from kdjax.schemes import curriculum
 from kdjax.schemes import dml
+from kdjax.schemes import layerwise
+from kdjax.schemes import mst_distill
 from kdjax.schemes import multi_teacher
 from kdjax.schemes import online
 from kdjax.schemes import self_distill
@@ -25,7 +29,11 @@ SCHEMES: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] =
     multi_teacher.NAME: multi_teacher.train_and_evaluate,
     stages.NAME: stages.train_and_evaluate,
     cross.NAME: cross.train_and_evaluate,
+    curriculum.NAME: curriculum.train_and_evaluate,
+    layerwise.NAME: layerwise.train_and_evaluate,
     **{name: self_distill.train_and_evaluate for name in self_distill.NAMES},
+    bdkd_online.NAME: bdkd_online.train_and_evaluate,
+    mst_distill.NAME: mst_distill.train_and_evaluate,
 }
 
 
@@ -37,7 +45,7 @@ def train_scheme(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
   >>> train_scheme(ml_collections.ConfigDict({'scheme': {'name': 'nope'}}), '/tmp/x')
   Traceback (most recent call last):
-  kdjax.errors.UserError: config.scheme.name 'nope' is not a scheme; use one of: dml, kdcl, one, multi_teacher, stages, cross, byot, mean_teacher, snapshot
+  kdjax.errors.UserError: config.scheme.name 'nope' is not a scheme; use one of: dml, kdcl, one, multi_teacher, stages, cross, curriculum, layerwise, byot, mean_teacher, snapshot, bdkd_online, mst_distill
   """
   scheme = config.get('scheme')
   name = scheme.get('name') if hasattr(scheme, 'get') else None

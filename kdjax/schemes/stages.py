@@ -442,12 +442,18 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run_stage(config: ml_collections.ConfigDict, workdir: str, *, run=None,
+              fresh=None) -> dict[str, Any]:
   """One stage: the engine's run into ``workdir`` (resuming its last checkpoint), as
-  ``kdjax train`` / ``kdjax distill`` run it; returns its summary."""
-  run = setup(config, log=_log)
+  ``kdjax train`` / ``kdjax distill`` run it; returns its summary.
+
+  ``run``: the stage's :class:`kdjax.engine.Setup` when built already (default
+  ``setup(config)``); ``fresh``: ``fresh(run) -> state``, the state a run that has no
+  checkpoint starts from (default ``run.init()``; called before anything is written).
+  """
+  run = run or setup(config, log=_log)
   start = workdir_lib.latest_step(workdir)
-  state = run.init() if start is None else None
+  state = (fresh(run) if fresh else run.init()) if start is None else None
   workdir_lib.prepare(workdir, config, has_results=start is not None, identity=IDENTITY_FIELDS,
                       defaults=base_config())
   manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
@@ -489,7 +495,7 @@ def _finished_summary(stage: Stage) -> dict | None:
   return summary
 
 
-def _check_resumable(plan: list[Stage]) -> None:
+def check_resumable(plan: list[Stage]) -> None:
   """Refuses, before anything is written, a stage folder holding another config's run."""
   defaults = config_to_dict(base_config())
   for stage in plan:
@@ -584,9 +590,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   workdir_lib.check_creatable(workdir)
   plan = plan_stages(config, workdir)
-  _check_resumable(plan)
+  check_resumable(plan)
   workdir_lib.prepare(workdir, config, has_results=False)
 
+  rows = run_stages(plan)
+  final = rows[-1]['summary']
+  out = {'scheme': NAME, 'method': scheme_options(config)['method'],
+         'final_stage': plan[-1].name, 'stages': rows}
+  for key in ('step', 'eval_accuracy', 'eval_loss', 'train_loss', 'train_accuracy',
+              'examples_per_sec'):
+    out[key] = final.get(key)
+  if out['method'] == 'born_again':
+    out.update(_born_again_ensemble(plan, workdir))
+  if jax.process_index() == 0:
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), out)
+    plot_stages(workdir, [s.name for s in plan], [s.workdir for s in plan],
+                ensemble=out.get('ban_ensemble_accuracy'))
+  return out
+
+
+def run_stages(plan: list[Stage], runner=None) -> list[dict[str, Any]]:
+  """Runs the stages of ``plan`` in order: a finished one is skipped, an interrupted one
+  resumed, the others run by ``runner(stage) -> summary`` (default: the engine's run
+  of ``stage.config`` into ``stage.workdir``; :mod:`kdjax.schemes.layerwise` passes its
+  own, a warm-started run with frozen parameters). Returns one row per stage: ``name``,
+  ``teacher``, ``workdir``, ``external``, ``skipped`` and its ``summary``."""
+  runner = runner or (lambda stage: run_stage(stage.config, stage.workdir))
   rows = []
   for i, stage in enumerate(plan):
     head = f'stage {i + 1}/{len(plan)} {stage.name!r}'
@@ -603,23 +632,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       _log(f'{head}: finished, skipped ({stage.workdir})')
     else:
       _log(f'{head}' + (f' from {stage.teacher!r}' if stage.teacher else ' from labels'))
-      summary = _run_stage(stage.config, stage.workdir)
+      summary = runner(stage)
     rows.append({'name': stage.name, 'teacher': stage.teacher, 'workdir': stage.workdir,
                  'external': False, 'skipped': skipped, 'summary': summary})
-
-  final = rows[-1]['summary']
-  out = {'scheme': NAME, 'method': scheme_options(config)['method'],
-         'final_stage': plan[-1].name, 'stages': rows}
-  for key in ('step', 'eval_accuracy', 'eval_loss', 'train_loss', 'train_accuracy',
-              'examples_per_sec'):
-    out[key] = final.get(key)
-  if out['method'] == 'born_again':
-    out.update(_born_again_ensemble(plan, workdir))
-  if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), out)
-    plot_stages(workdir, [s.name for s in plan], [s.workdir for s in plan],
-                ensemble=out.get('ban_ensemble_accuracy'))
-  return out
+  return rows
 
 
 def plot_stages(workdir: str, names: list[str], folders: list[str], *,
