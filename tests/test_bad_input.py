@@ -37,6 +37,10 @@ SHIPPED = [
     ('mnist1d/multi_teacher.py', ['distill']),
     ('mnist1d/takd.py', ['distill']), ('mnist1d/born_again.py', ['distill']),
     ('digits/takd.py', ['distill']), ('digits/born_again.py', ['distill']),
+    ('mnist1d/curriculum.py', ['distill']), ('mnist1d/layerwise.py', ['distill']),
+    ('digits/curriculum.py', ['distill']), ('digits/layerwise.py', ['distill']),
+    ('mnist1d/bdkd_online.py', ['train']), ('digits/bdkd_online.py', ['train']),
+    ('mnist1d/mst_distill.py', ['distill']),
 ]
 
 # Numbers where an out-of-range-looking value is meaningful: a mesh axis of size -1

@@ -90,6 +90,7 @@ from kdjax.config import check_int
 from kdjax.config import check_number
 from kdjax.config import from_dict
 from kdjax.engine import metrics as metrics_lib
+from kdjax.engine.config import validate
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.setup import Setup
 from kdjax.engine.setup import setup
@@ -159,6 +160,13 @@ def mst_options(config: ml_collections.ConfigDict) -> dict:
     raise UserError(f'config.scheme.{unknown[0]} is not an mst_distill option; its options '
                     f'are {", ".join(DEFAULTS)}')
   options = {**DEFAULTS, **raw}
+  checked = ml_collections.ConfigDict({'scheme': {k: v for k, v in options.items()
+                                                  if k not in ('teachers', 'student_view')}})
+  check_int(checked, 'scheme.top_k', 1)
+  check_int(checked, 'scheme.mask_hidden', 1)
+  check_number(checked, 'scheme.temperature', lambda v: v > 0, 'positive')
+  for key in ('weight', 'balance_weight', 'mask_weight'):
+    check_number(checked, f'scheme.{key}', lambda v: v >= 0, '>= 0')
   teachers = options['teachers']
   if not teachers:
     raise UserError("config.scheme.teachers is empty; list the teachers' workdirs, e.g. "
@@ -176,17 +184,10 @@ def mst_options(config: ml_collections.ConfigDict) -> dict:
     entries.append({'workdir': t['workdir'],
                     'label_map': None if label_map is None else [int(v) for v in label_map]})
   view_fn(str(options['student_view']))
-  checked = ml_collections.ConfigDict({'scheme': {k: v for k, v in options.items()
-                                                  if k not in ('teachers', 'student_view')}})
   experts = len(entries) * (2 if options['masked_experts'] else 1)
-  check_int(checked, 'scheme.top_k', 1)
   if int(options['top_k']) > experts:
     raise UserError(f'config.scheme.top_k is {options["top_k"]} but there are {experts} '
                     'experts; use a top_k between 1 and the number of experts')
-  check_int(checked, 'scheme.mask_hidden', 1)
-  check_number(checked, 'scheme.temperature', lambda v: v > 0, 'positive')
-  for key in ('weight', 'balance_weight', 'mask_weight'):
-    check_number(checked, f'scheme.{key}', lambda v: v >= 0, '>= 0')
   options.update(teachers=entries, student_view=str(options['student_view']),
                  top_k=int(options['top_k']), temperature=float(options['temperature']),
                  weight=float(options['weight']),
@@ -452,6 +453,7 @@ def setup_mst(config: ml_collections.ConfigDict, *, log: Callable[[str], None] =
   Raises:
     UserError: a config, teacher, label map or data set this run cannot use.
   """
+  validate(config)   # the engine's fields first: they do not depend on the teachers
   options = mst_options(config)
   check_label_objective(config, 'mst_distill reads its teachers from config.scheme.teachers')
   entries = options['teachers']
