@@ -218,11 +218,8 @@ def sample(apply: Callable[..., Any], params: Any, state: Any, prompt_ids: Array
                  cache=cache)
   stops = jnp.asarray(tuple(stop_tokens) or (-1,), jnp.int32)
 
-  def cond(carry):
-    i, _, _, done, *_ = carry
-    return jnp.logical_and(i < max_new_tokens, jnp.logical_not(jnp.all(done)))
-
-  def body(carry):
+  def pick(carry):
+    """Chooses token ``i`` from the logits in ``carry`` and writes it."""
     i, logits, cache, done, tokens, mask, logprobs, key = carry
     key, sub = jax.random.split(key)
     token, logprob = _choose(logits, sub, temperature, top_k, top_p)
@@ -232,6 +229,14 @@ def sample(apply: Callable[..., Any], params: Any, state: Any, prompt_ids: Array
     mask = mask.at[:, i].set(live)
     logprobs = logprobs.at[:, i].set(jnp.where(live, logprob, 0.0))
     done = jnp.logical_or(done, jnp.isin(token, stops))
+    return token, live, (i, logits, cache, done, tokens, mask, logprobs, key)
+
+  def cond(carry):
+    i, _, _, done, *_ = carry
+    return jnp.logical_and(i < max_new_tokens - 1, jnp.logical_not(jnp.all(done)))
+
+  def body(carry):
+    token, live, (i, _, cache, done, tokens, mask, logprobs, key) = pick(carry)
     out, _ = apply(params, state, token[:, None], attention_mask=live[:, None].astype(jnp.int32),
                    cache=cache)
     return i + 1, out.logits[:, -1], out.cache, done, tokens, mask, logprobs, key
@@ -240,7 +245,11 @@ def sample(apply: Callable[..., Any], params: Any, state: Any, prompt_ids: Array
            jnp.zeros((batch,), bool), jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
            jnp.zeros((batch, max_new_tokens), bool),
            jnp.zeros((batch, max_new_tokens), jnp.float32), rng)
-  _, _, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, carry)
+  # The loop feeds tokens 0..n-2 back through the decoder; the last token is only
+  # chosen (its forward pass would make logits nothing reads). When every row stopped
+  # early, this last pick writes padding at a position already past every row's end.
+  carry = jax.lax.while_loop(cond, body, carry)
+  _, _, (_, _, _, _, tokens, mask, logprobs, _) = pick(carry)
   return Generation(tokens, mask, logprobs, jnp.sum(mask, axis=-1, dtype=jnp.int32))
 
 
