@@ -8,6 +8,10 @@ writes the same layout::
     WORKDIR/metrics.jsonl        one JSON object per line (kdjax.engine.metrics)
     WORKDIR/summary.json         the run's figures
 
+A workdir may be a local path or a bucket URL (``gs://bucket/run``): every file goes
+through :mod:`kdjax.storage`, and orbax writes the checkpoints there itself
+(``docs/object_storage.md``).
+
 JSON written here is valid for every reader: a non-finite float is written as
 ``null``, and the object gets ``"nonfinite": [the keys that were]`` (:func:`json_ready`).
 """
@@ -25,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
+from kdjax import storage
 from kdjax.config import config_to_dict
 from kdjax.errors import CHECKPOINT_READ_ERRORS
 from kdjax.errors import UserError
@@ -40,14 +44,14 @@ SUMMARY = 'summary.json'
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  return storage.join(storage.abspath(workdir), CHECKPOINTS)
 
 
 def create(workdir: str) -> str:
   """Creates ``workdir`` (and its parents); a path that cannot be one is a :class:`UserError`."""
-  workdir = os.path.abspath(workdir)
+  workdir = storage.abspath(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
   except OSError as e:
     raise UserError(f'cannot create the workdir {workdir} ({e.strerror or e}); pick another '
                     '--workdir') from None
@@ -60,10 +64,17 @@ def check_creatable(workdir: str) -> None:
   >>> check_creatable('/dev/null/run')
   Traceback (most recent call last):
   kdjax.errors.UserError: cannot create the workdir /dev/null/run (/dev/null is not a directory); pick another --workdir
+
+  A URL's bucket must exist (an object store creates the rest on write).
   """
+  if storage.is_remote(workdir):
+    if not storage.bucket_exists(workdir):
+      raise UserError(f'cannot create the workdir {workdir} (its bucket does not exist or '
+                      'cannot be reached); create the bucket or pick another --workdir')
+    return
   path = os.path.abspath(workdir)
   while not os.path.exists(path):
-    parent = os.path.dirname(path)
+    parent = storage.dirname(path)
     if parent == path:
       return
     path = parent
@@ -123,18 +134,13 @@ def _default(o):
 
 def write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as strict JSON, atomically (a reader never sees half a file)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(dumps(obj, indent=2))
-    f.write('\n')
-  os.replace(tmp, path)
+  storage.write_text(path, dumps(obj, indent=2) + '\n')
 
 
 def read_json(path: str, *, what: str = 'file') -> Any:
   """The JSON in ``path``; damaged or not JSON is a :class:`UserError` naming the file."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f'{path} is not valid JSON ({e}); restore the {what} or use a new '
                     '--workdir') from None
@@ -162,8 +168,8 @@ def _flat(tree, prefix: str = '') -> dict[str, Any]:
 
 def read_config(workdir: str) -> dict:
   """``WORKDIR/config.json`` as a dict (:class:`UserError` if missing or damaged)."""
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
+  path = storage.join(workdir, CONFIG)
+  if not storage.exists(path):
     raise UserError(f'{workdir} has no {CONFIG}: is it a kdjax workdir? Train one with '
                     '`kdjax train --config ... --workdir DIR`')
   raw = read_json(path, what='config')
@@ -241,10 +247,10 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, has_results: boo
   kdjax.errors.UserError: ... holds results of another config (it differs in seed: 0 here, 1 now); use a new --workdir, or delete that one to start over
   """
   check_creatable(workdir)
-  path = os.path.join(os.path.abspath(workdir), CONFIG)
+  path = storage.join(storage.abspath(workdir), CONFIG)
   new = config_to_dict(config)
   if has_results:
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise UserError(f'{workdir} holds results but no {CONFIG}; use a new --workdir, or '
                       'delete that one to start over')
     old = read_config(workdir)
@@ -255,7 +261,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, has_results: boo
       raise UserError(f'{workdir} holds results of another config (it differs in '
                       f'{"; ".join(diff[:3])}{more}); use a new --workdir, or delete that one '
                       'to start over')
-  elif os.path.exists(path):
+  elif storage.exists(path):
     read_config(workdir)   # a damaged config.json is refused, not silently replaced
   workdir = create(workdir)
   if jax.process_index() == 0:
@@ -268,10 +274,11 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, has_results: boo
 def all_steps(workdir: str) -> list[int]:
   """The finished checkpoint steps under ``WORKDIR/checkpoints``, ascending."""
   path = checkpoint_dir(workdir)
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     return []
-  return sorted(int(name) for name in os.listdir(path) if name.isdigit()
-                and ocp.path.step.is_checkpoint_finalized(os.path.join(path, name)))
+  return sorted(int(name) for name in storage.listdir(path) if name.isdigit()
+                and ocp.path.step.is_checkpoint_finalized(storage.as_path(
+                    storage.join(path, name))))
 
 
 def latest_step(workdir: str) -> int | None:
@@ -289,7 +296,7 @@ def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True
   """The run's orbax manager: items ``state`` and ``data``, async, the newest ``keep`` kept."""
   options = ocp.CheckpointManagerOptions(max_to_keep=int(keep),
                                          enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+  return ocp.CheckpointManager(storage.as_path(checkpoint_dir(workdir)), options=options,
                                item_names=('state', 'data'))
 
 
@@ -313,7 +320,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[
     restored = manager.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
   except CHECKPOINT_READ_ERRORS as e:
-    raise unreadable_checkpoint(os.path.join(str(manager.directory), str(step)), e) from None
+    raise unreadable_checkpoint(storage.join(str(manager.directory), str(step)), e) from None
   return from_saveable(abstract_state, restored['state']), restored['data']
 
 
@@ -359,15 +366,15 @@ def restore_subtree(workdir: str, step: int, subtree: Sequence[str], *, sharding
   Raises:
     UserError: a damaged checkpoint, or one without that subtree.
   """
-  path = os.path.join(checkpoint_dir(workdir), str(step), 'state')
+  path = storage.join(checkpoint_dir(workdir), str(step), 'state')
   quiet_orphaned_reads()
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    full = handler.metadata(epath.Path(path)).tree
+    full = handler.metadata(storage.as_path(path)).tree
     node = full
     for key in subtree:
       if not isinstance(node, Mapping) or key not in node:
-        raise UserError(f'the checkpoint {os.path.dirname(path)} has no {"/".join(subtree)}; '
+        raise UserError(f'the checkpoint {storage.dirname(path)} has no {"/".join(subtree)}; '
                         'was it written by kdjax train?')
       node = node[key]
     leaves, treedef = jax.tree.flatten(node)
@@ -375,7 +382,7 @@ def restore_subtree(workdir: str, step: int, subtree: Sequence[str], *, sharding
       args = [ocp.RestoreArgs(restore_type=np.ndarray) for _ in leaves]
     else:
       if len(shardings) != len(leaves):
-        raise UserError(f'the checkpoint {os.path.dirname(path)} does not match its config.json '
+        raise UserError(f'the checkpoint {storage.dirname(path)} does not match its config.json '
                         f'model ({len(leaves)} arrays stored, {len(shardings)} expected)')
       args = [ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape, dtype=m.dtype)
               for s, m in zip(shardings, leaves)]
@@ -384,10 +391,10 @@ def restore_subtree(workdir: str, step: int, subtree: Sequence[str], *, sharding
       restore_args = {key: restore_args}
     item = jax.tree.map(lambda _: 0, restore_args,
                         is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
-    restored = handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(
+    restored = handler.restore(storage.as_path(path), args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
   except CHECKPOINT_READ_ERRORS as e:
-    raise unreadable_checkpoint(os.path.dirname(path), e) from None
+    raise unreadable_checkpoint(storage.dirname(path), e) from None
   finally:
     handler.close()
   for key in subtree:

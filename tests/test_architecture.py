@@ -25,6 +25,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 # Bottom to top; the units of one layer are siblings (see docs/architecture.md).
 LAYERS = (
     ('kdjax.errors',),
+    ('kdjax.storage',),
     ('kdjax.config',),
     ('kdjax.workdir',),
     ('kdjax.losses', 'kdjax.models', 'kdjax.data', 'kdjax.parallel'),

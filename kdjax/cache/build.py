@@ -24,7 +24,7 @@ Work is split in chunks of ``chunk_size`` examples of one epoch (see
 ``kdjax.cache.store``). The teacher runs jitted on batches of ``config.batch_size``
 sharded over the mesh's data axis; in a multi-process run every process takes part in
 every forward pass and process ``p`` writes the chunks ``i`` with ``i mod P == p``
-(``cache_dir`` must be on a file system all processes share).
+(``cache_dir`` must be on a file system all processes share, or a bucket: ``gs://...``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import teacher as teacher_lib
 from kdjax import workdir as workdir_lib
 from kdjax.cache import codec as codec_lib
@@ -512,8 +513,8 @@ def _plan_generate(config, teacher, arrays, mesh, *, epochs, settings, chunk_siz
 
 def _claim(cache_dir: str, plan: dict) -> None:
   """Writes ``plan.json`` into ``cache_dir``, or refuses a cache of other settings there."""
-  os.makedirs(cache_dir, exist_ok=True)
-  plan_path = os.path.join(cache_dir, store.PLAN)
+  storage.makedirs(cache_dir)
+  plan_path = storage.join(cache_dir, store.PLAN)
   old = store.read_json(plan_path)
   if old is not None and old != plan:
     diff = sorted(key for key in set(old) | set(plan) if old.get(key) != plan.get(key))
@@ -576,7 +577,7 @@ def _finish(cache_dir: str, plan: dict, work) -> dict:
   manifest = dict(plan, chunks=chunks, content_checksum=store.content_checksum(chunks),
                   complete=True)
   if jax.process_index() == 0:
-    store.write_json(os.path.join(cache_dir, store.MANIFEST), manifest)
+    store.write_json(storage.join(cache_dir, store.MANIFEST), manifest)
   _sync('kdjax_cache_manifest_written')
   return manifest
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax.cache import store
 from kdjax.cache.fingerprint import dataset_fingerprint
 from kdjax.cache.fingerprint import stream_dataset_fingerprint
@@ -47,9 +48,9 @@ _QUANT = ('teacher_topk_scale', 'teacher_topk_offset')
 
 def open_cache(cache_dir: str) -> dict:
   """The manifest of a finished cache (``UserError`` if there is none or it is unfinished)."""
-  manifest = store.read_json(os.path.join(cache_dir, store.MANIFEST))
+  manifest = store.read_json(storage.join(cache_dir, store.MANIFEST))
   if manifest is None:
-    if store.read_json(os.path.join(cache_dir, store.PLAN)) is not None:
+    if store.read_json(storage.join(cache_dir, store.PLAN)) is not None:
       raise UserError(f'the teacher cache {cache_dir} is unfinished; run the same '
                       '`kdjax cache build` command again to complete it')
     raise UserError(f'{cache_dir} is not a teacher cache (no {store.MANIFEST}); '
@@ -211,7 +212,9 @@ class ChunkReader:
   keeps hot chunk files, outside the process's memory). At most ``max_open_files`` chunk
   files stay open (least recently used first out; default a quarter of the process's
   file-descriptor limit, at most 4096); the ``.npy`` header of a file is parsed once when
-  it is opened.
+  it is opened. A cache in a bucket (``gs://``) has no positioned reads here: each chunk
+  file is downloaded whole into a local temporary directory the first time a batch needs
+  it (kept until :meth:`close`), then read as above.
 
   ``rows(epochs, ids)`` returns what ``host_rows`` returns on the whole columns, bit for
   bit (same stored bytes, same dequantization and dense scatter).
@@ -254,6 +257,7 @@ class ChunkReader:
     self._threads = max(1, int(threads))
     self._pool = None
     self.files_opened = 0             # LRU misses (a file opened and its header parsed)
+    self._local = None                # a bucket's cache: where its chunk files are copied
 
   def _file(self, epoch: int, index: int, key: str) -> tuple[int, int, int]:
     """``(fd, data offset, bytes per row)`` of one array file of one chunk."""
@@ -262,7 +266,9 @@ class ChunkReader:
     if entry is not None:
       self._files.move_to_end(name)
       return entry
-    path = os.path.join(store.chunk_path(self._dir, store.chunk_name(epoch, index)), key + '.npy')
+    path = storage.join(store.chunk_path(self._dir, store.chunk_name(epoch, index)), key + '.npy')
+    if storage.is_remote(path):
+      path = self._copied(path, f'{store.chunk_name(epoch, index)}-{key}.npy')
     with open(path, 'rb') as f:
       version = np.lib.format.read_magic(f)
       read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -278,6 +284,17 @@ class ChunkReader:
     while len(self._files) > self._max_open:
       self._evicted.append(self._files.popitem(last=False)[1][0])
     return entry
+
+  def _copied(self, url: str, name: str) -> str:
+    """The local copy of a bucket's chunk file (downloaded the first time)."""
+    if self._local is None:
+      import tempfile
+      self._local = tempfile.mkdtemp(prefix='kdjax-cache-')
+    local = os.path.join(self._local, name)
+    if not os.path.exists(local):
+      storage.download(url, local + '.part')
+      os.replace(local + '.part', local)
+    return local
 
   def raw_rows(self, epochs: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The stored arrays of rows ``(epochs mod E, ids)`` (ids -1 read row 0), as stored.
@@ -329,6 +346,10 @@ class ChunkReader:
       self._pool = None
     while self._files:
       os.close(self._files.popitem()[1][0])
+    if self._local is not None:
+      import shutil
+      shutil.rmtree(self._local, ignore_errors=True)
+      self._local = None
 
   def __del__(self):
     try:

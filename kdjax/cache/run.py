@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from kdjax import storage
 from kdjax import teacher as teacher_lib
 from kdjax.cache.read import RunCache
 from kdjax.cache.read import cache_kind
@@ -20,7 +19,7 @@ def open_for_run(config):
   by the cache's kind (its ``check`` checks it against the run). When
   ``config.teacher.workdir`` (or ``hf_path``) is set, its teacher's fingerprint is read
   (parameters only, on the host) and must equal the cache's."""
-  cache_dir = os.path.abspath(config.teacher.cache)
+  cache_dir = storage.abspath(config.teacher.cache)
   manifest = open_cache(cache_dir)
   fingerprint = teacher_lib.config_fingerprint(config.teacher)
   kind = cache_kind(manifest)

@@ -44,20 +44,27 @@ a file's bytes are easy to checksum. ArrayRecord is a record format (one seriali
 record per entry): the device feed wants whole ``[E, N, k]`` columns to put on device,
 which ``np.load`` of a column chunk gives directly, and the stream feed's per-batch reader
 (``kdjax.cache.read.ChunkReader``) finds row ``r`` of a ``.npy`` file at ``header + r *
-row_bytes``, so one positioned read per row and array fetches it with no index. Object storage is **not** supported by this
-store (``os.replace`` needs a POSIX file system; multi-host builds need a shared one); a
-tensorstore driver would be the way to add it.
+row_bytes``, so one positioned read per row and array fetches it with no index.
+
+**In a bucket** (``gs://...``, through :mod:`kdjax.storage`) there is no directory
+rename: a chunk's files are uploaded straight into ``chunks/NAME/`` (each upload is
+atomic), then an empty marker object ``chunks/NAME.done``; a chunk exists when its marker
+does. A killed build leaves at most files without a marker, which the next build writes
+again (same bytes). The layout, the bytes and so the checksums are the same as on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 from typing import Any, Iterable
 
 import numpy as np
+
+from kdjax import storage
 
 PLAN = 'plan.json'
 MANIFEST = 'manifest.json'
@@ -73,7 +80,12 @@ def chunk_name(epoch: int, index: int) -> str:
 
 
 def chunk_path(cache_dir: str, name: str) -> str:
-  return os.path.join(cache_dir, CHUNKS, name)
+  return storage.join(cache_dir, CHUNKS, name)
+
+
+def _done_marker(cache_dir: str, name: str) -> str:
+  """A bucket's chunk is complete once this object exists (no directory rename there)."""
+  return storage.join(cache_dir, CHUNKS, name + '.done')
 
 
 def chunk_ranges(num_examples: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -96,7 +108,16 @@ def from_disk(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_chunk(cache_dir: str, name: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes one chunk atomically (temp directory, fsync, rename)."""
+  """Writes one chunk atomically (temp directory, fsync, rename; in a bucket: the files,
+  then the chunk's ``.done`` marker)."""
+  if storage.is_remote(cache_dir):
+    for key in sorted(arrays):
+      buf = io.BytesIO()
+      np.save(buf, _to_disk(np.ascontiguousarray(arrays[key])), allow_pickle=False)
+      storage.write_bytes(storage.join(chunk_path(cache_dir, name), key + '.npy'),
+                          buf.getvalue())
+    storage.write_bytes(_done_marker(cache_dir, name), b'')
+    return
   root = os.path.join(cache_dir, CHUNKS)
   os.makedirs(root, exist_ok=True)
   tmp = os.path.join(root, f'.tmp-{name}-{os.getpid()}')
@@ -111,7 +132,10 @@ def write_chunk(cache_dir: str, name: str, arrays: dict[str, np.ndarray]) -> Non
 
 
 def remove_stale_temporaries(cache_dir: str, names: Iterable[str]) -> None:
-  """Deletes temporary directories that killed builds left for chunks ``names``."""
+  """Deletes temporary directories that killed builds left for chunks ``names`` (a
+  bucket has none: a chunk's unmarked files are overwritten)."""
+  if storage.is_remote(cache_dir):
+    return
   root = os.path.join(cache_dir, CHUNKS)
   if not os.path.isdir(root):
     return
@@ -122,6 +146,8 @@ def remove_stale_temporaries(cache_dir: str, names: Iterable[str]) -> None:
 
 
 def chunk_exists(cache_dir: str, name: str) -> bool:
+  if storage.is_remote(cache_dir):
+    return storage.exists(_done_marker(cache_dir, name))
   return os.path.isdir(chunk_path(cache_dir, name))
 
 
@@ -130,9 +156,8 @@ def chunk_checksum(cache_dir: str, name: str) -> tuple[str, int]:
   h = hashlib.sha256()
   total = 0
   path = chunk_path(cache_dir, name)
-  for fname in sorted(os.listdir(path)):
-    with open(os.path.join(path, fname), 'rb') as f:
-      data = f.read()
+  for fname in sorted(storage.listdir(path)):
+    data = storage.read_bytes(storage.join(path, fname))
     h.update(fname.encode() + b'\0' + len(data).to_bytes(8, 'little'))
     h.update(data)
     total += len(data)
@@ -142,8 +167,12 @@ def chunk_checksum(cache_dir: str, name: str) -> tuple[str, int]:
 def read_chunk(cache_dir: str, name: str, dtypes: dict[str, str]) -> dict[str, np.ndarray]:
   """The arrays of one chunk; ``dtypes`` maps array names to their manifest dtype."""
   path = chunk_path(cache_dir, name)
-  return {key: from_disk(np.load(os.path.join(path, key + '.npy'), allow_pickle=False), dtype)
-          for key, dtype in dtypes.items()}
+  if storage.is_remote(cache_dir):
+    load = lambda key: np.load(io.BytesIO(storage.read_bytes(storage.join(path, key + '.npy'))),
+                               allow_pickle=False)
+  else:
+    load = lambda key: np.load(os.path.join(path, key + '.npy'), allow_pickle=False)
+  return {key: from_disk(load(key), dtype) for key, dtype in dtypes.items()}
 
 
 def content_checksum(chunks: dict[str, dict]) -> str:
@@ -155,21 +184,15 @@ def content_checksum(chunks: dict[str, dict]) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (temp file + rename), deterministic bytes (sorted keys)."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Atomic JSON write (temp file, fsync, rename; in a bucket one upload), deterministic
+  bytes (sorted keys)."""
+  storage.write_text(path, json.dumps(obj, indent=1, sort_keys=True) + '\n', fsync=True)
 
 
 def read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def chunk_problem(cache_dir: str, name: str, entry: dict) -> str | None:

@@ -16,12 +16,14 @@ import jax
 import ml_collections
 
 from kdjax import cache as cache_lib
+from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.config import base_config
 from kdjax.engine.loop import fit
 from kdjax.engine.setup import setup
+from kdjax.engine.state import warm_start
 from kdjax.errors import UserError
 
 
@@ -38,7 +40,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     UserError: a bad config, data set, teacher, cache or workdir (nothing written).
     Diverged: a non-finite loss or gradient norm (``summary.json`` says where).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.abspath(workdir)   # a gs:// URL stays one
   workdir_lib.check_creatable(workdir)
   cache = cache_lib.open_for_run(config) if config.teacher.cache else None
   run = setup(config, cache=cache, log=_log)
@@ -81,43 +83,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     metrics_lib.plot_learning_curves(workdir)
   return summary
-
-
-def warm_start(state, workdir: str, step: int = 0):
-  """``state`` with the student's parameters and model state of ``workdir``'s checkpoint
-  at ``step`` (0: its latest), each array in the sharding of the one it replaces; the
-  optimizer, the loss terms' parameters and the step stay fresh.
-
-  Raises:
-    UserError: no such workdir or checkpoint, or one of another model (shapes differ).
-  """
-  steps = workdir_lib.all_steps(workdir)
-  if not steps:
-    raise UserError(f'config.init.workdir {workdir} has no checkpoint to start the student '
-                    'from; train that run first')
-  step = step or max(steps)
-  if step not in steps:
-    raise UserError(f'config.init.workdir {workdir} has no checkpoint at step {step} '
-                    f'(it has {", ".join(map(str, sorted(steps)))})')
-
-  def take(template, subtree):
-    leaves, treedef = jax.tree.flatten(template)
-    another = (f'config.init.workdir {workdir} holds another model than this run\'s '
-               '(its parameters differ in number or shape)')
-    try:
-      got = jax.tree.leaves(workdir_lib.restore_subtree(
-          workdir, step, subtree, shardings=[x.sharding for x in leaves]))
-    except UserError as e:
-      raise UserError(f'{another}: {e}') from None
-    if len(got) != len(leaves) or any(a.shape != b.shape for a, b in zip(leaves, got)):
-      raise UserError(another)
-    return jax.tree.unflatten(treedef, [b.astype(a.dtype) for a, b in zip(leaves, got)])
-
-  params = dict(state.params)
-  params['student'] = take(state.params['student'], ('params', 'student'))
-  model_state = (take(state.model_state, ('model_state',))
-                 if jax.tree.leaves(state.model_state) else state.model_state)
-  return state.replace(params=params, model_state=model_state)
 
 
 def _exp(loss):

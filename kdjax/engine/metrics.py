@@ -3,6 +3,13 @@
 Every run writes ``WORKDIR/metrics.jsonl`` (one strict-JSON object per line: a
 non-finite value is ``null`` and the row names it in ``nonfinite``) and TensorBoard
 events under ``WORKDIR/tensorboard``, through one :class:`MetricsWriter`.
+
+A workdir in a bucket (``gs://...``, :mod:`kdjax.storage`) has no append: the writer
+keeps the file's lines and rewrites ``metrics.jsonl`` whole (one object upload) at every
+row, so the object always holds every row logged so far, as the local file does after a
+kill. tensorboardX cannot write to a bucket without TensorFlow: its events go to a local
+temporary directory, uploaded to ``WORKDIR/tensorboard`` at most every
+:data:`TB_UPLOAD_SECONDS` while rows come and at :meth:`MetricsWriter.close`.
 """
 
 from __future__ import annotations
@@ -10,12 +17,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 from typing import Mapping
 
 import jax
 import numpy as np
 
+from kdjax import storage
 from kdjax import workdir as workdir_lib
+
+TB_UPLOAD_SECONDS = 60.0
 
 
 class Accumulator:
@@ -58,23 +71,28 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, resume_step: int | None = None, step_key: str = 'step'):
     self.workdir = workdir
-    self.path = os.path.join(workdir, workdir_lib.METRICS)
+    self.path = storage.join(workdir, workdir_lib.METRICS)
     self.step_key = step_key
     self.enabled = jax.process_index() == 0
     self._tb = None
+    self._remote = storage.is_remote(workdir)
+    self._lines: list[str] = []        # a bucket's metrics.jsonl: rewritten whole per row
+    self._tb_local = None              # a bucket's events: written here, then uploaded
+    self._tb_uploaded = 0.0
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(self.path):
+    storage.makedirs(workdir)
+    if storage.exists(self.path):
       keep = [row for row in read_jsonl(self.path)
               if resume_step is not None and row.get(step_key, 0) <= resume_step]
-      with open(self.path + '.tmp', 'w') as f:
-        for row in keep:
-          f.write(json.dumps(row) + '\n')
-      os.replace(self.path + '.tmp', self.path)
+      self._lines = [json.dumps(row) + '\n' for row in keep]
+      storage.write_text(self.path, ''.join(self._lines))
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      if self._remote:
+        self._tb_local = tempfile.mkdtemp(prefix='kdjax-tensorboard-')
+        self._tb_uploaded = time.monotonic()
+      self._tb = SummaryWriter(self._tb_local or os.path.join(workdir, 'tensorboard'))
     except ImportError:  # pragma: no cover - tensorboardX is a dependency
       self._tb = None
 
@@ -86,25 +104,41 @@ class MetricsWriter:
     if split is not None:
       row['split'] = split
     row.update(values)
-    with open(self.path, 'a') as f:
-      f.write(workdir_lib.dumps(row) + '\n')
+    line = workdir_lib.dumps(row) + '\n'
+    if self._remote:
+      self._lines.append(line)
+      storage.write_text(self.path, ''.join(self._lines))
+    else:
+      with open(self.path, 'a') as f:
+        f.write(line)
     if self._tb is not None:
       for k, v in values.items():
         if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) \
             and math.isfinite(float(v)):
           self._tb.add_scalar(f'{split}/{k}' if split else k, float(v), int(step))
+      if self._tb_local and time.monotonic() - self._tb_uploaded > TB_UPLOAD_SECONDS:
+        self._upload_events()
+
+  def _upload_events(self) -> None:
+    self._tb.flush()
+    storage.sync_up(self._tb_local, storage.join(self.workdir, 'tensorboard'))
+    self._tb_uploaded = time.monotonic()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()
+      if self._tb_local:
+        storage.sync_up(self._tb_local, storage.join(self.workdir, 'tensorboard'))
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+        self._tb_local = None
       self._tb = None
 
 
 def read_jsonl(path: str) -> list[dict]:
   """The rows of a ``metrics.jsonl``; a line cut by a kill ends the file there."""
   out = []
-  with open(path) as f:
+  with storage.open(path) as f:
     for line in f:
       line = line.strip()
       if line:
@@ -118,7 +152,7 @@ def read_jsonl(path: str) -> list[dict]:
 def logged(path: str, split: str, step: int) -> dict[str, float]:
   """What ``metrics.jsonl`` at ``path`` holds for ``split`` at ``step`` (``{}``: nothing, or no
   file: only process 0 writes it)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return {}
   rows = [r for r in read_jsonl(path) if r.get('split') == split and r.get('step') == step]
   return {k: v for k, v in rows[-1].items() if k not in ('step', 'split')} if rows else {}
@@ -126,8 +160,8 @@ def logged(path: str, split: str, step: int) -> dict[str, float]:
 
 def plot_learning_curves(workdir: str, title: str = '') -> str | None:
   """Draws train loss and eval accuracy against the step into ``learning_curves.png``."""
-  path = os.path.join(workdir, workdir_lib.METRICS)
-  if not os.path.exists(path) or jax.process_index() != 0:
+  path = storage.join(workdir, workdir_lib.METRICS)
+  if jax.process_index() != 0 or not storage.exists(path):
     return None
   import matplotlib
   matplotlib.use('Agg')
@@ -146,9 +180,9 @@ def plot_learning_curves(workdir: str, title: str = '') -> str | None:
   if evals:
     ax2.plot(*np.asarray(evals).T, marker='o')
   ax2.set_xlabel('step'); ax2.set_ylabel('eval accuracy')
-  fig.suptitle(title or os.path.basename(os.path.abspath(workdir)))
+  fig.suptitle(title or storage.basename(storage.abspath(workdir)))
   fig.tight_layout()
-  out = os.path.join(workdir, 'learning_curves.png')
-  fig.savefig(out, dpi=100)
+  out = storage.join(workdir, 'learning_curves.png')
+  storage.savefig(fig, out, dpi=100)
   plt.close(fig)
   return out

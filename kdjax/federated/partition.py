@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from kdjax import storage
 from kdjax.errors import UserError
 from kdjax.errors import check_number
 
@@ -747,6 +748,6 @@ def plot_heatmap(partition: Partition, labels, path: str, *, max_clients: int = 
   ax.set_title(f'{partition.method}({opts})' if opts else partition.method, fontsize=9)
   fig.colorbar(im, ax=ax, label='examples')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.savefig(fig, path, dpi=100)   # a local path or a gs:// URL
   plt.close(fig)
   return path

@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
-import os
 import time
 from typing import Any, Iterable
 
@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.engine.metrics import MetricsWriter
 from kdjax.engine.metrics import read_jsonl
@@ -184,7 +185,7 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from kdjax.federated import run as run_lib
   from kdjax.federated import simulator as sim
 
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   if config.get('client_models'):   # heterogeneous groups: run_simulation's own loop
     return _run_cell_via_run_simulation(config, workdir)
   parts, state, bytes_update, bytes_down, setup_time = _prepare(config)
@@ -301,7 +302,7 @@ def run_seed_group(configs: list[ml_collections.ConfigDict],
   wall = (time.perf_counter() - t0) / len(configs)
   out = []
   for i, (c, w) in enumerate(zip(configs, workdirs)):
-    os.makedirs(w, exist_ok=True)
+    storage.makedirs(w)
     out.append(_write_cell(c, w, rows[i], reported[i], *finals[i], bytes_update=preps[i][2],
                            bytes_down=preps[i][3], wall=wall, setup_time=setup_time,
                            extra={'seeds_vmapped': len(configs)}))
@@ -326,7 +327,7 @@ def _write_cell(config, workdir: str, rows, reported, pc, pn, *, bytes_update: i
   writer.close()
   final = rows[-1]
   has = pn > 0
-  _write_json(os.path.join(workdir, 'clients.json'),
+  _write_json(storage.join(workdir, 'clients.json'),
               {'correct': pc.tolist(), 'count': pn.tolist(),
                'accuracy': (pc[has] / pn[has]).tolist()})
   bytes_up = sum(reported) * bytes_update
@@ -343,7 +344,7 @@ def _write_cell(config, workdir: str, rows, reported, pc, pn, *, bytes_update: i
       'rounds_per_sec': num_rounds / wall if wall > 0 else None,
       **(extra or {}),
   }
-  _write_json(os.path.join(workdir, 'summary.json'), summary)   # last: marks the cell done
+  _write_json(storage.join(workdir, 'summary.json'), summary)   # last: marks the cell done
   return summary
 
 
@@ -353,7 +354,7 @@ def _run_cell_via_run_simulation(config, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   out = run_lib.run_simulation(config, workdir, progress=False)
   wall = time.perf_counter() - t0
-  rows = read_jsonl(os.path.join(workdir, workdir_lib.METRICS))
+  rows = read_jsonl(storage.join(workdir, workdir_lib.METRICS))
   bytes_up = int(sum(r['bytes_up'] for r in rows))
   bytes_dn = int(sum(r['bytes_down'] for r in rows))
   summary = {
@@ -364,7 +365,7 @@ def _run_cell_via_run_simulation(config, workdir: str) -> dict[str, Any]:
       'bytes_up': bytes_up, 'bytes_down': bytes_dn, 'bytes_total': bytes_up + bytes_dn,
       'wall_time_s': wall, 'setup_time_s': None, 'rounds_per_sec': out.get('rounds_per_sec'),
   }
-  _write_json(os.path.join(workdir, 'summary.json'), summary)
+  _write_json(storage.join(workdir, 'summary.json'), summary)
   return summary
 
 
@@ -399,7 +400,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
   for cfg in configs.values():
     validate(cfg)
   workdir_lib.check_creatable(workdir)
-  os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
+  workdir = storage.abspath(workdir)
+  storage.makedirs(storage.join(workdir, 'cells'))
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -410,10 +412,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
     for algorithm in algorithms:
       todo = []
       for seed in seeds:
-        cdir = os.path.join(workdir, 'cells', cell_name(alpha, algorithm, seed))
-        done = os.path.join(cdir, 'summary.json')
+        cdir = storage.join(workdir, 'cells', cell_name(alpha, algorithm, seed))
+        done = storage.join(cdir, 'summary.json')
         cfg = configs[alpha, algorithm, seed]
-        if os.path.exists(done):
+        if storage.exists(done):
           # A finished cell is reused only if it ran this cell's config (how many
           # rounds went in one call, and whether it showed progress, do not change it).
           workdir_lib.prepare(cdir, cfg, has_results=True, ignore=('rounds_per_call', 'progress'))
@@ -438,7 +440,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
   if bar is not None:
     bar.close()
   rows = [result_row(a, g, s, summaries[a, g, s]) for a, g, s in cells]
-  write_report(rows, workdir, cells_dir=os.path.join(workdir, 'cells'), echo=echo)
+  write_report(rows, workdir, cells_dir=storage.join(workdir, 'cells'), echo=echo)
   return rows
 
 
@@ -520,25 +522,28 @@ def format_table(summary: list[dict[str, Any]]) -> str:
 def write_report(rows: list[dict[str, Any]], workdir: str, *, cells_dir: str | None = None,
                  echo: bool = True) -> list[dict[str, Any]]:
   """Writes results.csv/json, summary.csv/md and the plots; returns the summary rows."""
-  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
-    w.writeheader()
-    w.writerows(rows)
-  _write_json(os.path.join(workdir, 'results.json'), rows)
+  storage.write_text(storage.join(workdir, 'results.csv'), _csv(rows, list(ROW_KEYS)))
+  _write_json(storage.join(workdir, 'results.json'), rows)
   summary = summarize(rows)
-  with open(os.path.join(workdir, 'summary.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in summary for k in s)))
-    w.writeheader()
-    w.writerows(summary)
+  storage.write_text(storage.join(workdir, 'summary.csv'),
+                     _csv(summary, list(dict.fromkeys(k for s in summary for k in s))))
   table = format_table(summary)
-  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write(table + '\n')
+  storage.write_text(storage.join(workdir, 'summary.md'), table + '\n')
   if echo:
     print(table)
-  plot_accuracy_vs_alpha(summary, os.path.join(workdir, 'accuracy_vs_alpha.png'))
+  plot_accuracy_vs_alpha(summary, storage.join(workdir, 'accuracy_vs_alpha.png'))
   if cells_dir is not None:
-    plot_client_accuracy(rows, cells_dir, os.path.join(workdir, 'client_accuracy.png'))
+    plot_client_accuracy(rows, cells_dir, storage.join(workdir, 'client_accuracy.png'))
   return summary
+
+
+def _csv(rows: list[dict[str, Any]], fieldnames: list[str]) -> str:
+  """``rows`` as CSV text (what ``csv.DictWriter`` writes to a file)."""
+  buf = io.StringIO(newline='')
+  w = csv.DictWriter(buf, fieldnames=fieldnames)
+  w.writeheader()
+  w.writerows(rows)
+  return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- plots
@@ -577,7 +582,7 @@ def plot_accuracy_vs_alpha(summary: list[dict[str, Any]], path: str) -> None:
   axes[0].set_ylabel('test accuracy')
   axes[1].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.savefig(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -596,10 +601,9 @@ def plot_client_accuracy(rows: list[dict[str, Any]], cells_dir: str, path: str) 
       acc = []
       for r in rows:
         if r['alpha'] == alpha and r['algorithm'] == g:
-          f = os.path.join(cells_dir, cell_name(alpha, g, r['seed']), 'clients.json')
-          if os.path.exists(f):
-            with open(f) as fh:
-              acc.extend(json.load(fh)['accuracy'])
+          f = storage.join(cells_dir, cell_name(alpha, g, r['seed']), 'clients.json')
+          if storage.exists(f):
+            acc.extend(json.loads(storage.read_text(f))['accuracy'])
       data.append(acc or [float('nan')])
     ax.boxplot(data, showfliers=False)
     ax.set_xticks(range(1, len(algorithms) + 1))
@@ -608,5 +612,5 @@ def plot_client_accuracy(rows: list[dict[str, Any]], cells_dir: str, path: str) 
     ax.grid(axis='y', alpha=0.3)
   axes[0][0].set_ylabel('client accuracy (local test split)')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.savefig(fig, path, dpi=100)
   plt.close(fig)

@@ -59,13 +59,13 @@ from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
 from kdjax.config import merge
-from kdjax.distill.train import warm_start
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.config import base_config
 from kdjax.engine.config import validate
 from kdjax.engine.loop import TrainCalls
 from kdjax.engine.precision import with_precision
 from kdjax.engine.setup import setup
+from kdjax.engine.state import warm_start
 from kdjax.engine.step import make_train_step
 from kdjax.errors import UserError
 from kdjax.models import from_config
