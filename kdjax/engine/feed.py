@@ -49,6 +49,7 @@ from kdjax.engine import policy as policy_lib
 from kdjax.models.base import MODEL_INPUT_KEYS
 from kdjax.models.base import model_kwargs
 from kdjax.parallel import batch_sharding
+from kdjax.parallel import put_rows
 
 Batch = dict[str, Any]
 # Per-example columns every source carries; token data adds its ``mask`` ([tokens]: which
@@ -510,7 +511,10 @@ class TeacherAhead:
   (``position``), computed ahead when the previous call asked, and dispatches the
   teacher's call for the chunk ``next_chunk(step + n)`` (``(first, count)`` or None),
   which then runs on the teacher's devices while the student's call runs on its own.
-  The entries are the same as a teacher inside the student's call would compute.
+  The entries are the same as a teacher inside the student's call would compute. They
+  come out split over the teacher's devices along the batch and are moved to the
+  student's batch sharding (:func:`kdjax.parallel.put_rows`: in a multi-process run
+  each process places the rows its own teacher devices computed).
 
   Args:
     arrays: the training split (``x``, ``label``, ``id``), as for :class:`DeviceSource`.
@@ -530,6 +534,8 @@ class TeacherAhead:
     source = DeviceSource(arrays, batch_size=batch_size, seed=seed, mesh=teacher_mesh)
     self.feed = Feed(source, augment=augment, seed=seed, teacher=teacher, needs=needs)
     self.next_chunk = next_chunk
+    self.teacher_mesh = teacher_mesh
+    self.teacher_sharding = batch_sharding(teacher_mesh, leading=1)
     self.sharding = batch_sharding(student_mesh, leading=1)
     self._calls: dict[int, Callable] = {}
     self._pending: dict[tuple[int, int], Any] = {}
@@ -548,8 +554,10 @@ class TeacherAhead:
 
         return jax.lax.scan(body, None, jnp.arange(n))[1]
 
-      self._calls[n] = jax.jit(run, in_shardings=(feed.shardings(),))
-    return self._calls[n](self.feed.inputs(first, n))
+      self._calls[n] = jax.jit(run, in_shardings=(feed.shardings(),),
+                               out_shardings=self.teacher_sharding)
+    with jax.set_mesh(self.teacher_mesh):   # the teacher's activation constraints apply
+      return self._calls[n](self.feed.inputs(first, n))
 
   def entries(self, step: int, n: int):
     out = self._pending.pop((step, n), None)
@@ -559,4 +567,6 @@ class TeacherAhead:
     nxt = self.next_chunk(step + n)
     if nxt is not None:
       self._pending[nxt] = self._call(*nxt)
-    return jax.device_put(out, self.sharding)
+    # Several processes: each hands over the rows its teacher devices hold, which are
+    # the rows its student devices take (both meshes are process-major).
+    return put_rows(out, self.sharding, axis=1)

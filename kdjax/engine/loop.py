@@ -60,10 +60,15 @@ class TrainCalls:
   student of); the state is donated and keeps ``state_shardings``; every metric (the
   step's and the feed's policy's) comes back stacked ``[n]``, replicated. Each ``n``
   compiles once.
+
+  The call is traced, lowered and run with ``mesh`` in context (``jax.set_mesh``), so
+  the models' activation constraints (the decoder's residual stream split over the
+  batch axes, :mod:`kdjax.models.transformer`) apply in a real run as in ``kdjax plan``.
   """
 
   def __init__(self, step: Callable, feed: Feed, *, state_shardings, mesh):
     self.step, self.feed, self.state_shardings = step, feed, state_shardings
+    self.mesh = mesh
     self.repl = NamedSharding(mesh, P())
     self._jitted: dict[int, Callable] = {}
 
@@ -81,13 +86,35 @@ class TrainCalls:
 
         return jax.lax.scan(body, state, jnp.arange(n))
 
-      self._jitted[n] = jax.jit(call, in_shardings=(self.state_shardings, feed.shardings()),
-                                out_shardings=(self.state_shardings, self.repl),
-                                donate_argnums=0)
+      self._jitted[n] = InMesh(jax.jit(
+          call, in_shardings=(self.state_shardings, feed.shardings()),
+          out_shardings=(self.state_shardings, self.repl), donate_argnums=0), self.mesh)
     return self._jitted[n]
 
   def __call__(self, state, inputs, n: int):
     return self.jitted(n)(state, inputs)
+
+
+class InMesh:
+  """A jitted function called and lowered with ``mesh`` in context (``jax.set_mesh``):
+  what it traces sees the mesh (``jax.sharding.get_abstract_mesh()``), so the sharding
+  constraints written against it apply.
+
+  >>> f = InMesh(jax.jit(lambda x: x + 1), jax.make_mesh((1,), ('data',)))
+  >>> int(f(1)), 'add' in f.lower(1).as_text()
+  (2, True)
+  """
+
+  def __init__(self, fn: Callable, mesh: jax.sharding.Mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.fn(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*args, **kwargs)
 
 
 @dataclasses.dataclass
@@ -177,7 +204,8 @@ def train_loop(state, *, start: int, schedule: Schedule, calls: TrainCalls, feed
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}")
       if step % schedule.eval_every == 0 or step == schedule.num_steps:
-        last_eval = evaluate(state)
+        with jax.set_mesh(calls.mesh):   # the model's activation constraints, as in training
+          last_eval = evaluate(state)
         writer.write(step, last_eval, split='eval')
         state = feed.evaluated(state, last_eval)   # a policy's answer (DistiLLM), else state
       preempted = preempt.requested or (jax.process_count() > 1
@@ -291,6 +319,7 @@ def fit(config, workdir: str, *, state, start: int | None, position: dict, manag
     # Nothing left to train (a rerun of a finished run): report the run as it stands.
     # Every process evaluates (a collective); the train figures are the ones logged at
     # this step, where this process can read them.
-    evaluation = evaluate(result.state)
+    with jax.set_mesh(calls.mesh):
+      evaluation = evaluate(result.state)
     train = logged(writer.path, 'train', result.step)
   return Fitted(result, train, evaluation, time.time() - t_run)

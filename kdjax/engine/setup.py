@@ -50,6 +50,7 @@ from kdjax.parallel import batch_shards
 from kdjax.parallel import initialize_from_env
 from kdjax.parallel import make_mesh
 from kdjax.parallel import shardings_from_rules
+from kdjax.parallel import split_devices
 
 TEACHER_NEEDS = frozenset(teacher_lib.OUTPUT_KEYS)
 CACHE_NEEDS = frozenset({'teacher_topk_logits', 'teacher_topk_indices',
@@ -239,8 +240,10 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
 
 
 def _meshes(config) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh | None]:
-  """``(student mesh, teacher mesh or None)``; ``config.teacher.devices`` sets the last
-  devices apart for the teacher."""
+  """``(student mesh, teacher mesh or None)``; ``config.teacher.devices`` sets devices
+  apart for the teacher: the last ones, in a multi-process run the last
+  ``k / processes`` of each process (:func:`kdjax.parallel.split_devices`), so that
+  every process holds its share of the teacher's batch and of the student's."""
   k = int(config.teacher.devices)
   devices = jax.devices()
   teacher_mesh = None
@@ -248,11 +251,8 @@ def _meshes(config) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh | None]:
     if k >= len(devices):
       raise UserError(f'config.teacher.devices={k}: must be in 0..{len(devices) - 1} (there are '
                       f'{len(devices)} devices and the student needs at least one)')
-    if jax.process_count() > 1:
-      raise UserError('config.teacher.devices > 0 runs in one process only; set it to 0 for '
-                      'multi-process runs')
-    teacher_mesh = make_mesh([('data', -1)], devices=devices[-k:])
-    devices = devices[:-k]
+    devices, apart = split_devices(devices, k)
+    teacher_mesh = make_mesh([('data', -1)], devices=apart)
   axes = [tuple(axis) for axis in config.mesh]
   wanted = math.prod(size for _, size in axes)
   if wanted > 0 and wanted < len(devices) and jax.process_count() == 1:

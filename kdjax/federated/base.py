@@ -33,6 +33,11 @@ An algorithm is a :class:`FedAlgorithm`:
   states, for algorithms whose server *trains* on the clients' stored reports
   (FedD2S's server-side heads) and sends each client its own message. Only
   single-architecture runs call it (:mod:`kdjax.federated.groups` does not).
+* ``personal_logits(server_state, client_state, x) -> [B, C]`` (optional): a
+  client's scores for inputs ``x`` when its prediction is more than one model's
+  output (FedD2S's client head combined with the server's head on the client's
+  features). When set, the personalized evaluation and the clients' global-test
+  evaluation score its arg-max instead of ``personal``'s model.
 * ``has_global_model``: False for federated distillation algorithms without
   a server model (FD, FedMD, DS-FL); their "global accuracy" is then the mean
   accuracy of the client models on the global test set.
@@ -103,6 +108,7 @@ class FedAlgorithm(NamedTuple):
   group_keys: tuple[str, ...] = ()
   finetune: Callable[..., tuple[Any, Any]] | None = None
   server_distill: Callable[[ServerState, Any], tuple[ServerState, Any]] | None = None
+  personal_logits: Callable[[ServerState, Any, Any], Any] | None = None
 
 
 def global_model(server: ServerState, client_state: Any = None) -> tuple[Any, Any]:

@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.engine.config import base_config as engine_base_config
 from kdjax.engine.loop import Preemption
@@ -60,6 +61,7 @@ from kdjax.federated.algorithms import make_algorithm
 from kdjax.federated.config import validate
 from kdjax.federated.local import make_local_trainer
 from kdjax.models import from_config
+from kdjax.parallel import initialize_from_env
 
 
 def as_dict(d) -> dict:
@@ -108,6 +110,7 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
     ``partition``, ``labels`` and ``seed``.
   """
   validate(config)
+  initialize_from_env()   # a multi-process run (KDJAX_COORDINATOR, ...): before any device
   data_dir = config.data.data_dir or None
   train = kdata.load_arrays(config.data.name, 'train', data_dir=data_dir)
   test = kdata.load_arrays(config.data.name, 'test', data_dir=data_dir)
@@ -153,6 +156,10 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'test_x': jax.numpy.asarray(test['x']), 'test_label': jax.numpy.asarray(test['label']),
       'partition': part, 'labels': train['label'], 'seed': int(config.seed),
   }
+  mesh = _client_mesh(config)
+  if mesh:   # every array a call reads on the client mesh, whose devices may span processes
+    data_parts.update(sim.replicate({k: data_parts[k] for k in
+                                     ('train', 'test', 'test_x', 'test_label')}, mesh['mesh']))
   if config.get('client_models'):   # heterogeneous architectures (kdjax.federated.groups)
     return {**_setup_groups(config, num_classes=num_classes, input_shape=train['x'].shape[1:],
                             proxy_x=proxy_x), **data_parts}
@@ -171,7 +178,6 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   algorithm = build_algorithm(proxy_x, config.seed)
   chunk = config.get('clients_per_chunk') or None
-  mesh = _client_mesh(config)
   round_fn = sim.make_round(algorithm, num_clients=config.num_clients,
                             clients_per_round=config.clients_per_round,
                             sampling=config.get('sampling', 'uniform'),
@@ -193,8 +199,10 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _client_mesh(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """``make_round``'s ``mesh`` / ``client_axis`` from ``config.mesh`` (none when empty).
 
-  ``config.mesh`` is a one-axis mesh such as ``[('clients', -1)]`` (all devices):
-  each vmapped chunk of the cohort is sharded over that axis.
+  ``config.mesh`` is a one-axis mesh such as ``[('clients', -1)]`` (all devices, of
+  every process in a multi-process run): each vmapped chunk of the cohort is sharded
+  over that axis. Every process holds the whole packed data and state, replicated;
+  each device trains its own clients of the chunk.
   """
   axes = [tuple(a) for a in (config.get('mesh') or ())]
   if not axes:
@@ -305,14 +313,16 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
   has_checkpoints = workdir_lib.has_checkpoints(workdir)
   workdir = workdir_lib.prepare(workdir, config, has_results=has_checkpoints,
                                 ignore=RESUMABLE_FIELDS)
-  _write_partition(workdir, config, parts)
+  if jax.process_index() == 0:   # one writer in a multi-process run
+    _write_partition(workdir, config, parts)
   # Checkpoints are restored even when this run writes none (checkpoint_every=0).
   manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
   state = _initial_state(config, parts, manager, restore=has_checkpoints)
   writer = MetricsWriter(workdir, resume_step=int(state.round) or None, step_key='round')
   try:
     state, last_eval, rounds_per_sec = _run_rounds(config, parts, state, manager, writer,
-                                                   progress=progress and config.progress)
+                                                   progress=(progress and config.progress
+                                                             and jax.process_index() == 0))
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -332,18 +342,19 @@ def run_simulation(config: ml_collections.ConfigDict, workdir: str, *,
       'client_mesh': parts.get('client_mesh'),   # {axis: devices} when the cohort is sharded
       **last_eval,
   }
-  workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
-  if config.plots:
+  if jax.process_index() == 0:   # one writer in a multi-process run
+    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)
+  if config.plots and jax.process_index() == 0:
     _plot(workdir, writer.path, np.asarray(pc), np.asarray(pn))
   return summary
 
 
 def _write_partition(workdir: str, config, parts) -> None:
   part, labels = parts['partition'], parts['labels']
-  with open(os.path.join(workdir, 'partition.txt'), 'w') as f:
-    f.write(partition_lib.format_stats(part, labels) + '\n')
+  storage.write_text(storage.join(workdir, 'partition.txt'),
+                     partition_lib.format_stats(part, labels) + '\n')
   if config.plots:
-    partition_lib.plot_heatmap(part, labels, os.path.join(workdir, 'partition.png'))
+    partition_lib.plot_heatmap(part, labels, storage.join(workdir, 'partition.png'))
 
 
 def _initial_state(config, parts, manager, *, restore: bool) -> sim.SimState:
@@ -475,7 +486,7 @@ def _plot(workdir: str, metrics_path: str, pc, pn) -> None:
   ax.set_ylabel('accuracy')
   ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'accuracy.png'), dpi=100)
+  storage.savefig(fig, storage.join(workdir, 'accuracy.png'), dpi=100)
   plt.close(fig)
   has = pn > 0
   fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -483,5 +494,5 @@ def _plot(workdir: str, metrics_path: str, pc, pn) -> None:
   ax.set_xlabel('client accuracy on its local test split')
   ax.set_ylabel('clients')
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'clients.png'), dpi=100)
+  storage.savefig(fig, storage.join(workdir, 'clients.png'), dpi=100)
   plt.close(fig)

@@ -33,6 +33,7 @@ from kdjax.engine.step import tree_where
 from kdjax.errors import UserError
 from kdjax.federated import base
 from kdjax.federated.packing import ClientData
+from kdjax.parallel import replicate_global
 
 
 class SimState(NamedTuple):
@@ -313,11 +314,13 @@ def replicate(tree, mesh: jax.sharding.Mesh | None):
   """``tree`` copied once onto every device of ``mesh`` (unchanged without a mesh).
 
   Give a sharded :func:`make_round` its state and client data this way: arrays on
-  one device would be copied to every device again at each round.
+  one device would be copied to every device again at each round. The mesh may span
+  processes (``jax.distributed``): every process passes the same ``tree`` and places
+  the copies its own devices keep (:func:`kdjax.parallel.replicate_global`).
   """
   if mesh is None:
     return tree
-  return jax.device_put(tree, replicated(mesh))
+  return replicate_global(tree, mesh)
 
 
 def client_sharding(mesh: jax.sharding.Mesh, axis: str = 'clients'):
@@ -387,10 +390,11 @@ def cohort_pass(algorithm: base.FedAlgorithm, server, ids, state_ids, reported, 
 EVAL_EXAMPLES = 4096
 
 
-def _count_correct(apply_fn, params, model_state, x, label, batch: int):
+def _count_correct(apply_fn, params, model_state, x, label, batch: int, logits_fn=None):
   """``(correct, count)`` of one model on ``x`` in ``lax.map`` batches of ``batch``.
 
   ``label == -1`` marks padding; ``x`` is padded up to a multiple of ``batch``.
+  ``logits_fn(xb) -> [b, C]``, when given, scores the batches instead of the model.
   """
   n = x.shape[0]
   b = max(1, min(int(batch), n))
@@ -401,6 +405,8 @@ def _count_correct(apply_fn, params, model_state, x, label, batch: int):
 
   def one(args):
     xb, yb = args
+    if logits_fn is not None:
+      return accuracy(logits_fn(xb), yb, yb >= 0)
     out, _ = apply_fn(params, model_state, xb, train=False)
     return accuracy(out.logits, yb, yb >= 0)
 
@@ -435,7 +441,8 @@ def make_personal_evaluate(algorithm: base.FedAlgorithm, apply_fn: Callable[...,
   client's local test split.
 
   Each client evaluates ``algorithm.personal(server, its client state)`` (the
-  global model for non-personalized algorithms), or, for an algorithm with a
+  global model for non-personalized algorithms), or the arg-max of
+  ``algorithm.personal_logits`` where the algorithm sets it, or, for an algorithm with a
   ``finetune`` hook, ``algorithm.finetune(server, its client state, its row of
   train, key)`` with ``key = finetune_key(seed, state.round, client)``: every
   client (not only the last cohort) adapts the current server state on its own
@@ -446,12 +453,16 @@ def make_personal_evaluate(algorithm: base.FedAlgorithm, apply_fn: Callable[...,
   go through in batches of at most ``max_examples``.
   """
   tune = algorithm.finetune
+  scores = algorithm.personal_logits
 
   def one_client(server, cstate, x, label, batch, tdata, key):
-    if tune is None:
-      params, model_state = algorithm.personal(server, cstate)
-    else:
+    if tune is not None:
       params, model_state = tune(server, cstate, tdata, key)
+      return _count_correct(apply_fn, params, model_state, x, label, batch)
+    if scores is not None:
+      return _count_correct(apply_fn, None, None, x, label, batch,
+                            lambda xb: scores(server, cstate, xb))
+    params, model_state = algorithm.personal(server, cstate)
     return _count_correct(apply_fn, params, model_state, x, label, batch)
 
   def evaluate(state: SimState, test: ClientData, train: ClientData | None = None, seed=0):
@@ -492,7 +503,12 @@ def make_clients_global_evaluate(algorithm: base.FedAlgorithm,
   (``lax.map``), each over the set in batches of ``batch_size``.
   """
 
+  scores = algorithm.personal_logits
+
   def one_client(server, cstate, x, label):
+    if scores is not None:
+      return _count_correct(apply_fn, None, None, x, label, batch_size,
+                            lambda xb: scores(server, cstate, xb))
     params, model_state = algorithm.personal(server, cstate)
     return _count_correct(apply_fn, params, model_state, x, label, batch_size)
 

@@ -10,3 +10,6 @@ from kdjax.parallel.mesh import make_mesh
 from kdjax.parallel.mesh import path_str
 from kdjax.parallel.mesh import replicated
 from kdjax.parallel.mesh import shardings_from_rules
+from kdjax.parallel.multihost import put_rows
+from kdjax.parallel.multihost import replicate_global
+from kdjax.parallel.multihost import split_devices
