@@ -30,6 +30,14 @@ A server head ``g_s`` is a linear classifier on the (pooled) stage-``s``
 features, one per stage. A client distils once the head of its cut has
 been trained (round 1 on).
 
+*Prediction.* A client's own model only distils toward the server head on
+its own training examples, where the head is less accurate than the labels
+the client already fits; what the head learned from the other clients
+reaches new inputs only through :func:`ensemble_logits` (the client's
+log-probabilities plus the head's on its own representation; FedGKT's
+inference with the personal head kept), evaluated by
+:func:`make_ensemble_evaluate` (docs/fed_baselines.md, "Update 2").
+
 ``'class_table'`` (kdjax's earlier data-free reading, kept for
 heterogeneous architectures). Clients upload per-class sums of their logits
 and counts; the server fuses, per client ``k``, the other clients' tables
@@ -71,6 +79,7 @@ architecture (``heterogeneous=False``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -81,12 +90,9 @@ import optax
 from kdjax.federated import base
 from kdjax.federated import public
 from kdjax.federated.fd import class_table_kd
-from kdjax.engine.step import init_train_state
-from kdjax.engine.step import make_train_step
 from kdjax.errors import UserError
 from kdjax.federated.local import LocalTrainer
 from kdjax.federated.local import epoch_orders
-from kdjax.losses import build_objective
 from kdjax.losses import kd
 
 # Layer lists whose ``i``-th entry is the ``(i + 1)``-th layer of a kdjax model.
@@ -283,7 +289,8 @@ def _check_schedule(drop_every, min_depth) -> None:
 def fedd2s(trainer: LocalTrainer, *, num_classes: int, knowledge: str = 'class_table',
            beta: float = 1.0, temperature: float = 1.0, gamma: float = 5.0,
            drop_every: int = 5, min_depth: int = 1, reps_per_client: int = 64,
-           head_steps: int = 20, head_lr: float = 0.01) -> base.FedAlgorithm:
+           head_steps: int = 20, head_lr: float = 0.01,
+           predict: str = 'ensemble') -> base.FedAlgorithm:
   """FedD2S with deep-to-shallow layer dropping (see the module docstring).
 
   Args:
@@ -302,6 +309,12 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, knowledge: str = 'class_t
     reps_per_client: ``'heads'``: examples per report.
     head_steps: ``'heads'``: server Adam steps per round on each head.
     head_lr: ``'heads'``: the server heads' Adam learning rate.
+    predict: ``'heads'``: a client's prediction, ``'ensemble'`` (the default: its
+      model's log-probabilities plus the server head's on its own features,
+      :func:`ensemble_logits`; the server's knowledge reaches the prediction) or
+      ``'own'`` (its model alone: it only distils toward the heads on its own
+      training examples, which does not beat local training;
+      docs/fed_baselines.md).
 
   Returns:
     A :class:`~kdjax.federated.base.FedAlgorithm` without a global model.
@@ -337,11 +350,12 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, knowledge: str = 'class_t
   if knowledge != 'heads':
     raise UserError(f"fedd2s knowledge must be 'heads' or 'class_table', got {knowledge!r}; "
                     'set algorithm_options.knowledge.')
+  if predict not in ('ensemble', 'own'):
+    raise UserError(f"fedd2s predict must be 'ensemble' or 'own', got {predict!r}; "
+                    'set algorithm_options.predict.')
   _check_schedule(drop_every, min_depth)
   c, m = int(num_classes), int(reps_per_client)
   apply = trainer.apply
-  tx = optax.sgd(trainer.lr, trainer.momentum if trainer.momentum else None)
-  objective = build_objective({'ce': {}})
   head_tx = optax.adam(float(head_lr))
 
   def init(params, model_state, num_clients):
@@ -377,15 +391,15 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, knowledge: str = 'class_t
     soft = soft_labels(server.extra['w'][stage], server.extra['b'][stage], reps)
     distil = server.extra['trained'][stage]
 
-    def aux(out, batch):
+    def loss_extra(out, batch):
       where = jnp.logical_and(batch['mask'], distil)
       per = kd(out.logits, batch['soft'], temperature=temperature, where=where)
       w = where.astype(jnp.float32)
       return beta * jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
 
-    params, model_state, metrics = _train_with_targets(
-        apply, objective, tx, p, ms, {'x': x, 'label': label, 'mask': mask, 'soft': soft}, rng,
-        batch_size=trainer.batch_size, epochs=trainer.epochs, aux=aux, aux_mask=grad_mask)
+    res = trainer.train(p, ms, data, rng, batch_extra={'soft': soft}, loss_extra=loss_extra,
+                        batch_loss_mask=grad_mask)
+    params, model_state, metrics = res.params, res.model_state, res.metrics
     # The report: `m` examples (real ones first, in a seeded order).
     order = epoch_orders(jax.random.fold_in(rng, 7), mask, 1)[0]
     idx = order[:min(m, order.shape[0])]
@@ -427,8 +441,86 @@ def fedd2s(trainer: LocalTrainer, *, num_classes: int, knowledge: str = 'class_t
     # The head of the client's cut.
     return (server.extra['w'][0], server.extra['b'][0])
 
+  scores = None
+  if predict == 'ensemble':
+    scores = functools.partial(_ensemble_scores, trainer.apply, drop_every=drop_every,
+                               min_depth=min_depth)
   return base.FedAlgorithm('fedd2s', init, client_update, server_update, public.own_model,
-                           download, has_global_model=False, server_distill=server_distill)
+                           download, has_global_model=False, server_distill=server_distill,
+                           personal_logits=scores)
+
+
+def _ensemble_scores(apply, server, client_state, x, *, drop_every, min_depth):
+  return ensemble_logits(apply, server, client_state, x, drop_every=drop_every,
+                         min_depth=min_depth)
+
+
+def ensemble_logits(apply, server: base.ServerState, client_state, x, *, drop_every: int = 5,
+                    min_depth: int = 1) -> jax.Array:
+  """A ``'heads'`` client's prediction with the server's knowledge: its own log-probabilities
+  plus those of the server head on its own representation at the cut.
+
+  ``log softmax(z(x)) + log softmax(g_s(h_s(x)))`` (a product of the two experts), ``s`` the
+  cut of the round that last ran (the head :func:`fedd2s` trained last); only the client's
+  term while that head is untrained. The client's own model alone never sees what the server
+  head learned from the other clients (it only distils toward the head on its own training
+  examples); this prediction is FedGKT's inference — the server model on the client's
+  features — with the client's personal head kept as the second expert
+  (docs/fed_baselines.md measures both).
+
+  Args:
+    apply: the client model's functional apply.
+    server: the ``'heads'`` server state (``extra``: ``round``, ``w``, ``b``, ``trained``).
+    client_state: one client's state (``params``, ``model_state``).
+    x: ``[B, ...]`` inputs.
+    drop_every: the algorithm's ``drop_every``.
+    min_depth: the algorithm's ``min_depth``.
+
+  Returns:
+    ``[B, C]`` float32 scores (their arg-max is the prediction).
+
+  References:
+    He, Annavaram & Avestimehr, "Group Knowledge Transfer: Federated Learning of Large
+    CNNs at the Edge", NeurIPS 2020 (inference by the server model on client features).
+
+  >>> from kdjax.models import create, functional
+  >>> from kdjax.federated.local import make_local_trainer
+  >>> apply, params, state = functional(create('mlp', num_classes=3, input_shape=(4,), hidden=(8, 6)))
+  >>> alg = fedd2s(make_local_trainer(apply, batch_size=2), num_classes=3, knowledge='heads')
+  >>> server, clients = alg.init(params, state, 2)
+  >>> ensemble_logits(apply, server, jax.tree.map(lambda a: a[0], clients), jnp.ones((5, 4))).shape
+  (5, 3)
+  """
+  ex = server.extra
+  depth, width = ex['w'].shape[0] + 1, ex['w'].shape[1]
+  stage = current_stage(kd_depth(jnp.maximum(ex['round'] - 1, 0), depth, drop_every=drop_every,
+                                 min_depth=min_depth), depth)
+  out = apply(client_state['params'], client_state['model_state'], x, train=False)[0]
+  own = jax.nn.log_softmax(out.logits.astype(jnp.float32))
+  reps = stage_features(out.features, depth - 1, width)[stage]
+  q = jax.nn.log_softmax(soft_labels(ex['w'][stage], ex['b'][stage], reps))
+  return own + jnp.where(ex['trained'][stage], q, 0.0)
+
+
+def make_ensemble_evaluate(apply, *, drop_every: int = 5, min_depth: int = 1):
+  """``evaluate(state, test) -> (correct [N], count [N])``, jitted: every client's
+  :func:`ensemble_logits` on its own local test split (``label == -1`` is padding).
+
+  ``state`` is a :class:`~kdjax.federated.simulator.SimState` of :func:`fedd2s` with
+  ``knowledge='heads'``; ``test`` the packed local test splits. Feed the counts to
+  :func:`kdjax.federated.simulator.personalized_summary`.
+  """
+  def one(server, cstate, x, label):
+    pred = jnp.argmax(ensemble_logits(apply, server, cstate, x, drop_every=drop_every,
+                                      min_depth=min_depth), -1)
+    valid = label >= 0
+    return jnp.sum(jnp.logical_and(pred == label, valid)), jnp.sum(valid)
+
+  def evaluate(state, test):
+    clients = {'params': state.clients['params'], 'model_state': state.clients['model_state']}
+    return jax.lax.map(lambda a: one(state.server, *a), (clients, test.x, test.label))
+
+  return jax.jit(evaluate)
 
 
 def current_stage(d, depth: int):
@@ -502,23 +594,3 @@ def train_server_head(w, b, reps, logits, labels, where, *, tx, steps: int,
 
   (p, _), _ = jax.lax.scan(body, ((w, b), tx.init((w, b))), None, length=int(steps))
   return p
-
-
-def _train_with_targets(apply, objective, tx, params, model_state, data, rng, *,
-                        batch_size: int, epochs: int, aux, aux_mask):
-  """Local training as :mod:`kdjax.federated.local` does it, with per-example targets in
-  the batch (``data['soft']``), which :class:`~kdjax.federated.local.LocalTrainer` does
-  not carry: the same orders, masked steps and keys."""
-  mask = data['mask']
-  nb = mask.shape[0] // batch_size
-  order = epoch_orders(jax.random.fold_in(rng, 0), mask, epochs).reshape(epochs * nb,
-                                                                         batch_size)
-  step = make_train_step(apply, objective, tx, aux_loss=aux, aux_grad_mask=aux_mask,
-                         skip_empty=True, nonfinite='ignore')
-  loss_params, loss_state = objective.init(jax.random.key(0), {})
-  state = init_train_state(params, model_state, tx, rng=jax.random.fold_in(rng, 1),
-                           loss_params=loss_params, loss_state=loss_state)
-  state, metrics = jax.lax.scan(
-      lambda st, idx: step(st, jax.tree.map(lambda a: a[idx], data)), state, order)
-  summed = {k: jax.tree.map(jnp.sum, metrics[k]) for k in ('loss', 'accuracy')}
-  return state.params['student'], state.model_state, summed

@@ -48,18 +48,23 @@ class LocalResult(NamedTuple):
 
 
 class LocalTrainer(NamedTuple):
-  """``train(params, model_state, data, rng, *, penalty=None, correction=None)``.
+  """``train(params, model_state, data, rng, *, penalty=None, correction=None,
+  batch_loss=None, batch_loss_mask=None, batch_extra=None, loss_extra=None)``.
 
   ``data`` is one client's ``(x [E, ...], label [E], mask [E], count)``
   (a :class:`~kdjax.federated.packing.ClientData` row). ``penalty(params)``
   is added to the loss; ``batch_loss(logits, labels, mask) -> scalar`` too
-  (FD's distillation toward per-class logits); ``batch_loss_mask`` (a
-  params-shaped pytree of scalars, FedD2S's layer dropping) scales the
-  gradient of ``batch_loss`` leafwise, so that leaves with mask 0 are trained
-  by the main loss only; ``correction`` (a
-  params-shaped pytree) is added to every gradient. ``lr``, ``momentum``, ``batch_size`` and ``epochs`` are the
-  settings it was built with (algorithms such as SCAFFOLD and FedNova need
-  them).
+  (FD's distillation toward per-class logits). ``batch_extra`` is a dict of
+  per-example arrays ``[E, ...]`` (FedD2S's per-example soft labels): each
+  step's batch holds the rows of its examples under the same keys, next to
+  ``x``, ``label`` and ``mask``, and ``loss_extra(output, batch) -> scalar``
+  (the model's :class:`~kdjax.models.ModelOutput` and that batch) is added to
+  the loss. ``batch_loss_mask`` (a params-shaped pytree of scalars, FedD2S's
+  layer dropping) scales the gradient of ``batch_loss`` and ``loss_extra``
+  leafwise, so that leaves with mask 0 are trained by the main loss only;
+  ``correction`` (a params-shaped pytree) is added to every gradient. ``lr``,
+  ``momentum``, ``batch_size`` and ``epochs`` are the settings it was built
+  with (algorithms such as SCAFFOLD and FedNova need them).
   """
 
   train: Callable[..., LocalResult]
@@ -136,7 +141,8 @@ def make_local_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs:
   batch_size, epochs = int(batch_size), int(epochs)
 
   def train(params, model_state, data, rng, *, penalty=None, correction=None,
-            batch_loss=None, batch_loss_mask=None) -> LocalResult:
+            batch_loss=None, batch_loss_mask=None, batch_extra=None,
+            loss_extra=None) -> LocalResult:
     x, label, mask = data[0], data[1], data[2]
     e = mask.shape[0]
     if e % batch_size:
@@ -146,21 +152,41 @@ def make_local_trainer(apply_fn: Callable[..., Any], *, batch_size: int, epochs:
     order = epoch_orders(jax.random.fold_in(rng, 0), mask, epochs).reshape(
         epochs * nb, batch_size)
     opt = tx if correction is None else optax.chain(add_to_student(correction), tx)
-    aux = None if batch_loss is None else (
-        lambda out, batch: batch_loss(out.logits, batch['label'], batch['mask']))
+    aux = _aux_loss(batch_loss, loss_extra)
     step = make_train_step(apply_fn, objective, opt, penalty=penalty, aux_loss=aux,
                            aux_grad_mask=batch_loss_mask, skip_empty=True, nonfinite='ignore')
     state = init_train_state(params, model_state, opt, rng=jax.random.fold_in(rng, 1),
                              loss_params=obj_params, loss_state=obj_state)
 
+    clash = {'x', 'label', 'mask'} & set(batch_extra or {})
+    if clash:
+      raise ValueError(f'batch_extra may not use the batch keys {sorted(clash)}')
+    columns = dict(batch_extra or {}, x=x, label=label, mask=mask)
+
     def body(state, idx):
-      return step(state, {'x': x[idx], 'label': label[idx], 'mask': mask[idx]})
+      return step(state, {k: v[idx] for k, v in columns.items()})
 
     state, metrics = jax.lax.scan(body, state, order)
     summed = {k: jax.tree.map(jnp.sum, metrics[k]) for k in ('loss', 'accuracy')}
     return LocalResult(state.params['student'], state.model_state, state.step, summed)
 
   return LocalTrainer(train, apply_fn, float(lr), float(momentum), batch_size, epochs)
+
+
+def _aux_loss(batch_loss, loss_extra):
+  """The step's ``aux_loss(output, batch)``: ``batch_loss`` on the logits plus
+  ``loss_extra`` (either may be None; None when both are)."""
+  if batch_loss is None and loss_extra is None:
+    return None
+
+  def aux(out, batch):
+    terms = []
+    if batch_loss is not None:
+      terms.append(batch_loss(out.logits, batch['label'], batch['mask']))
+    if loss_extra is not None:
+      terms.append(loss_extra(out, batch))
+    return sum(terms[1:], terms[0])
+  return aux
 
 
 def add_to_student(correction) -> optax.GradientTransformation:

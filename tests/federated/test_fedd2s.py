@@ -6,7 +6,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from kdjax.errors import UserError
 from kdjax.federated import packing
 from kdjax.federated import partition
 from kdjax.federated import simulator as sim
@@ -250,22 +252,39 @@ def test_server_head_soft_labels_match_numpy_reference():
   assert all(not np.allclose(q[0, i], q[0, j]) for i, j in same)
 
 
-def test_fedd2s_heads_rounds_train_the_head_and_distil_per_example():
-  from kdjax.federated.fedd2s import current_stage
-  rng = np.random.default_rng(0)
+BETA = 1.5
+
+
+@functools.lru_cache(maxsize=None)
+def _heads_run():
+  """Three rounds of FedD2S (heads, drop_every=1: cuts at stage indices 1, 1, 0), the
+  states before and after each round and its cohort; shared by the tests below."""
+  rng = np.random.default_rng(4)
   y = rng.integers(0, C, 72).astype(np.int32)
   x = (np.eye(C, 5)[y] * 2 + rng.normal(size=(72, 5))).astype(np.float32)
-  part = partition.dirichlet(y, N, 1.0, min_size=4, seed=0)
+  part = partition.dirichlet(y, N, 1.0, min_size=4, seed=0, test_fraction=0.25)
   train = jax.tree.map(jnp.asarray, packing.pack(x, y, part.train, multiple=B))
+  test = jax.tree.map(jnp.asarray, packing.pack(x, y, part.test, multiple=B))
   apply, params, state = functional(create('mlp', num_classes=C, input_shape=(5,),
                                            hidden=(6, 4), seed=1))
-  alg = fedd2s(make_local_trainer(apply, batch_size=B, lr=0.1), num_classes=C,
-               knowledge='heads', reps_per_client=8, drop_every=1, head_steps=3)
+  trainer = make_local_trainer(apply, batch_size=B, lr=0.2, epochs=2)
+  alg = fedd2s(trainer, num_classes=C, knowledge='heads', beta=BETA, drop_every=1,
+               head_steps=5, head_lr=0.1, reps_per_client=8)
   assert not alg.heterogeneous and alg.server_distill is not None
   rf = sim.make_round(alg, num_clients=N, clients_per_round=K, seed=0)
   st = sim.init_state(alg, params, state, N)
-  st, info = rf(st, train)
-  cohort = np.asarray(info['cohort'])
+  hist = []
+  for _ in range(3):
+    before = st
+    st, info = rf(st, train)
+    hist.append((before, st, np.asarray(info['cohort'])))
+  return apply, state, trainer, train, test, hist
+
+
+def test_fedd2s_heads_rounds_train_the_head_and_distil_per_example():
+  from kdjax.federated.fedd2s import current_stage
+  _, _, _, train, _, hist = _heads_run()
+  _, st, cohort = hist[0]
   # Round 0 cut: d = D = 3, the stage entering the head (index 1); its head is trained.
   assert int(current_stage(3, 3)) == 1
   assert np.asarray(st.server.extra['trained']).tolist() == [False, True]
@@ -275,6 +294,96 @@ def test_fedd2s_heads_rounds_train_the_head_and_distil_per_example():
   counts = np.asarray(train.count)
   for k in cohort:   # a report of min(count, 8) real examples
     assert (lab[k] >= 0).sum() == min(int(counts[k]), 8)
-  st, _ = rf(st, train)   # round 1: d = 2, cut at stage index 1 still (min(d, D - 1))
-  st, _ = rf(st, train)   # round 2: d = 1, cut at stage index 0
-  assert np.asarray(st.server.extra['trained']).tolist() == [True, True]
+  # Round 1: d = 2, cut at stage index 1 still (min(d, D - 1)); round 2: d = 1, index 0.
+  assert np.asarray(hist[2][1].server.extra['trained']).tolist() == [True, True]
+
+
+def test_fedd2s_heads_local_loop_is_the_shared_trainer():
+  """A FedD2S client trains through LocalTrainer.train: in round 0 (no trained head) it is
+  plain local training; in round 1 it is trainer.train with beta * KD toward the stage-2
+  head's soft labels of its own examples (written here), its gradient kept to depth <= 2."""
+  apply, state, trainer, train, _, hist = _heads_run()
+  depths = layer_depths(hist[0][0].server.params)
+  mask = jax.tree.map(lambda d: jnp.float32(d <= 2), depths)   # d(1) = D - 1 = 2
+
+  def kd_term(out, batch):
+    w = batch['mask'].astype(jnp.float32) * batch['on']
+    return BETA * jnp.sum(_kd_np(out.logits, batch['q']) * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  reference = jax.jit(lambda p, d, k, q, on: trainer.train(
+      p, state, d, k, batch_extra={'q': q, 'on': on}, loss_extra=kd_term, batch_loss_mask=mask))
+  stage2 = jax.jit(lambda p, xx: apply(p, state, xx, train=False)[0].features['stage2'])
+  for r in (0, 1):
+    before, after, cohort = hist[r]
+    ex = before.server.extra
+    assert bool(ex['trained'][1]) == (r == 1)
+    for cid in cohort.tolist():
+      p = jax.tree.map(lambda a: a[cid], before.clients['params'])
+      xs = train.x[cid]
+      feats = np.asarray(stage2(p, xs))                                 # [E, 4]
+      q = feats @ np.asarray(ex['w'][1])[:4] + np.asarray(ex['b'][1])   # stage 2 padded to 6
+      on = jnp.full(xs.shape[:1], float(r == 1))
+      want = reference(p, (xs, train.label[cid], train.mask[cid], train.count[cid]),
+                       sim.client_key(sim.round_key(0, r), cid), jnp.asarray(q), on)
+      got = jax.tree.map(lambda a: a[cid], after.clients['params'])
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_ensemble_prediction_adds_the_server_head_on_the_clients_own_features():
+  from kdjax.federated.fedd2s import ensemble_logits
+  from kdjax.federated.fedd2s import make_ensemble_evaluate
+  apply, state, _, _, test, hist = _heads_run()
+  ens = jax.jit(jax.vmap(functools.partial(ensemble_logits, apply, drop_every=1),
+                         in_axes=(None, 0, 0)))
+  fwd = jax.jit(jax.vmap(lambda p, xx: apply(p, state, xx)[0]))
+  lsm = lambda a: a - a.max(-1, keepdims=True) - np.log(
+      np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  st = hist[0][0]            # before round 0: no trained head, the client's own log-probabilities
+  np.testing.assert_allclose(ens(st.server, st.clients, test.x),
+                             lsm(np.asarray(fwd(st.clients['params'], test.x).logits)), atol=1e-5)
+  st = hist[2][1]            # after round 2, which cut at stage index 0 (d = 1)
+  ex = st.server.extra
+  assert bool(ex['trained'][0])
+  out = fwd(st.clients['params'], test.x)
+  h = np.asarray(out.features['stage1'])                                  # [N, E, 6]
+  want = lsm(np.asarray(out.logits)) + lsm(h @ np.asarray(ex['w'][0]) + np.asarray(ex['b'][0]))
+  np.testing.assert_allclose(ens(st.server, st.clients, test.x), want, atol=1e-4)
+  correct, count = make_ensemble_evaluate(apply, drop_every=1)(st, test)
+  lab = np.asarray(test.label)
+  np.testing.assert_array_equal(np.asarray(correct),
+                                ((want.argmax(-1) == lab) & (lab >= 0)).sum(1))
+  np.testing.assert_array_equal(np.asarray(count), (lab >= 0).sum(1))
+  # The server head changes the prediction of some test example (it is not a no-op).
+  assert (want.argmax(-1) != np.asarray(out.logits).argmax(-1))[lab >= 0].any()
+
+
+def test_the_simulators_personal_evaluation_scores_the_ensemble_unless_predict_own():
+  """``predict='ensemble'`` (the default) sets ``personal_logits``: the simulator's
+  personalized and clients-on-global-test evaluations score :func:`ensemble_logits`;
+  ``predict='own'`` scores each client's model alone."""
+  from kdjax.federated.fedd2s import make_ensemble_evaluate
+  apply, state, trainer, _, test, hist = _heads_run()
+  st = hist[2][1]
+  lab = np.asarray(test.label)
+  kw = dict(num_classes=C, knowledge='heads', beta=BETA, drop_every=1, head_steps=5,
+            head_lr=0.1, reps_per_client=8)
+  ens = fedd2s(trainer, **kw)
+  own = fedd2s(trainer, **kw, predict='own')
+  assert ens.personal_logits is not None and own.personal_logits is None
+  want, _ = make_ensemble_evaluate(apply, drop_every=1)(st, test)
+  got, count = sim.make_personal_evaluate(ens, apply)(st, test)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  fwd = jax.vmap(lambda p, xx: apply(p, state, xx)[0].logits)
+  alone = ((np.asarray(fwd(st.clients['params'], test.x)).argmax(-1) == lab) & (lab >= 0)).sum(1)
+  np.testing.assert_array_equal(np.asarray(sim.make_personal_evaluate(own, apply)(st, test)[0]),
+                                alone)
+  assert (alone != np.asarray(want)).any()   # the two predictions differ on this run
+  # The clients on one shared set (the global test): the same scores, client by client.
+  x, y = test.x.reshape(-1, *test.x.shape[2:]), test.label.reshape(-1)
+  glob, _ = sim.make_clients_global_evaluate(ens, apply)(st, x, y)
+  scores = np.asarray(jax.vmap(lambda cs: ens.personal_logits(st.server, cs, x))(st.clients))
+  np.testing.assert_array_equal(np.asarray(glob),
+                                ((scores.argmax(-1) == np.asarray(y)) & (np.asarray(y) >= 0)).sum(1))
+  with pytest.raises(UserError, match='predict'):
+    fedd2s(trainer, **kw, predict='both')
