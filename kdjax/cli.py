@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from kdjax.errors import Diverged
@@ -85,8 +84,8 @@ def _search_main(args, overrides) -> int:
     print(f"{r['rank']:>2}  {r['candidate']:<16} score {r['score']:+.4f}  semantic "
           f"{r['semantic']:+.4f}  relational {r['relational']:+.4f}  {r['params']} params")
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=2)
+    from kdjax import storage
+    storage.write_text(args.json, json.dumps(rows, indent=2))
   return 0
 
 
@@ -179,13 +178,14 @@ _INSPECT_KEYS = {
 
 def _cache_main(args, overrides) -> int:
   import kdjax.cache as kcache
+  from kdjax import storage
   if args.cache_command == 'build':
     from kdjax.config import load_config
     config = load_config(args.config, overrides)
     manifest = _guard_data(lambda: kcache.build_cache(
         config, args.workdir, mode=args.mode, epochs=args.epochs, k=args.k, dtype=args.dtype,
         codec=args.codec, features=args.features, chunk_size=args.chunk_size))
-    print(json.dumps({'cache': os.path.abspath(args.workdir), 'chunks': len(manifest['chunks']),
+    print(json.dumps({'cache': storage.abspath(args.workdir), 'chunks': len(manifest['chunks']),
                       'content_checksum': manifest['content_checksum']}))
     return 0
   if overrides:
@@ -227,9 +227,10 @@ def _fed_main(args, overrides) -> int:
   from kdjax.federated.run import run_simulation
   config = load_config(args.config, overrides)
   if args.fed_command == 'sweep':
+    from kdjax import storage
     from kdjax.federated.sweep import run_sweep
     rows = _guard_data(lambda: run_sweep(config, args.workdir, progress=not args.no_progress))
-    print(json.dumps({'cells': len(rows), 'workdir': os.path.abspath(args.workdir)}))
+    print(json.dumps({'cells': len(rows), 'workdir': storage.abspath(args.workdir)}))
     return 0
   summary = _guard_data(lambda: run_simulation(config, args.workdir,
                                                progress=not args.no_progress))

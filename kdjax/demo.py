@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from kdjax import storage
+from kdjax import workdir as workdir_lib
 from kdjax.config import load_config
 from kdjax.errors import UserError
 
@@ -44,7 +46,8 @@ def run_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()) -
 
   Args:
     workdir: one subdirectory per run (``teacher/seed0``, ...); a rerun resumes each run
-      from its checkpoints, so a finished one is only evaluated again.
+      from its checkpoints, so a finished one is only evaluated again. A local path or a
+      bucket URL (``gs://bucket/demo``, ``docs/object_storage.md``).
     seeds: seeds per kind of run.
     variant: a config variant added to every run's (``'tiny'``).
     overrides: ``(dotted key, value)`` pairs applied to every run's config
@@ -57,8 +60,7 @@ def run_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()) -
   if fixed:
     raise UserError(f'the demo sets {", ".join(fixed)} in every run itself; '
                     f'drop --config.{fixed[0]}')
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.create(workdir_lib.resolve(workdir))
   results: dict[str, dict] = {}
   t_demo = time.time()
   for key, file, run_variant, needs_teacher in RUNS:
@@ -70,8 +72,8 @@ def run_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()) -
       config.seed = seed
       config.progress = False
       if needs_teacher:
-        config.teacher.workdir = os.path.join(workdir, 'teacher', f'seed{seed}')
-      run_dir = os.path.join(workdir, key, f'seed{seed}')
+        config.teacher.workdir = storage.join(workdir, 'teacher', f'seed{seed}')
+      run_dir = storage.join(workdir, key, f'seed{seed}')
       print(f'[demo] {key} seed {seed} -> {run_dir}', flush=True)
       summary = train_and_evaluate(config, run_dir)
       runs.append(summary)
@@ -93,13 +95,12 @@ def run_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()) -
 
 def write_results(workdir: str, results: dict, table, plot) -> dict:
   """Writes ``results.json`` and the plot ``results.png`` (``plot(results, path)``) into
-  ``workdir`` and prints ``table(results)``; returns ``results``."""
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  ``workdir`` (a local path or a URL) and prints ``table(results)``; returns ``results``."""
+  path = storage.join(workdir, 'results.json')
+  storage.write_text(path, json.dumps(results, indent=2))
   print(table(results))
-  plot(results, os.path.join(workdir, 'results.png'))
-  print(f'[demo] results: {os.path.join(workdir, "results.json")}, plot: '
-        f'{os.path.join(workdir, "results.png")}')
+  plot(results, storage.join(workdir, 'results.png'))
+  print(f'[demo] results: {path}, plot: {storage.join(workdir, "results.png")}')
   return results
 
 
@@ -136,5 +137,5 @@ def _plot(results: dict, path: str) -> None:
   ax.set_ylim(min(means) - 15, 100)
   ax.set_title(f"kdjax demo ({results['_meta']['seeds']} seeds)")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.savefig(fig, path, dpi=100)
   plt.close(fig)

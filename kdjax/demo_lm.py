@@ -44,6 +44,7 @@ import time
 
 import numpy as np
 
+from kdjax import storage
 from kdjax.config import load_config
 from kdjax.demo import DEMO_SETS
 from kdjax.demo import configs_dir
@@ -108,13 +109,12 @@ def run_lm_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()
   if fixed:
     raise UserError(f'the demo sets {", ".join(fixed)} in every run itself; '
                     f'drop --config.{fixed[0]}')
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.create(workdir_lib.resolve(workdir))
   t_demo = time.time()
   summaries: dict[str, list[dict]] = {}
   run_dirs: dict[str, list[str]] = {}
 
-  teacher_dir = os.path.join(workdir, 'teacher')
+  teacher_dir = storage.join(workdir, 'teacher')
   print(f'[demo] teacher -> {teacher_dir}', flush=True)
   teacher_config = _config('lm/teacher.py', variant, overrides, 0)
   summaries['teacher'] = [train_and_evaluate(teacher_config, teacher_dir)]
@@ -122,7 +122,7 @@ def run_lm_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()
 
   cache_dirs, cache_seconds = {}, {}
   for name, (file, cache_variant) in CACHES.items():
-    cache_dirs[name] = os.path.join(workdir, f'cache_{name}')
+    cache_dirs[name] = storage.join(workdir, f'cache_{name}')
     config = _config(file, ','.join(filter(None, (cache_variant, variant))), overrides, 0)
     config.teacher.workdir = teacher_dir
     # The teacher runs forward only: larger batches than training's (the runs reading a
@@ -156,7 +156,7 @@ def run_lm_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()
         config.teacher.cache = cache_dirs[uses]
         if key in SCORED:     # the teacher that generated the rows scores them
           config.teacher.workdir = teacher_dir
-      run_dir = os.path.join(workdir, key, f'seed{seed}')
+      run_dir = storage.join(workdir, key, f'seed{seed}')
       print(f'[demo] {key} seed {seed} -> {run_dir}', flush=True)
       summaries[key].append(train_and_evaluate(config, run_dir))
       run_dirs[key].append(run_dir)
@@ -169,7 +169,7 @@ def run_lm_demo(workdir: str, *, seeds: int = 3, variant: str = '', overrides=()
     ppl = np.asarray([r['perplexity'] for r in s], np.float64)
     agree = np.asarray([r['agreement'] for r in s], np.float64)
     bpc = np.asarray([r['bits_per_char'] for r in s], np.float64)
-    config = json.load(open(os.path.join(run_dirs[key][0], 'config.json')))
+    config = workdir_lib.read_config(run_dirs[key][0])
     results[key] = {
         'perplexity_mean': float(ppl.mean()),
         'perplexity_std': float(ppl.std(ddof=1)) if len(ppl) > 1 else 0.0,
@@ -319,5 +319,5 @@ def _plot(results: dict, path: str) -> None:
     ax.set_ylim(lo * 0.9 if field == 'perplexity_mean' else 0, max(means) * 1.05)
   fig.suptitle(f"kdjax LM demo: {results['_meta']['data']}, {results['_meta']['seeds']} seeds")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.savefig(fig, path, dpi=100)
   plt.close(fig)

@@ -87,6 +87,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import teacher as teacher_lib
 from kdjax import workdir as workdir_lib
 from kdjax.engine import Feed
@@ -940,6 +941,5 @@ def format_plan(p: Plan) -> str:
 
 
 def write_json(p: Plan, path: str) -> None:
-  """Writes :meth:`Plan.to_json` to ``path``."""
-  with open(path, 'w') as f:
-    json.dump(p.to_json(), f, indent=2, default=float)
+  """Writes :meth:`Plan.to_json` to ``path`` (a local path or a URL, ``gs://...``)."""
+  storage.write_text(path, json.dumps(p.to_json(), indent=2, default=float))

@@ -86,6 +86,19 @@ def check_creatable(workdir: str) -> None:
                     'writable); pick another --workdir')
 
 
+def resolve(workdir: str) -> str:
+  """The absolute ``workdir`` (a URL unchanged), after :func:`check_creatable`: what a
+  run calls first, so that a workdir it cannot write is refused before anything is.
+
+  >>> import tempfile
+  >>> d = tempfile.mkdtemp()
+  >>> resolve(f'{d}/a/../run') == f'{d}/run'
+  True
+  """
+  check_creatable(workdir)
+  return storage.abspath(workdir)
+
+
 # --------------------------------------------------------------------------- JSON
 
 def json_ready(obj: Any) -> Any:

@@ -57,7 +57,6 @@ References:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -65,6 +64,7 @@ import jax
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import teacher as teacher_lib
 from kdjax import workdir as workdir_lib
 from kdjax.distill.encoder_cache import build_embedding_cache
@@ -129,7 +129,7 @@ def prepare_run(config, *, log: Callable[[str], None] = _log) -> EncoderRun:
   live = enc.teacher == 'live'
   cache = None
   if not live:
-    cache_dir = os.path.abspath(enc.cache)
+    cache_dir = storage.abspath(enc.cache)
     build_embedding_cache(config, cache_dir, teacher=teacher)
     cache = open_embedding_cache(cache_dir, config.data.train_split,
                                  teacher_fingerprint=teacher.fingerprint)
@@ -210,8 +210,7 @@ def distill_encoder(config, workdir: str) -> dict[str, Any]:
       workdir).
     Diverged: a non-finite loss or gradient norm.
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   check_config(config)
   enc_run = prepare_run(config)
   run = enc_run.setup
@@ -220,7 +219,7 @@ def distill_encoder(config, workdir: str) -> dict[str, Any]:
                       identity=IDENTITY_FIELDS + IDENTITY)
   manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
   position: dict = {}
-  init_path = os.path.join(workdir, INIT_EVAL)
+  init_path = storage.join(workdir, INIT_EVAL)
   if start is None:
     state = enc_run.init()
     initial = enc_run.evaluate(state)
@@ -230,7 +229,7 @@ def distill_encoder(config, workdir: str) -> dict[str, Any]:
     state, position = workdir_lib.restore(manager, start, run.abstract_state)
     run.feed.restore(position)
     initial = (workdir_lib.read_json(init_path, what='initial evaluation')
-               if os.path.exists(init_path) else None)
+               if storage.exists(init_path) else None)
     _log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
   fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
                schedule=run.schedule, calls=run.calls, feed=run.feed,
@@ -245,7 +244,7 @@ def distill_encoder(config, workdir: str) -> dict[str, Any]:
       'teacher_path': str(enc_run.teacher.config.hf_path),
       'teacher_fingerprint': enc_run.teacher.fingerprint, 'eval_lines': enc_run.eval_lines,
   }
-  workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
+  workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)
   _log('after distillation: ' + _figures(evaluation))
   plot_curves(workdir)
   return summary
@@ -257,8 +256,8 @@ def _figures(metrics: dict) -> str:
 
 def plot_curves(workdir: str) -> str | None:
   """``learning_curves.png``: the train loss and the evaluation figures against the step."""
-  path = os.path.join(workdir, workdir_lib.METRICS)
-  if not os.path.exists(path):
+  path = storage.join(workdir, workdir_lib.METRICS)
+  if not storage.exists(path):
     return None
   import matplotlib
   matplotlib.use('Agg')
@@ -281,10 +280,9 @@ def plot_curves(workdir: str) -> str | None:
   ax2.set_ylabel('held-out lines')
   if evals:
     ax2.legend(fontsize=8)
-  fig.suptitle(os.path.basename(workdir))
+  fig.suptitle(storage.basename(workdir))
   fig.tight_layout()
-  out = os.path.join(workdir, 'learning_curves.png')
-  fig.savefig(out, dpi=100)
+  out = storage.savefig(fig, storage.join(workdir, 'learning_curves.png'), dpi=100)
   plt.close(fig)
   return out
 

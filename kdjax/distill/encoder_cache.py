@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import teacher as teacher_lib
 from kdjax import workdir as workdir_lib
 from kdjax.cache import store
@@ -204,7 +205,7 @@ def split_dir(cache_dir: str, split: str) -> str:
   >>> split_dir('/c', 'test[:1024]')
   '/c/test_1024_'
   """
-  return os.path.join(cache_dir, re.sub(r'[^A-Za-z0-9_.-]+', '_', split))
+  return storage.join(cache_dir, re.sub(r'[^A-Za-z0-9_.-]+', '_', split))
 
 
 def _plan(config, split: str, teacher: teacher_lib.Teacher, arrays: dict, chunk_size: int
@@ -224,7 +225,7 @@ def _claim(directory: str, plan: dict) -> dict | None:
   """Writes ``plan.json``, or refuses a directory built with other settings; returns the
   finished manifest when the directory already holds this cache."""
   where = f'the teacher cache {directory}'
-  old = store.read_json(os.path.join(directory, store.PLAN))
+  old = store.read_json(storage.join(directory, store.PLAN))
   if old is not None and old != plan:
     if old.get('teacher', {}).get('fingerprint') != plan['teacher']['fingerprint']:
       raise UserError(f"{where} was built from another teacher (fingerprint "
@@ -238,12 +239,12 @@ def _claim(directory: str, plan: dict) -> dict | None:
     diff = sorted(key for key in set(old) | set(plan) if old.get(key) != plan.get(key))
     raise UserError(f'{where} holds a cache built with other settings ({", ".join(diff)} '
                     'differ); delete it or use another --config.encoder.cache')
-  manifest = store.read_json(os.path.join(directory, store.MANIFEST))
+  manifest = store.read_json(storage.join(directory, store.MANIFEST))
   if old is not None and manifest is not None:
     return manifest
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   if old is None:
-    store.write_json(os.path.join(directory, store.PLAN), plan)
+    store.write_json(storage.join(directory, store.PLAN), plan)
   return None
 
 
@@ -276,7 +277,7 @@ def _build_split(config, split: str, teacher: teacher_lib.Teacher, embed: Callab
     chunks[name] = {'epoch': 0, 'start': s, 'stop': t, 'sha256': digest, 'bytes': nbytes}
   manifest = dict(plan, chunks=chunks, content_checksum=store.content_checksum(chunks),
                   complete=True)
-  store.write_json(os.path.join(directory, store.MANIFEST), manifest)
+  store.write_json(storage.join(directory, store.MANIFEST), manifest)
   return manifest
 
 
@@ -407,9 +408,9 @@ def open_embedding_cache(cache_dir: str, split: str, *,
   """The finished cache of ``split`` under ``cache_dir`` (``UserError`` if there is none,
   it is unfinished, or, given ``teacher_fingerprint``, it is another teacher's)."""
   directory = split_dir(cache_dir, split)
-  manifest = store.read_json(os.path.join(directory, store.MANIFEST))
+  manifest = store.read_json(storage.join(directory, store.MANIFEST))
   if manifest is None:
-    state = 'unfinished' if os.path.exists(os.path.join(directory, store.PLAN)) else 'missing'
+    state = 'unfinished' if storage.exists(storage.join(directory, store.PLAN)) else 'missing'
     raise UserError(f'the teacher cache of {split} in {cache_dir} is {state}; run '
                     '`python -m kdjax.distill.encoder cache` (or the distill command) to build it')
   if manifest.get('kind') != CACHE_KIND or manifest.get('format') != store.FORMAT:

@@ -14,7 +14,6 @@ one would.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any, Callable, NamedTuple
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.engine.feed import Feed
 from kdjax.engine.metrics import Accumulator
@@ -234,7 +234,7 @@ def _log_train(writer, step, window, timed_examples, timed_seconds) -> dict:
 def _diverged(manager, step: int, metrics: dict, *, what: str = 'the loss') -> Diverged:
   manager.wait_until_finished()
   good = manager.latest_step()
-  ckpt = None if good is None else os.path.join(str(manager.directory), str(good))
+  ckpt = None if good is None else storage.join(str(manager.directory), str(good))
   details = ', '.join(f'{name} {float(s) / float(c):.4g}' for name, (s, c) in metrics.items()
                       if name in ('loss', 'grad_norm') and c)
   details = f' ({details.replace("grad_norm", "gradient norm")})' if details else ''
@@ -306,7 +306,7 @@ def fit(config, workdir: str, *, state, start: int | None, position: dict, manag
                         progress=progress, log=log)
   except Diverged as e:
     if jax.process_index() == 0:
-      workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), {
+      workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), {
           'step': e.step, 'diverged': True, 'last_checkpoint': e.checkpoint, 'error': str(e)})
     raise
   finally:

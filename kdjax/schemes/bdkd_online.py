@@ -53,7 +53,6 @@ References:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -335,8 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     UserError: a bad config, scheme, data set or workdir (nothing written).
     Diverged: a non-finite loss or gradient norm.
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   online = setup_bdkd_online(config, log=log_line)
   run = online.run
   fitted, start = fit_run(run, config, workdir, identity=IDENTITY)

@@ -47,7 +47,6 @@ References:
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable
 
 import jax
@@ -410,8 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises:
     UserError: a bad config, scheme, teacher, map or workdir (nothing written).
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   run, options = setup_cross(config, log=log_line)
   fitted, start = fit_run(run, config, workdir, identity=IDENTITY)
   summary = {

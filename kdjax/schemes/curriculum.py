@@ -57,8 +57,8 @@ References:
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -67,6 +67,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_number
 from kdjax.engine import metrics as metrics_lib
@@ -328,9 +329,9 @@ def setup_curriculum(config: ml_collections.ConfigDict, *,
 def _check_or_write_order(workdir: str, built: CurriculumSetup, resumed: bool) -> None:
   """Writes ``WORKDIR/curriculum.npz`` on a fresh run; on a resumed one, refuses an order
   that differs from the one written (the teacher's weights changed)."""
-  path = os.path.join(workdir, ORDER_FILE)
-  if resumed and os.path.exists(path):
-    with np.load(path) as saved:
+  path = storage.join(workdir, ORDER_FILE)
+  if resumed and storage.exists(path):
+    with np.load(io.BytesIO(storage.read_bytes(path))) as saved:
       same = (np.array_equal(saved['order'], built.order)
               and np.array_equal(saved['sizes'], built.sizes))
     if not same:
@@ -338,9 +339,9 @@ def _check_or_write_order(workdir: str, built: CurriculumSetup, resumed: bool) -
                       'weights changed); use a new --workdir')
     return
   if jax.process_index() == 0:
-    tmp = path + '.tmp.npz'
-    np.savez(tmp, scores=built.scores, order=built.order, sizes=built.sizes)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, scores=built.scores, order=built.order, sizes=built.sizes)
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -353,8 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     UserError: a bad config, scheme, teacher, data set or workdir (nothing written).
     Diverged: a non-finite loss or gradient norm (``summary.json`` says where).
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   built = setup_curriculum(config, log=log_line)
   run = built.run
   resumed = workdir_lib.latest_step(workdir) is not None

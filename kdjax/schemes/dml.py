@@ -43,7 +43,6 @@ References:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -53,6 +52,7 @@ import numpy as np
 import optax
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
@@ -479,8 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     UserError: a bad config, scheme, data set or workdir (nothing written).
     Diverged: a non-finite loss or gradient norm (``summary.json`` says where).
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   dml = setup_dml(config, log=_log)
   run = dml.run
   start = workdir_lib.latest_step(workdir)
@@ -527,4 +526,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _write_summary(workdir: str, summary: dict) -> None:
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
+    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)

@@ -45,7 +45,6 @@ References:
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -55,6 +54,7 @@ import numpy as np
 import optax
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
@@ -269,7 +269,7 @@ def plan_layerwise(config: ml_collections.ConfigDict, workdir: str) -> list[Laye
   if config.teacher.cache or config.teacher.hf_path:
     raise UserError('the layerwise scheme reads the features of a workdir teacher: unset '
                     'config.teacher.cache and config.teacher.hf_path')
-  teacher_dir = os.path.abspath(teacher_dir)
+  teacher_dir = storage.abspath(teacher_dir)
   if workdir_lib.latest_step(teacher_dir) is None:
     raise UserError(f'config.teacher.workdir {teacher_dir} has no checkpoint; train that '
                     'teacher first')
@@ -305,7 +305,7 @@ def plan_layerwise(config: ml_collections.ConfigDict, workdir: str) -> list[Laye
     mask = masks[s]
     if options['train'] == 'block' and below is not None:
       mask = jax.tree.map(lambda now, old: now and not old, mask, masks[below])
-    folder = os.path.join(workdir, name)
+    folder = storage.join(workdir, name)
     plan.append(LayerStage(stages_lib.Stage(name, stage, 'external', folder, False), mask))
     previous, start_step, below = folder, 0, s
   final = ml_collections.ConfigDict(base.to_dict())
@@ -314,7 +314,7 @@ def plan_layerwise(config: ml_collections.ConfigDict, workdir: str) -> list[Laye
     final.init.step = start_step
   _check(final, FINAL)
   plan.append(LayerStage(stages_lib.Stage(FINAL, final, 'external',
-                                          os.path.join(workdir, FINAL), False), None))
+                                          storage.join(workdir, FINAL), False), None))
   return plan
 
 
@@ -367,8 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       what a stage's run raises.
     Diverged: a stage's non-finite loss (its ``summary.json`` says where).
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   plan = plan_layerwise(config, workdir)
   stages_lib.check_resumable([p.stage for p in plan])
   # A stage's frozen parameters are not in its config: the run's scheme (hints, train)
@@ -387,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               'examples_per_sec'):
     out[key] = final.get(key)
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), out)
+    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), out)
     stages_lib.plot_stages(workdir, [p.stage.name for p in plan],
                            [p.stage.workdir for p in plan])
   return out

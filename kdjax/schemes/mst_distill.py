@@ -539,8 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       written).
     Diverged: a non-finite loss or gradient norm.
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   mst = setup_mst(config, log=log_line)
   run = mst.run
   fitted, start = fit_run(run, config, workdir, identity=IDENTITY)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
@@ -572,8 +571,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       written).
     Diverged: a non-finite loss or gradient norm.
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   mt = setup_multi_teacher(config, log=log_line)
   run = mt.run
   fitted, start = fit_run(run, config, workdir, identity=IDENTITY)

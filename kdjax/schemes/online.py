@@ -51,7 +51,6 @@ References:
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -61,6 +60,7 @@ import numpy as np
 import optax
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
@@ -480,8 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     UserError: a bad config, scheme, data set or workdir (nothing written).
     Diverged: a non-finite loss or gradient norm (``summary.json`` says where).
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   online = setup_online(config, log=log_line)
   run, size = online.run, online.cohort.size
   fitted, start = fit_run(run, config, workdir)
@@ -517,4 +516,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def write_summary(workdir: str, summary: dict) -> None:
   """``summary.json`` in ``workdir`` (process 0)."""
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
+    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)

@@ -73,7 +73,6 @@ References:
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -624,8 +623,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     UserError: a bad config, scheme, data set or workdir (nothing written).
     Diverged: a non-finite loss or gradient norm (``summary.json`` says where).
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   built = setup_self(config, log=log_line)
   run, options = built.run, built.options
   fitted, start = fit_run(run, config, workdir)

@@ -70,6 +70,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax import storage
 from kdjax import teacher as teacher_lib
 from kdjax import workdir as workdir_lib
 from kdjax.config import FREE_FORM_GROUPS
@@ -309,12 +310,12 @@ def plan_stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
   stages = expand_stages(options)
   check_stages(stages, teacher_workdir=external_dir, teacher_stage=options['teacher_stage'])
   if external_dir:
-    external_dir = os.path.abspath(external_dir)
+    external_dir = storage.abspath(external_dir)
     if workdir_lib.latest_step(external_dir) is None:
       raise UserError(f'config.scheme.teacher_workdir {external_dir} has no checkpoint; train '
                       'that teacher first, or unset it to train the teacher as a stage')
   configs_dir = options['configs_dir'] or _CONFIGS
-  folders = {s['name']: os.path.join(workdir, s['name']) for s in stages}
+  folders = {s['name']: storage.join(workdir, s['name']) for s in stages}
   stand_in = options['teacher_stage'] if external_dir else ''
   if stand_in:
     folders[stand_in] = external_dir
@@ -473,14 +474,14 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *, run=None,
       'teacher_fingerprint': teacher.fingerprint if teacher else None,
   }
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
+    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)
   return summary
 
 
 def _finished_summary(stage: Stage) -> dict | None:
   """The summary of a stage finished before this run, or None (to be run or resumed)."""
-  path = os.path.join(stage.workdir, workdir_lib.SUMMARY)
-  if not os.path.exists(path):
+  path = storage.join(stage.workdir, workdir_lib.SUMMARY)
+  if not storage.exists(path):
     return None
   summary = workdir_lib.read_json(path, what='stage summary')
   if (not isinstance(summary, dict) or summary.get('diverged')
@@ -558,10 +559,7 @@ def _born_again_ensemble(plan: list[Stage], workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     buffer = io.BytesIO()
     np.savez(buffer, logits=logits, label=labels[0], names=np.array([s.name for s in plan]))
-    tmp = os.path.join(workdir, PREDICTIONS + '.tmp')
-    with open(tmp, 'wb') as f:
-      f.write(buffer.getvalue())
-    os.replace(tmp, os.path.join(workdir, PREDICTIONS))
+    storage.write_bytes(storage.join(workdir, PREDICTIONS), buffer.getvalue())
   ban = ensemble_metrics(logits[1:], labels[0])
   every = ensemble_metrics(logits, labels[0])
   return {'generations': [s.name for s in plan],
@@ -587,8 +585,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stage's run raises.
     Diverged: a stage's non-finite loss (its ``summary.json`` says where).
   """
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_creatable(workdir)
+  workdir = workdir_lib.resolve(workdir)
   plan = plan_stages(config, workdir)
   check_resumable(plan)
   workdir_lib.prepare(workdir, config, has_results=False)
@@ -603,7 +600,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if out['method'] == 'born_again':
     out.update(_born_again_ensemble(plan, workdir))
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), out)
+    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), out)
     plot_stages(workdir, [s.name for s in plan], [s.workdir for s in plan],
                 ensemble=out.get('ban_ensemble_accuracy'))
   return out
@@ -621,8 +618,8 @@ def run_stages(plan: list[Stage], runner=None) -> list[dict[str, Any]]:
     head = f'stage {i + 1}/{len(plan)} {stage.name!r}'
     if stage.external:
       _log(f'{head}: the finished run {stage.workdir}')
-      path = os.path.join(stage.workdir, workdir_lib.SUMMARY)
-      summary = workdir_lib.read_json(path, what='summary') if os.path.exists(path) else None
+      path = storage.join(stage.workdir, workdir_lib.SUMMARY)
+      summary = workdir_lib.read_json(path, what='summary') if storage.exists(path) else None
       rows.append({'name': stage.name, 'teacher': stage.teacher, 'workdir': stage.workdir,
                    'external': True, 'skipped': True, 'summary': summary})
       continue
@@ -647,8 +644,8 @@ def plot_stages(workdir: str, names: list[str], folders: list[str], *,
   import matplotlib.pyplot as plt
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
   for name, folder in zip(names, folders):
-    path = os.path.join(folder, workdir_lib.METRICS)
-    rows = metrics_lib.read_jsonl(path) if os.path.exists(path) else []
+    path = storage.join(folder, workdir_lib.METRICS)
+    rows = metrics_lib.read_jsonl(path) if storage.exists(path) else []
     train = [(r['step'], r['loss']) for r in rows
              if r.get('split') == 'train' and r.get('loss') is not None]
     evals = [(r['step'], r['accuracy']) for r in rows
@@ -661,9 +658,8 @@ def plot_stages(workdir: str, names: list[str], folders: list[str], *,
     ax2.axhline(ensemble, color='k', linestyle='--', label='BAN ensemble')
   ax1.set_xlabel('step'); ax1.set_ylabel('train loss'); ax1.legend(fontsize='small')
   ax2.set_xlabel('step'); ax2.set_ylabel('eval accuracy'); ax2.legend(fontsize='small')
-  fig.suptitle(f'{os.path.basename(workdir)}: {" -> ".join(names)}')
+  fig.suptitle(f'{storage.basename(workdir)}: {" -> ".join(names)}')
   fig.tight_layout()
-  out = os.path.join(workdir, 'learning_curves.png')
-  fig.savefig(out, dpi=100)
+  out = storage.savefig(fig, storage.join(workdir, 'learning_curves.png'), dpi=100)
   plt.close(fig)
   return out

@@ -5,12 +5,9 @@ it) and trains and evaluates as on one device."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
-
-import pytest
 
 SCRIPT = textwrap.dedent('''
     import json, re, sys
