@@ -6,9 +6,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/demo
 
-$(BIN)/kdjax: pyproject.toml requirements.lock
+# The installs that need only the virtual environment (kdjax's own, Flower's, libtpu's)
+# run side by side.
+MAKEFLAGS += -j3
+
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	touch $@
+
+$(BIN)/kdjax: pyproject.toml requirements.lock $(VENV)/.created
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench]'
 	# torchdistill's declared dependencies (torchvision, ...) do not install beside the CPU
 	# torch build; its KDLoss needs none of them.
@@ -28,7 +35,7 @@ install: $(BIN)/kdjax
 # rich<15, below requirements.lock: it goes into its own --target folder, which only the
 # benchmark's Flower child process puts on its path (KDJAX_FLOWER_PATH).
 FLOWER := $(VENV)/flwr
-$(FLOWER)/.installed: $(BIN)/kdjax
+$(FLOWER)/.installed: $(VENV)/.created
 	$(BIN)/pip install -q --target $(FLOWER) 'flwr[simulation]==1.42.0'
 	touch $@
 
@@ -40,7 +47,7 @@ demo: install
 # TPU at start-up (warnings, /tmp/libtpu_lockfile). kdjax plan finds it at
 # <sys.prefix>/libtpu, i.e. $(VENV)/libtpu (or KDJAX_LIBTPU_PATH).
 LIBTPU := $(VENV)/libtpu
-$(LIBTPU)/.installed: $(BIN)/kdjax
+$(LIBTPU)/.installed: $(VENV)/.created
 	$(BIN)/pip install -q --target $(LIBTPU) 'libtpu==0.0.42.*'
 	touch $@
 

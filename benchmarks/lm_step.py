@@ -97,12 +97,9 @@ import datetime
 import json
 import math
 import os
-import queue
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Callable
 
@@ -113,7 +110,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:
   sys.path.insert(0, BENCH)
 
-from bench_common import machine_info  # noqa: E402  (benchmarks/bench_common.py)
+from bench_common import PipeChild  # noqa: E402  (benchmarks/bench_common.py)
+from bench_common import machine_info  # noqa: E402
 from bench_common import write_json  # noqa: E402
 
 LM_CONFIGS = os.path.join(ROOT, 'configs', 'lm')
@@ -519,77 +517,16 @@ def child_main(path: str) -> None:
                       'cpu_seconds': time.process_time() - c0}), flush=True)
 
 
-class CompiledTorchChild:
+class CompiledTorchChild(PipeChild):
   """The parent's handle on the ``torch compile`` child (a pipe protocol, see
   :func:`child_main`)."""
 
   def __init__(self, job: dict, workdir: str, timeout: float):
-    path = os.path.join(workdir, 'child.json')
-    with open(path, 'w') as f:
-      json.dump(job, f)
-    self.stderr_path = os.path.join(workdir, 'child.stderr')
-    self._stderr = open(self.stderr_path, 'w')
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
-        p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p)}
-    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--child', path],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self._stderr, text=True, env=env, cwd=ROOT)
-    self.lines: queue.Queue = queue.Queue()
-    threading.Thread(target=self._read, daemon=True).start()
-    t0 = time.perf_counter()
-    self.ready = self._reply(timeout)
-    self.wall_seconds_to_ready = time.perf_counter() - t0
-    if self.ready is None:
-      self.close(kill=True)
-
-  def _read(self) -> None:
-    for line in self.proc.stdout:
-      self.lines.put(line)
-    self.lines.put(None)
-
-  def _reply(self, timeout: float | None) -> dict | None:
-    deadline = None if timeout is None else time.perf_counter() + timeout
-    while True:
-      left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-      try:
-        line = self.lines.get(timeout=left)
-      except queue.Empty:
-        self.failure = f'timed out after {timeout:.0f} s (--compile-timeout)'
-        return None
-      if line is None:
-        self.proc.wait()
-        self.failure = (f'the child exited with code {self.proc.returncode}: '
-                        + self.stderr_tail(1500))
-        return None
-      line = line.strip()
-      if line.startswith('{'):
-        return json.loads(line)
-
-  def stderr_tail(self, n: int) -> str:
-    self._stderr.flush()
-    with open(self.stderr_path) as f:
-      return f.read()[-n:].strip()
+    super().__init__(__file__, job, workdir, timeout, root=ROOT, what='torch compile child')
 
   def steps(self, n: int) -> dict:
-    self.proc.stdin.write(f'steps {n}\n')
-    self.proc.stdin.flush()
-    reply = self._reply(None)
-    if reply is None:
-      raise RuntimeError(f'torch compile child: {self.failure}')
-    return reply
+    return self.ask(f'steps {n}')
 
-  def close(self, kill: bool = False) -> None:
-    if self.proc.poll() is None and not kill:
-      try:
-        self.proc.stdin.write('quit\n')
-        self.proc.stdin.flush()
-        self.proc.wait(timeout=30)
-      except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
-        pass
-    if self.proc.poll() is None:
-      self.proc.kill()            # our own child, by its handle
-      self.proc.wait()
-    self._stderr.close()
 
 
 # ------------------------------------------------------------------------- timing

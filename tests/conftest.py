@@ -11,9 +11,11 @@
 
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
@@ -43,6 +45,37 @@ def kdjax_cli(args, *, env=None, timeout=600, check=True):
   if check and out.returncode != 0:
     raise AssertionError(f'kdjax {" ".join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}')
   return out
+
+
+def kill_at_first_checkpoint(args, checkpoints: str, *, timeout: float = 180,
+                             poll: float = 0.005) -> int | None:
+  """Runs ``python -m kdjax ARGS`` in a subprocess and kills it (SIGKILL) as soon as a
+  complete checkpoint appears under ``checkpoints``; returns that checkpoint's step (None
+  if the run ended or ``timeout`` passed first)."""
+  proc = subprocess.Popen([sys.executable, '-m', 'kdjax', *args], cwd=ROOT,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline, killed_at = time.time() + timeout, None
+  while time.time() < deadline and proc.poll() is None:
+    done = ([int(d) for d in os.listdir(checkpoints) if d.isdigit()]
+            if os.path.isdir(checkpoints) else [])
+    done = [d for d in done
+            if os.path.exists(os.path.join(checkpoints, str(d), '_CHECKPOINT_METADATA'))]
+    if done:
+      proc.send_signal(signal.SIGKILL)
+      killed_at = max(done)
+      break
+    time.sleep(poll)
+  if proc.poll() is None and killed_at is None:
+    proc.kill()
+  proc.wait()
+  return killed_at
+
+
+@pytest.fixture(scope='session')
+def kill9():
+  """:func:`kill_at_first_checkpoint`: a kdjax run killed at its first checkpoint."""
+  return kill_at_first_checkpoint
 
 
 def _shared_root(tmp_path_factory):

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Mapping
@@ -57,6 +58,21 @@ class Accumulator:
     self.totals.clear()
 
 
+def _summary_writer():
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch when PyTorch is not loaded
+  yet: tensorboardX treats it as optional (kdjax writes scalars only), and importing it
+  costs every run about a second."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None   # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Writes ``metrics.jsonl`` and TensorBoard events under the workdir (process 0 only).
 
@@ -88,7 +104,7 @@ class MetricsWriter:
       self._lines = [json.dumps(row) + '\n' for row in keep]
       storage.write_text(self.path, ''.join(self._lines))
     try:
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _summary_writer()
       if self._remote:
         self._tb_local = tempfile.mkdtemp(prefix='kdjax-tensorboard-')
         self._tb_uploaded = time.monotonic()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def _args(wd, data_dir, *extra):
-  return ['demo', '--task', 'lm', '--workdir', wd, '--seeds', '2', '--variant', 'tiny',
+  return ['demo', '--task', 'lm', '--workdir', wd, '--seeds', '1', '--variant', 'tiny',
           f'--config.data.data_dir={data_dir}', *extra]
 
 
@@ -38,18 +38,15 @@ def test_lm_demo_scores_every_run_the_same_way_and_a_rerun_resumes(kdjax_main, d
     for field in ('perplexity_mean', 'perplexity_std', 'agreement_mean'):
       assert math.isfinite(r[field]), (key, field)
     assert key in out.stdout
-    seeds = 1 if key == 'teacher' else 2
-    assert len(r['perplexities']) == seeds
+    assert len(r['perplexities']) == 1   # one seed here (the demo's default is 3)
     assert r['perplexity_mean'] == pytest.approx(np.mean(r['perplexities']))
-    if seeds > 1:
-      assert r['perplexity_std'] == pytest.approx(np.std(r['perplexities'], ddof=1))
   assert results['teacher']['agreement_mean'] == 1.0
   assert results['teacher']['parameters'] > results['student_data']['parameters']
 
   # The demo's perplexity of a run on the packed held-out rows is the engine evaluator's.
   for key in ('student_data', 'student_token_kd'):
-    ev = evaluate_workdir(os.path.join(wd, key, 'seed1'), split='test')
-    assert results[key]['perplexities'][1] == pytest.approx(math.exp(ev['loss']), rel=1e-4)
+    ev = evaluate_workdir(os.path.join(wd, key, 'seed0'), split='test')
+    assert results[key]['perplexities'][0] == pytest.approx(math.exp(ev['loss']), rel=1e-4)
 
   # Agreement, recomputed here for one student: argmax of both models on the held-out rows.
   mesh = make_mesh([('data', 1)], devices=jax.devices()[:1])
@@ -69,8 +66,8 @@ def test_lm_demo_scores_every_run_the_same_way_and_a_rerun_resumes(kdjax_main, d
 
   # The warm-started runs started from the data-only run's halfway checkpoint.
   for key in WARM_STARTED:
-    config = json.load(open(os.path.join(wd, key, 'seed1', 'config.json')))
-    assert config['init']['workdir'] == os.path.join(wd, 'student_data', 'seed1')
+    config = json.load(open(os.path.join(wd, key, 'seed0', 'config.json')))
+    assert config['init']['workdir'] == os.path.join(wd, 'student_data', 'seed0')
     assert config['init']['step'] == results['student_data']['num_steps'] // 2
   config = json.load(open(os.path.join(wd, 'student_seq_kd', 'seed0', 'config.json')))
   assert config['teacher']['cache'] == os.path.join(wd, 'cache_seq')

@@ -5,10 +5,6 @@ and a run killed with SIGKILL resumed to the uninterrupted run's parameters."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -151,24 +147,10 @@ def _params(wd):
 
 @pytest.mark.slow
 def test_kill9_resumes_to_the_uninterrupted_result(paths, data_dir, teacher_dir, tmp_path,
-                                                   kdjax_main):
+                                                   kdjax_main, kill9):
   ref, wd = str(tmp_path / 'ref'), str(tmp_path / 'killed')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen([sys.executable, '-m', 'kdjax', *_args(paths, data_dir, teacher_dir,
-                                                                 wd)],
-                          cwd=paths['root'], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpt, killed_at = os.path.join(wd, 'checkpoints'), None
-  deadline = time.time() + 120
-  while time.time() < deadline and proc.poll() is None:
-    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    done = [d for d in done if os.path.exists(os.path.join(ckpt, str(d), '_CHECKPOINT_METADATA'))]
-    if done:
-      proc.send_signal(signal.SIGKILL)
-      killed_at = max(done)
-      break
-    time.sleep(0.005)
-  proc.wait()
+  killed_at = kill9(_args(paths, data_dir, teacher_dir, wd),
+                    os.path.join(wd, 'checkpoints'), timeout=120)
   assert killed_at is not None and killed_at < STEPS, 'the run ended before it was killed'
   kdjax_main(_args(paths, data_dir, teacher_dir, ref))   # the uninterrupted run
   out = kdjax_main(_args(paths, data_dir, teacher_dir, wd))

@@ -6,10 +6,6 @@ that resumes after ``kill -9`` to the uninterrupted run's result."""
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -313,24 +309,11 @@ def _params(wd):
   return jax.tree.leaves(restore_subtree(wd, STEPS, ('params', 'student')))
 
 
-def test_kill9_resume_matches_uninterrupted(reference, paths, data_dir, tmp_path, kdjax_main):
+def test_kill9_resume_matches_uninterrupted(reference, paths, data_dir, tmp_path, kdjax_main,
+                                            kill9):
   wd = str(tmp_path / 'killed')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen([sys.executable, '-m', 'kdjax', *_args(paths, data_dir),
-                           '--workdir', wd], cwd=paths['root'], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = os.path.join(wd, 'checkpoints')
-  deadline, killed_at = time.time() + 120, None
-  while time.time() < deadline and proc.poll() is None:
-    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    done = [d for d in done
-            if os.path.exists(os.path.join(ckpt, str(d), '_CHECKPOINT_METADATA'))]
-    if done:
-      proc.send_signal(signal.SIGKILL)
-      killed_at = max(done)
-      break
-    time.sleep(0.02)
-  proc.wait()
+  killed_at = kill9([*_args(paths, data_dir), '--workdir', wd],
+                    os.path.join(wd, 'checkpoints'), timeout=120)
   assert killed_at is not None and killed_at < STEPS, 'the run ended before it could be killed'
   out = kdjax_main([*_args(paths, data_dir), '--workdir', wd])
   assert 'resuming from step' in out.stdout

@@ -6,10 +6,6 @@ by stage to the uninterrupted run's parameters."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -112,24 +108,10 @@ def _leaves(tree):
 
 @pytest.mark.slow
 def test_kill9_mid_stage_resumes_and_hint_stages_train_only_their_blocks(
-    paths, data_dir, teacher_dir, tmp_path, kdjax_main):
+    paths, data_dir, teacher_dir, tmp_path, kdjax_main, kill9):
   ref, wd = str(tmp_path / 'ref'), str(tmp_path / 'killed')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen([sys.executable, '-m', 'kdjax',
-                           *_args(paths, data_dir, teacher_dir, wd)],
-                          cwd=paths['root'], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpt, killed_at = os.path.join(wd, 'final', 'checkpoints'), None
-  deadline = time.time() + 180
-  while time.time() < deadline and proc.poll() is None:
-    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    done = [d for d in done if os.path.exists(os.path.join(ckpt, str(d), '_CHECKPOINT_METADATA'))]
-    if done:
-      proc.send_signal(signal.SIGKILL)
-      killed_at = max(done)
-      break
-    time.sleep(0.005)
-  proc.wait()
+  killed_at = kill9(_args(paths, data_dir, teacher_dir, wd),
+                    os.path.join(wd, 'final', 'checkpoints'), timeout=180)
   assert killed_at is not None and killed_at < FINAL, 'the run ended before it was killed'
   first = kdjax_main(_args(paths, data_dir, teacher_dir, ref))   # the uninterrupted run
   assert f'student initialized from {ref}/hint1' in first.stdout   # final warm-starts

@@ -6,10 +6,6 @@ written), and a tiny run that resumes after ``kill -9`` to the uninterrupted res
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -217,7 +213,7 @@ def _params(wd):
 
 
 def test_kill9_resume_matches_uninterrupted(paths, data_dir, teacher_dir, other_teacher_dir,
-                                            tmp_path, kdjax_main):
+                                            tmp_path, kdjax_main, kill9):
   teachers = [teacher_dir, other_teacher_dir]
   ref = str(tmp_path / 'ref')
   kdjax_main([*_run_args(paths, data_dir, teachers), '--workdir', ref])
@@ -228,22 +224,8 @@ def test_kill9_resume_matches_uninterrupted(paths, data_dir, teacher_dir, other_
   assert all(0.0 <= a <= 1.0 for a in summary['expert_accuracies'])
 
   wd = str(tmp_path / 'killed')
-  proc = subprocess.Popen([sys.executable, '-m', 'kdjax', *_run_args(paths, data_dir, teachers),
-                           '--workdir', wd], cwd=paths['root'],
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = os.path.join(wd, 'checkpoints')
-  deadline, killed_at = time.time() + 180, None
-  while time.time() < deadline and proc.poll() is None:
-    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    done = [d for d in done
-            if os.path.exists(os.path.join(ckpt, str(d), '_CHECKPOINT_METADATA'))]
-    if done:
-      proc.send_signal(signal.SIGKILL)
-      killed_at = max(done)
-      break
-    time.sleep(0.01)
-  proc.wait()
+  killed_at = kill9([*_run_args(paths, data_dir, teachers), '--workdir', wd],
+                    os.path.join(wd, 'checkpoints'), timeout=180)
   assert killed_at is not None and killed_at < STEPS, 'the run ended before it could be killed'
   out = kdjax_main([*_run_args(paths, data_dir, teachers), '--workdir', wd])
   assert 'resuming from step' in out.stdout

@@ -6,10 +6,6 @@ an uninterrupted run."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -218,24 +214,11 @@ def _params(wd):
   return jax.tree.leaves(restore_subtree(wd, STEPS, ('params', 'student')))
 
 
-def _kill_mid_stage(paths, data_dir, config, wd, stage):
+def _kill_mid_stage(kill9, paths, data_dir, config, wd, stage):
   """Starts the run in a subprocess and kills it (SIGKILL) once ``stage`` has written its
   first checkpoint (step 15 of 30); returns that checkpoint's step."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen([sys.executable, '-m', 'kdjax', *_args(paths, data_dir, config),
-                           '--workdir', wd], cwd=paths['root'], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = os.path.join(wd, stage, 'checkpoints')
-  deadline, killed_at = time.time() + 120, None
-  while time.time() < deadline and proc.poll() is None:
-    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    done = [d for d in done if os.path.exists(os.path.join(ckpt, str(d), '_CHECKPOINT_METADATA'))]
-    if done:
-      proc.send_signal(signal.SIGKILL)
-      killed_at = max(done)
-      break
-    time.sleep(0.005)
-  proc.wait()
+  killed_at = kill9([*_args(paths, data_dir, config), '--workdir', wd],
+                    os.path.join(wd, stage, 'checkpoints'), timeout=120)
   assert killed_at is not None and killed_at < STEPS, 'the stage ended before it was killed'
   assert not os.path.exists(os.path.join(wd, 'summary.json'))
   return killed_at
@@ -245,10 +228,10 @@ def _kill_mid_stage(paths, data_dir, config, wd, stage):
                                                     ('born_again', 'gen1', 'ban')])
 def test_kill9_mid_stage_resumes_to_the_uninterrupted_result(config, stage, reference, request,
                                                              paths, data_dir, tmp_path,
-                                                             kdjax_main):
+                                                             kdjax_main, kill9):
   ref = request.getfixturevalue(reference)
   wd = str(tmp_path / 'killed')
-  killed_at = _kill_mid_stage(paths, data_dir, config, wd, stage)
+  killed_at = _kill_mid_stage(kill9, paths, data_dir, config, wd, stage)
   out = kdjax_main([*_args(paths, data_dir, config), '--workdir', wd])
   a, b = _summary(ref), _summary(wd)
   rows = {r['name']: r for r in b['stages']}
