@@ -28,6 +28,7 @@ machine's matmul throughput, ``ratio`` cannot go below ``flops_ratio``.
     python benchmarks/dml_cost.py --json /tmp/dml_cost.json
     python benchmarks/dml_cost.py --loop --json /tmp/dml_cost.json   # + the looped cohort
     python benchmarks/dml_cost.py --quick                             # smoke run, seconds
+    python benchmarks/dml_cost.py --cohort-devices 2 --json F   # students over 2 CPU devices
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def make_config(args, *, students: int | None):
   c.loss.terms = {'ce': {'weight': 1.0}}
   if students:
     c.scheme = dml_scheme(num_students=students, temperature=1.0, weight=1.0)
+    if args.cohort_devices > 1:   # the stacked students' axis over a 'cohort' mesh axis
+      c.mesh = [('data', 1), ('cohort', args.cohort_devices)]
+      c.partition_rules = [('.*student.*', ('cohort',))]
   return c
 
 
@@ -210,6 +214,9 @@ def parse_args(argv=None):
   p.add_argument('--repeats', type=int, default=7)
   p.add_argument('--min-seconds', type=float, default=1.0, help='per repeat and side')
   p.add_argument('--loop', action='store_true', help='also time the looped (listed) cohort')
+  p.add_argument('--cohort-devices', type=int, default=1,
+                 help='shard the stacked students over this many CPU devices (a cohort mesh '
+                      'axis; JAX_NUM_CPU_DEVICES is set to it); the 1-student side keeps one')
   args = p.parse_args(argv)
   if args.quick:
     args.repeats, args.min_seconds, args.steps_per_call = 2, 0.05, 10
@@ -220,6 +227,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  if args.cohort_devices > 1:
+    os.environ['JAX_NUM_CPU_DEVICES'] = str(args.cohort_devices)
   import jax
   t_start = time.perf_counter()
 
