@@ -101,8 +101,8 @@ from kdjax.engine.feed import teacher_inputs
 from kdjax.errors import UserError
 from kdjax.losses import build_objective
 from kdjax.models import from_config
-from kdjax.models.base import named_features
 from kdjax.models.base import output_kwargs
+from kdjax.models.base import sample_inputs
 from kdjax.parallel import batch_shards
 from kdjax.parallel import make_mesh
 from kdjax.parallel import shardings_from_rules
@@ -622,10 +622,7 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   def init(seed, extra):
     params, model_state = init_params(seed)
     out, _ = apply(params, model_state, x, train=False)
-    labels = jnp.zeros(out.logits.shape[:-1], jnp.int32)
-    sample = {'student_logits': out.logits, 'student_features': named_features(out),
-              'student_attentions': out.attentions, 'labels': labels,
-              'where': jnp.ones(labels.shape, bool), 'step': 0, **extra}
+    sample = {**sample_inputs(out, jnp), **extra}
     key = jax.random.key(seed)
     loss_params, loss_state = objective.init(jax.random.fold_in(key, 1), sample)
     return init_train_state(params, model_state, tx, rng=jax.random.fold_in(key, 2),

@@ -43,8 +43,8 @@ from kdjax.engine.step import init_train_state
 from kdjax.engine.step import make_train_step
 from kdjax.errors import UserError
 from kdjax.losses import build_objective
-from kdjax.models.base import named_features
 from kdjax.models.base import output_kwargs
+from kdjax.models.base import sample_inputs
 from kdjax.parallel import batch_axes
 from kdjax.parallel import batch_shards
 from kdjax.parallel import initialize_from_env
@@ -385,10 +385,7 @@ def _init_fn(apply, init_params, objective, tx, *, config, spec, teacher, cache,
   def init(seed) -> TrainState:
     params, model_state = init_params(seed)
     out, _ = apply(params, model_state, x, train=False)
-    labels = np.zeros(out.logits.shape[:-1], np.int32)   # [2] or, token data, [2, tokens]
-    sample = {'student_logits': out.logits, 'student_features': named_features(out),
-              'student_attentions': out.attentions, 'labels': labels,
-              'where': np.ones(labels.shape, bool), 'step': 0, **extra}
+    sample = {**sample_inputs(out), **extra}
     key = jax.random.key(seed)
     loss_params, loss_state = objective.init(jax.random.fold_in(key, 1), sample)
     return init_train_state(params, model_state, tx, rng=jax.random.fold_in(key, 2),

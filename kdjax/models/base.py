@@ -133,6 +133,24 @@ def named_features(out: ModelOutput) -> dict:
   return features
 
 
+def objective_inputs(out: ModelOutput, labels, where, step, example_ids=None) -> dict:
+  """What a loss objective reads of a student's forward pass: its logits, its named
+  features (:func:`named_features`) and attentions, with the labels, the example mask,
+  the step and, when given, the examples' ids."""
+  inputs = {'labels': labels, 'where': where, 'step': step, 'student_logits': out.logits,
+            'student_features': named_features(out), 'student_attentions': out.attentions}
+  if example_ids is not None:
+    inputs['example_ids'] = example_ids
+  return inputs
+
+
+def sample_inputs(out: ModelOutput, xp=np) -> dict:
+  """:func:`objective_inputs` of a forward pass for an objective's ``init``: zero labels
+  of the logits' leading shape, every example kept, step 0 (``xp``: numpy or jax.numpy)."""
+  labels = xp.zeros(out.logits.shape[:-1], xp.int32)
+  return objective_inputs(out, labels, xp.ones(labels.shape, bool), 0)
+
+
 def model_kwargs(batch: dict) -> dict:
   """The entries of ``batch`` named in :data:`MODEL_INPUT_KEYS`, as call keywords.
 

@@ -68,7 +68,7 @@ from kdjax.engine.step import init_train_state
 from kdjax.engine.step import make_train_step
 from kdjax.errors import UserError
 from kdjax.models import from_config
-from kdjax.models.base import named_features
+from kdjax.models.base import sample_inputs
 from kdjax.models.base import output_kwargs
 from kdjax.schemes.multi_teacher import check_label_maps
 from kdjax.schemes.multi_teacher import label_map_matrix
@@ -390,10 +390,7 @@ def _init(apply, init_params, objective, tx, *, spec, teacher) -> Callable[[Any]
   def init(seed) -> TrainState:
     params, model_state = init_params(seed)
     out, _ = apply(params, model_state, x, train=False)
-    labels = np.zeros(out.logits.shape[:-1], np.int32)
-    sample = {'student_logits': out.logits, 'student_features': named_features(out),
-              'student_attentions': out.attentions, 'labels': labels,
-              'where': np.ones(labels.shape, bool), 'step': 0, **extra}
+    sample = {**sample_inputs(out), **extra}
     key = jax.random.key(seed)
     loss_params, loss_state = objective.init(jax.random.fold_in(key, 1), sample)
     return init_train_state(params, model_state, tx, rng=jax.random.fold_in(key, 2),

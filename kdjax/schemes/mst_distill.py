@@ -103,7 +103,8 @@ from kdjax.losses import kd
 from kdjax.losses import reduce_value
 from kdjax.models import from_config
 from kdjax.models.base import model_kwargs
-from kdjax.models.base import named_features
+from kdjax.models.base import objective_inputs
+from kdjax.models.base import sample_inputs
 from kdjax.schemes.cross import load_cross_teacher
 from kdjax.schemes.cross import teacher_view_and_classes
 from kdjax.schemes.cross import view_fn
@@ -332,10 +333,7 @@ def make_mst_init(init_params: Callable, apply: Callable, objective,
   def init(seed) -> TrainState:
     params, model_state = init_params(seed)
     out, _ = apply(params, model_state, x, train=False)
-    labels = np.zeros(out.logits.shape[:-1], np.int32)
-    sample = {'student_logits': out.logits, 'student_features': named_features(out),
-              'student_attentions': out.attentions, 'labels': labels,
-              'where': np.ones(labels.shape, bool), 'step': 0}
+    sample = sample_inputs(out)
     key = jax.random.key(seed)
     loss_params, loss_state = objective.init(jax.random.fold_in(key, 1), sample)
     masks = tuple(init_mask(jax.random.fold_in(key, 4 + m), size, mask_hidden)
@@ -372,11 +370,7 @@ def make_mst_step(apply: Callable, objective, tx: optax.GradientTransformation, 
     where = batch['mask']
     out, model_state = apply(params['student'], state.model_state, batch['x'], train=True,
                              rng=rng, **model_kwargs(batch))
-    inputs = {'labels': batch['label'], 'where': where, 'step': state.step,
-              'student_logits': out.logits, 'student_features': named_features(out),
-              'student_attentions': out.attentions}
-    if 'id' in batch:
-      inputs['example_ids'] = batch['id']
+    inputs = objective_inputs(out, batch['label'], where, state.step, batch.get('id'))
     task, loss_state, metrics = objective.apply(params['loss'], state.loss_state, inputs)
     student = jax.lax.stop_gradient(out.logits.astype(jnp.float32))
     logits = all_expert_logits(teachers, params['masks'], batch['x'], masked_experts)

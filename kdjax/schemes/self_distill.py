@@ -100,7 +100,8 @@ from kdjax.losses import kd
 from kdjax.models import ModelOutput
 from kdjax.models import from_config
 from kdjax.models.base import model_kwargs
-from kdjax.models.base import named_features
+from kdjax.models.base import objective_inputs
+from kdjax.models.base import sample_inputs
 from kdjax.schemes.online import check_label_objective
 from kdjax.schemes.online import fit_run
 from kdjax.schemes.online import log_line
@@ -431,10 +432,7 @@ def make_self_init(init_params: Callable, apply: Callable, objective, tx, method
   def init(seed) -> TrainState:
     params, model_state = init_params(seed)
     out, _ = apply(params, model_state, x, train=False)
-    labels = np.zeros(out.logits.shape[:-1], np.int32)
-    sample = {'student_logits': out.logits, 'student_features': named_features(out),
-              'student_attentions': out.attentions, 'labels': labels,
-              'where': np.ones(labels.shape, bool), 'step': 0}
+    sample = sample_inputs(out)
     key = jax.random.key(seed)
     loss_params, loss_state = objective.init(jax.random.fold_in(key, 1), sample)
     extra, teacher = method.init(jax.random.fold_in(key, 3), params, model_state, out)
@@ -461,11 +459,7 @@ def make_self_step(apply: Callable, objective, tx: optax.GradientTransformation,
     where = batch['mask']
     out, model_state = apply(params['student'], state.model_state, batch['x'], train=True,
                              rng=rng, **model_kwargs(batch))
-    inputs = {'labels': batch['label'], 'where': where, 'step': state.step,
-              'student_logits': out.logits, 'student_features': named_features(out),
-              'student_attentions': out.attentions}
-    if 'id' in batch:
-      inputs['example_ids'] = batch['id']
+    inputs = objective_inputs(out, batch['label'], where, state.step, batch.get('id'))
     label_loss, loss_state, metrics = objective.apply(
         params['loss'], state.loss_state['objective'], inputs)
     per, extra = method.loss(params, state.loss_state['teacher'], out, model_state, batch,
