@@ -18,6 +18,7 @@ JSON written here is valid for every reader: a non-finite float is written as
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -314,7 +315,12 @@ def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data: dict) -> bool:
-  """Saves ``state`` (a pytree; typed PRNG keys as their key data) and ``data`` (JSON)."""
+  """Saves ``state`` (a pytree; typed PRNG keys as their key data) and ``data`` (JSON).
+
+  ``data`` is copied first: an async manager writes it in the background, after the
+  caller may have changed it (a loop's log window goes on summing the next steps).
+  """
+  data = copy.deepcopy(data)
   return manager.save(int(step), args=ocp.args.Composite(
       state=ocp.args.StandardSave(to_saveable(state)), data=ocp.args.JsonSave(data)),
                       force=True)
