@@ -249,3 +249,22 @@ def test_the_real_command_refuses_in_one_line(cli, tmp_path, argv, field):
   _check_refused(out.returncode, out.stderr, workdir, field)
   assert out.stdout == ''
 
+
+
+def test_memory_banks_with_fewer_rows_than_the_split(tmp_path, capsys, data_dir, paths):
+  # CRD's NCE objective keeps a bank row per training example: a split larger than
+  # n_data would have its later ids clamped onto the last row inside the jitted step.
+  cfg = tmp_path / 'crd.py'
+  cfg.write_text(textwrap.dedent(f'''
+      from kdjax.config import load_config_file
+
+      def get_config(arg=None):
+        c = load_config_file({os.path.join(CONFIGS, 'mnist1d/kd.py:tiny')!r})
+        c.loss.terms = {{'crd': {{'weight': 1.0, 'objective': 'nce', 'n_data': 16,
+                                  'nce_k': 4}}}}
+        return c
+  '''))
+  workdir = str(tmp_path / 'run')
+  code = kdjax_main(['distill', '--config', str(cfg), '--workdir', workdir,
+                     f"--config.data.name={paths['small']}", f'--config.data.data_dir={data_dir}'])
+  _check_refused(code, capsys.readouterr().err, workdir, 'loss.terms.crd.n_data is 16')

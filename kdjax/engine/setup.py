@@ -145,6 +145,7 @@ def setup(config: ml_collections.ConfigDict, *, cache: CachedTeacher | None = No
 
   # ---- the objective, and the teacher it reads: live, cached or none
   objective = _objective(config)
+  _check_bank_rows(config, num_train)
   needs = objective.needs
   if cache is not None:
     cache.check(config, num_classes=spec.num_classes, needs=needs)
@@ -282,6 +283,20 @@ def _objective(config):
 
 def _plain(value: Any) -> Any:
   return value.to_dict() if hasattr(value, 'to_dict') else value
+
+
+def _check_bank_rows(config, num_train: int | None) -> None:
+  """A loss with a row per training example (CRD's memory banks, ``n_data``) has a row
+  for each example of the train split: an example id past the last row would be
+  clamped by the jitted gather, silently updating another example's row."""
+  if num_train is None:
+    return
+  for name, term in config.loss.terms.items():
+    n_data = _plain(term).get('n_data') if hasattr(term, 'get') else None
+    if n_data is not None and int(n_data) < num_train:
+      raise UserError(f'config.loss.terms.{name}.n_data is {int(n_data)}, fewer rows than the '
+                      f'{num_train} examples of {config.data.name}:{config.data.train_split}; '
+                      f'set it to {num_train}')
 
 
 def _split_size(spec: kdata.DatasetSpec, split: str) -> int | None:
