@@ -9,7 +9,6 @@ the last checkpoint to the same result as an uninterrupted run.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -21,7 +20,8 @@ from kdjax import workdir as workdir_lib
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.config import base_config
-from kdjax.engine.loop import fit
+from kdjax.engine.loop import fit_workdir
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import setup
 from kdjax.engine.state import warm_start
 from kdjax.errors import UserError
@@ -47,24 +47,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if require_teacher and not run.distills:
     raise UserError('`kdjax distill` needs a loss that uses the teacher (e.g. kd); '
                     'use `kdjax train` for training from labels')
-  start = workdir_lib.latest_step(workdir)
-  if start is None:
-    state = run.init()
-    if config.init.workdir:   # checked before anything is written
-      state = warm_start(state, config.init.workdir, int(config.init.step))
-      _log(f'student initialized from {config.init.workdir}')
-  workdir_lib.prepare(workdir, config, has_results=start is not None, identity=IDENTITY_FIELDS,
-                      defaults=base_config())
 
-  manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
-  position: dict = {}
-  if start is not None:
-    state, position = workdir_lib.restore(manager, start, run.abstract_state)
-    run.feed.restore(position)
-    _log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
-  fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
-               schedule=run.schedule, calls=run.calls, feed=run.feed, evaluate=run.evaluate,
-               log=_log)
+  def warm():   # checked before anything is written
+    state = warm_start(run.init(), config.init.workdir, int(config.init.step))
+    _log(f'student initialized from {config.init.workdir}')
+    return state
+
+  fitted, start = fit_workdir(run, config, workdir, identity=IDENTITY_FIELDS,
+                              defaults=base_config(),
+                              fresh=warm if config.init.workdir else None, log=_log)
   teacher = run.teacher
   summary = {
       **fitted.summary(resumed_from=start, feed=run.feed_kind),
@@ -79,7 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     summary['eval_bits_per_token'] = _bits(summary['eval_loss'])
     summary['tokens_per_sec'] = (summary['examples_per_sec'] * tokens
                                  if summary['examples_per_sec'] else None)
-  _write_summary(workdir, summary)
+  write_summary(workdir, summary)
   if jax.process_index() == 0:
     metrics_lib.plot_learning_curves(workdir)
   return summary
@@ -92,7 +83,3 @@ def _exp(loss):
 def _bits(loss):
   return None if loss is None else float(loss / math.log(2.0))
 
-
-def _write_summary(workdir: str, summary: dict) -> None:
-  if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)

@@ -20,7 +20,9 @@ from kdjax.engine.loop import LoopResult
 from kdjax.engine.loop import Schedule
 from kdjax.engine.loop import TrainCalls
 from kdjax.engine.loop import fit
+from kdjax.engine.loop import fit_workdir
 from kdjax.engine.loop import train_loop
+from kdjax.engine.loop import write_summary
 from kdjax.engine.metrics import Accumulator
 from kdjax.engine.metrics import MetricsWriter
 from kdjax.engine.optim import make_optimizer

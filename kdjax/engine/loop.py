@@ -323,3 +323,48 @@ def fit(config, workdir: str, *, state, start: int | None, position: dict, manag
       evaluation = evaluate(result.state)
     train = logged(writer.path, 'train', result.step)
   return Fitted(result, train, evaluation, time.time() - t_run)
+
+
+def fit_workdir(run, config, workdir: str, *, identity, defaults=None,
+                fresh: Callable[[], Any] | None = None, log: Callable[[str], None] = print
+                ) -> tuple[Fitted, int | None]:
+  """:func:`fit` of a run's :class:`kdjax.engine.Setup` in its workdir (checked creatable
+  already): the newest checkpoint resumed, state and feed position, or a fresh state;
+  ``config.json`` checked or written (:func:`kdjax.workdir.prepare`). Returns
+  ``(fitted, the step resumed from or None)``.
+
+  Args:
+    run: the run's ``Setup`` (``init``, ``abstract_state``, ``schedule``, ``calls``,
+      ``feed``, ``evaluate``).
+    config: its config.
+    workdir: its folder.
+    identity: the config fields a resumed run must keep (``prepare``'s).
+    defaults: the config defaults ``prepare`` fills an older ``config.json`` from.
+    fresh: ``fresh() -> state``, called before anything is written, when a run without
+      a checkpoint starts from something else than ``run.init()`` (a warm start);
+      otherwise ``run.init()`` is called after ``config.json`` is written (an ``init``
+      may write files of its own into the workdir).
+    log: where the resume note goes.
+  """
+  start = workdir_lib.latest_step(workdir)
+  state = fresh() if start is None and fresh is not None else None
+  workdir_lib.prepare(workdir, config, has_results=start is not None, identity=identity,
+                      defaults=defaults)
+  manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
+  position: dict = {}
+  if start is not None:
+    state, position = workdir_lib.restore(manager, start, run.abstract_state)
+    run.feed.restore(position)
+    log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
+  elif state is None:
+    state = run.init()
+  fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
+               schedule=run.schedule, calls=run.calls, feed=run.feed, evaluate=run.evaluate,
+               log=log)
+  return fitted, start
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+  """``summary.json`` in ``workdir``, written by process 0."""
+  if jax.process_index() == 0:
+    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)

@@ -338,26 +338,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   online = setup_bdkd_online(config, log=log_line)
   run = online.run
   fitted, start = fit_run(run, config, workdir, identity=IDENTITY)
-  result, train, evaluation = fitted.result, fitted.train, fitted.eval
-  summary = {
-      'step': result.step,
-      'scheme': NAME,
-      'members': list(MEMBERS),
-      'teacher_term': online.options['teacher_loss'],
-      'eval_accuracy': evaluation.get('accuracy'),
-      'eval_loss': evaluation.get('loss'),
-      'teacher_accuracy': evaluation.get('teacher/accuracy'),
-      'teacher_eval_loss': evaluation.get('teacher/loss'),
-      'train_loss': train.get('loss'),
-      'train_accuracy': train.get('accuracy'),
-      'teacher_train_loss': train.get('teacher/loss'),
-      'examples_per_sec': result.examples_per_sec or train.get('examples_per_sec'),
-      'skipped_member_steps': result.skipped,
-      'wall_seconds': fitted.seconds,
-      'resumed_from': start,
-      'feed': run.feed_kind,
-      'num_devices': jax.device_count(),
-  }
+  summary = {'scheme': NAME, 'members': list(MEMBERS),
+             'teacher_term': online.options['teacher_loss'],
+             **fitted.summary(resumed_from=start, feed=run.feed_kind),
+             'teacher_accuracy': fitted.eval.get('teacher/accuracy'),
+             'teacher_eval_loss': fitted.eval.get('teacher/loss'),
+             'teacher_train_loss': fitted.train.get('teacher/loss')}
+  summary['skipped_member_steps'] = summary.pop('skipped_steps')
   write_summary(workdir, summary)
   if jax.process_index() == 0:
     metrics_lib.plot_learning_curves(workdir, title='online BD-KD (student)')

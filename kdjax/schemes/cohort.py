@@ -154,3 +154,19 @@ def make_cohort(models: Sequence[Any], *, num_classes: int, input_shape: Sequenc
       built[key] = build(spec)
     students.append(built[key])
   return Cohort(tuple(students), len(specs))
+
+
+def cohort_summary(fitted, size: int, *, resumed_from: int | None, feed: str | None) -> dict:
+  """The summary figures of a cohort's run (:meth:`kdjax.engine.loop.Fitted.summary`'s),
+  with each member's and the ensemble's evaluation (``student_accuracies``,
+  ``student_losses``, ``ensemble_accuracy``, ``ensemble_loss``) and the skipped steps
+  counted per member step (``skipped_student_steps``)."""
+  summary = fitted.summary(resumed_from=resumed_from, feed=feed)
+  summary['skipped_student_steps'] = summary.pop('skipped_steps')
+  evaluation = fitted.eval
+  summary.update(
+      student_accuracies=[evaluation.get(f'student_{k}/accuracy') for k in range(size)],
+      student_losses=[evaluation.get(f'student_{k}/loss') for k in range(size)],
+      ensemble_accuracy=evaluation.get('ensemble/accuracy'),
+      ensemble_loss=evaluation.get('ensemble/loss'))
+  return summary

@@ -52,7 +52,6 @@ import numpy as np
 import optax
 
 from kdjax import data as kdata
-from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
@@ -60,7 +59,8 @@ from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.loop import TrainCalls
-from kdjax.engine.loop import fit
+from kdjax.engine.loop import fit_workdir
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import CACHE_NEEDS
 from kdjax.engine.setup import TEACHER_NEEDS
 from kdjax.engine.setup import Data
@@ -78,6 +78,7 @@ from kdjax.models import ModelOutput
 from kdjax.models.base import model_kwargs
 from kdjax.parallel import shardings_from_rules
 from kdjax.schemes.cohort import Cohort
+from kdjax.schemes.cohort import cohort_summary
 from kdjax.schemes.cohort import make_cohort
 
 NAME = 'dml'
@@ -482,48 +483,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = workdir_lib.resolve(workdir)
   dml = setup_dml(config, log=_log)
   run = dml.run
-  start = workdir_lib.latest_step(workdir)
-  workdir_lib.prepare(workdir, config, has_results=start is not None, identity=IDENTITY)
-
-  manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
-  position: dict = {}
-  if start is None:
-    state = run.init()
-  else:
-    state, position = workdir_lib.restore(manager, start, run.abstract_state)
-    run.feed.restore(position)
-    _log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
-  fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
-               schedule=run.schedule, calls=run.calls, feed=run.feed, evaluate=run.evaluate,
-               log=_log)
-  result, train, evaluation = fitted.result, fitted.train, fitted.eval
+  fitted, start = fit_workdir(run, config, workdir, identity=IDENTITY, log=_log)
   size = dml.cohort.size
-  summary = {
-      'step': result.step,
-      'scheme': NAME,
-      'num_students': size,
-      'stacked': dml.cohort.stacked,
-      'eval_accuracy': evaluation.get('accuracy'),
-      'eval_loss': evaluation.get('loss'),
-      'student_accuracies': [evaluation.get(f'student_{k}/accuracy') for k in range(size)],
-      'student_losses': [evaluation.get(f'student_{k}/loss') for k in range(size)],
-      'ensemble_accuracy': evaluation.get('ensemble/accuracy'),
-      'ensemble_loss': evaluation.get('ensemble/loss'),
-      'train_loss': train.get('loss'),
-      'train_accuracy': train.get('accuracy'),
-      'examples_per_sec': result.examples_per_sec or train.get('examples_per_sec'),
-      'skipped_student_steps': result.skipped,
-      'wall_seconds': fitted.seconds,
-      'resumed_from': start,
-      'feed': run.feed_kind,
-      'num_devices': jax.device_count(),
-  }
-  _write_summary(workdir, summary)
+  summary = {'scheme': NAME, 'num_students': size, 'stacked': dml.cohort.stacked,
+             **cohort_summary(fitted, size, resumed_from=start, feed=run.feed_kind)}
+  write_summary(workdir, summary)
   if jax.process_index() == 0:
     metrics_lib.plot_learning_curves(workdir, title=f'DML, {size} students')
   return summary
-
-
-def _write_summary(workdir: str, summary: dict) -> None:
-  if jax.process_index() == 0:
-    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)

@@ -60,7 +60,6 @@ import numpy as np
 import optax
 
 from kdjax import data as kdata
-from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
@@ -69,7 +68,8 @@ from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.loop import Fitted
 from kdjax.engine.loop import TrainCalls
-from kdjax.engine.loop import fit
+from kdjax.engine.loop import fit_workdir
+from kdjax.engine.loop import write_summary  # noqa: F401 (the schemes import it from here)
 from kdjax.engine.setup import CACHE_NEEDS
 from kdjax.engine.setup import TEACHER_NEEDS
 from kdjax.engine.setup import Data
@@ -86,6 +86,7 @@ from kdjax.losses import reduce_value
 from kdjax.models import ModelOutput
 from kdjax.parallel import shardings_from_rules
 from kdjax.schemes.cohort import Cohort
+from kdjax.schemes.cohort import cohort_summary
 from kdjax.schemes.cohort import make_cohort
 from kdjax.schemes.dml import cohort_label_losses
 from kdjax.schemes.dml import cohort_metrics
@@ -449,24 +450,8 @@ def log_line(msg: str) -> None:
 def fit_run(run: Setup, config: ml_collections.ConfigDict, workdir: str, *,
             identity=IDENTITY, log: Callable[[str], None] = log_line
             ) -> tuple[Fitted, int | None]:
-  """Trains ``run`` into ``workdir`` (checked already by
-  :func:`kdjax.workdir.check_creatable`): ``config.json`` checked or written, the last
-  checkpoint resumed (state and feed position) or a fresh state, then
-  :func:`kdjax.engine.loop.fit`. Returns ``(fitted, the step resumed from or None)``."""
-  start = workdir_lib.latest_step(workdir)
-  workdir_lib.prepare(workdir, config, has_results=start is not None, identity=identity)
-  manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
-  position: dict = {}
-  if start is None:
-    state = run.init()
-  else:
-    state, position = workdir_lib.restore(manager, start, run.abstract_state)
-    run.feed.restore(position)
-    log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
-  fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
-               schedule=run.schedule, calls=run.calls, feed=run.feed, evaluate=run.evaluate,
-               log=log)
-  return fitted, start
+  """:func:`kdjax.engine.loop.fit_workdir` with a scheme's identity fields and log."""
+  return fit_workdir(run, config, workdir, identity=identity, log=log)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -484,36 +469,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   online = setup_online(config, log=log_line)
   run, size = online.run, online.cohort.size
   fitted, start = fit_run(run, config, workdir)
-  result, train, evaluation = fitted.result, fitted.train, fitted.eval
-  summary = {
-      'step': result.step,
-      'scheme': online.options['name'],
-      'ensemble': online.options['ensemble'],
-      'num_branches': size,
-      'stacked': online.cohort.stacked,
-      'eval_accuracy': evaluation.get('accuracy'),
-      'eval_loss': evaluation.get('loss'),
-      'student_accuracies': [evaluation.get(f'student_{k}/accuracy') for k in range(size)],
-      'student_losses': [evaluation.get(f'student_{k}/loss') for k in range(size)],
-      'ensemble_accuracy': evaluation.get('ensemble/accuracy'),
-      'ensemble_loss': evaluation.get('ensemble/loss'),
-      'train_loss': train.get('loss'),
-      'train_accuracy': train.get('accuracy'),
-      'examples_per_sec': result.examples_per_sec or train.get('examples_per_sec'),
-      'skipped_student_steps': result.skipped,
-      'wall_seconds': fitted.seconds,
-      'resumed_from': start,
-      'feed': run.feed_kind,
-      'num_devices': jax.device_count(),
-  }
+  summary = {'scheme': online.options['name'], 'ensemble': online.options['ensemble'],
+             'num_branches': size, 'stacked': online.cohort.stacked,
+             **cohort_summary(fitted, size, resumed_from=start, feed=run.feed_kind)}
   write_summary(workdir, summary)
   if jax.process_index() == 0:
     title = {'average': 'KDCL-Naive', 'gate': 'ONE'}[online.options['ensemble']]
     metrics_lib.plot_learning_curves(workdir, title=f'{title}, {size} branches')
   return summary
-
-
-def write_summary(workdir: str, summary: dict) -> None:
-  """``summary.json`` in ``workdir`` (process 0)."""
-  if jax.process_index() == 0:
-    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)

@@ -82,7 +82,8 @@ from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.config import base_config
 from kdjax.engine.config import validate
-from kdjax.engine.loop import fit
+from kdjax.engine.loop import fit_workdir
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import TEACHER_NEEDS
 from kdjax.engine.setup import setup
 from kdjax.errors import UserError
@@ -453,19 +454,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *, run=None,
   checkpoint starts from (default ``run.init()``; called before anything is written).
   """
   run = run or setup(config, log=_log)
-  start = workdir_lib.latest_step(workdir)
-  state = (fresh(run) if fresh else run.init()) if start is None else None
-  workdir_lib.prepare(workdir, config, has_results=start is not None, identity=IDENTITY_FIELDS,
-                      defaults=base_config())
-  manager = workdir_lib.checkpoint_manager(workdir, keep=int(config.keep_checkpoints))
-  position: dict = {}
-  if start is not None:
-    state, position = workdir_lib.restore(manager, start, run.abstract_state)
-    run.feed.restore(position)
-    _log(f'resuming from step {start} ({workdir_lib.checkpoint_dir(workdir)}/{start})')
-  fitted = fit(config, workdir, state=state, start=start, position=position, manager=manager,
-               schedule=run.schedule, calls=run.calls, feed=run.feed, evaluate=run.evaluate,
-               log=_log)
+  fitted, start = fit_workdir(run, config, workdir, identity=IDENTITY_FIELDS,
+                              defaults=base_config(),
+                              fresh=(lambda: fresh(run)) if fresh else None, log=_log)
   teacher = run.teacher
   summary = {
       **fitted.summary(resumed_from=start, feed=run.feed_kind),
@@ -473,8 +464,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *, run=None,
       'teacher_step': teacher.step if teacher else None,
       'teacher_fingerprint': teacher.fingerprint if teacher else None,
   }
-  if jax.process_index() == 0:
-    workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)
+  write_summary(workdir, summary)
   return summary
 
 
