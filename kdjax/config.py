@@ -122,6 +122,31 @@ def renamed_hint(dotted: str) -> str | None:
 
 # --------------------------------------------------------------------------- checks
 
+def with_defaults(section, defaults: Mapping[str, Any], *, dotted: str, what: str) -> dict:
+  """``section`` (a config section or dict) as a dict over ``defaults``; a field that
+  ``defaults`` does not have is a one-line :class:`UserError`.
+
+  Args:
+    section: the fields set (a ``ConfigDict`` or a mapping).
+    defaults: every field with its default.
+    dotted: the section's path under ``config`` (for the message).
+    what: what its options are of, after "is not" (``'a DML option'``).
+
+  >>> with_defaults({'weight': 2.0}, {'weight': 1.0, 'temperature': 4.0}, dotted='scheme',
+  ...               what='a DML option')
+  {'weight': 2.0, 'temperature': 4.0}
+  >>> with_defaults({'tau': 2.0}, {'weight': 1.0}, dotted='scheme', what='a DML option')
+  Traceback (most recent call last):
+  kdjax.errors.UserError: config.scheme.tau is not a DML option; its options are weight
+  """
+  raw = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
+  unknown = sorted(set(raw) - set(defaults))
+  if unknown:
+    raise UserError(f'config.{dotted}.{unknown[0]} is not {what}; its options are '
+                    f'{", ".join(defaults)}')
+  return {**defaults, **raw}
+
+
 def check_number(config: ml_collections.ConfigDict, dotted: str, ok: Callable[[float], bool],
                  what: str, *, integer: bool = False) -> None:
   """Raises a one-line :class:`UserError` unless ``config.<dotted>`` is a finite number

@@ -63,6 +63,7 @@ import optax
 from kdjax import data as kdata
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_number
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.setup import Data
@@ -123,12 +124,7 @@ def bdkd_online_options(config: ml_collections.ConfigDict) -> dict:
   Traceback (most recent call last):
   kdjax.errors.UserError: config.scheme.teacher must be a model config such as {'name': 'cnn1d'} (the student is config.model), got None
   """
-  raw = config.scheme.to_dict() if hasattr(config.scheme, 'to_dict') else dict(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not a bdkd_online option; its options '
-                    f'are {", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='a bdkd_online option')
   teacher = options['teacher']
   if not (hasattr(teacher, 'get') and isinstance(teacher.get('name'), str)):
     raise UserError("config.scheme.teacher must be a model config such as {'name': "

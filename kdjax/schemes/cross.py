@@ -58,6 +58,7 @@ from kdjax import data as kdata
 from kdjax import teacher as teacher_lib
 from kdjax import workdir as workdir_lib
 from kdjax.config import from_dict
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.feed import teacher_inputs
@@ -208,12 +209,7 @@ def cross_options(config: ml_collections.ConfigDict) -> dict:
   Traceback (most recent call last):
   kdjax.errors.UserError: config.scheme.views is not a cross option; its options are name, student_view, teacher_view, student_labels, label_map
   """
-  raw = config.scheme.to_dict() if hasattr(config.scheme, 'to_dict') else dict(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not a cross option; its options are '
-                    f'{", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='a cross option')
   for key in ('student_view', 'teacher_view'):
     view_fn(options[key])
   options['student_labels'] = _int_list(options['student_labels'], 'config.scheme.student_labels')

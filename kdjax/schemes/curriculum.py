@@ -70,6 +70,7 @@ from kdjax import data as kdata
 from kdjax import storage
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_number
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import validate
 from kdjax.engine.feed import DeviceSource
@@ -121,12 +122,7 @@ def curriculum_options(config: ml_collections.ConfigDict) -> dict:
   Traceback (most recent call last):
   kdjax.errors.UserError: config.scheme.score must be one of confidence, loss (got 'margin')
   """
-  raw = config.scheme.to_dict() if hasattr(config.scheme, 'to_dict') else dict(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not a curriculum option; its options are '
-                    f'{", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='a curriculum option')
   for key, allowed in (('score', SCORES), ('pacing', PACINGS)):
     if options[key] not in allowed:
       raise UserError(f'config.scheme.{key} must be one of {", ".join(allowed)} '

@@ -55,6 +55,7 @@ from kdjax import data as kdata
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.evaluate import make_evaluator
@@ -111,12 +112,7 @@ def scheme_options(config: ml_collections.ConfigDict) -> dict:
     UserError: an unknown field, fewer than two students, a temperature that is not
       positive, a negative weight, or a ``students`` list that is not K model configs.
   """
-  raw = config.scheme.to_dict() if hasattr(config.scheme, 'to_dict') else dict(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not a DML option; its options are '
-                    f'{", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='a DML option')
   checked = ml_collections.ConfigDict({'scheme': {k: v for k, v in options.items()
                                                   if k != 'students'}})
   check_int(checked, 'scheme.num_students', 2)

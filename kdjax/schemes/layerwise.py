@@ -59,6 +59,7 @@ from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
 from kdjax.config import merge
+from kdjax.config import with_defaults
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.config import base_config
 from kdjax.engine.config import validate
@@ -114,12 +115,7 @@ def layerwise_options(config: ml_collections.ConfigDict) -> dict:
   Traceback (most recent call last):
   kdjax.errors.UserError: config.scheme.hints: the student depths must increase from stage to stage (got 2, 1)
   """
-  raw = config.scheme.to_dict() if hasattr(config.scheme, 'to_dict') else dict(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not a layerwise option; its options are '
-                    f'{", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='a layerwise option')
   if options['train'] not in TRAIN:
     raise UserError(f'config.scheme.train must be one of {", ".join(TRAIN)} '
                     f'(got {options["train"]!r})')

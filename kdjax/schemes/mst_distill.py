@@ -89,6 +89,7 @@ from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
 from kdjax.config import from_dict
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import validate
 from kdjax.engine.evaluate import make_evaluator
@@ -155,12 +156,7 @@ def mst_options(config: ml_collections.ConfigDict) -> dict:
   Traceback (most recent call last):
   kdjax.errors.UserError: config.scheme.teachers is empty; list the teachers' workdirs, e.g. [{'workdir': 'workdirs/teacher_mm', 'label_map': None}, ...]
   """
-  raw = config.scheme.to_dict() if hasattr(config.scheme, 'to_dict') else dict(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not an mst_distill option; its options '
-                    f'are {", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='an mst_distill option')
   checked = ml_collections.ConfigDict({'scheme': {k: v for k, v in options.items()
                                                   if k not in ('teachers', 'student_view')}})
   check_int(checked, 'scheme.top_k', 1)

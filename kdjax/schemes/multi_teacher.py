@@ -66,6 +66,7 @@ from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
 from kdjax.config import from_dict
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import validate
 from kdjax.engine.evaluate import make_evaluator
@@ -133,12 +134,7 @@ def multi_teacher_options(config: ml_collections.ConfigDict) -> dict:
   Traceback (most recent call last):
   kdjax.errors.UserError: config.scheme.teachers is empty; list the teacher workdirs, e.g. --config.scheme.teachers="[{'workdir': 'workdirs/teacher'}, {'workdir': 'workdirs/teacher_mlp'}]"
   """
-  raw = config.scheme.to_dict() if hasattr(config.scheme, 'to_dict') else dict(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not a multi_teacher option; its options '
-                    f'are {", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='a multi_teacher option')
   teachers = options['teachers']
   if not isinstance(teachers, (list, tuple)) or not teachers:
     raise UserError('config.scheme.teachers is empty; list the teacher workdirs, e.g. '

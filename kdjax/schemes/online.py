@@ -63,6 +63,7 @@ from kdjax import data as kdata
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.evaluate import make_evaluator
@@ -131,12 +132,7 @@ def online_options(config: ml_collections.ConfigDict) -> dict:
   Traceback (most recent call last):
   kdjax.errors.UserError: config.scheme.num_branches must be an integer >= 2, got 1
   """
-  raw = config.scheme.to_dict() if hasattr(config.scheme, 'to_dict') else dict(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not an option of the online ensembles '
-                    f'(kdcl, one); their options are {", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='an option of the online ensembles (kdcl, one)')
   checked = ml_collections.ConfigDict({'scheme': {k: v for k, v in options.items()
                                                   if k != 'students'}})
   check_int(checked, 'scheme.num_branches', 2)

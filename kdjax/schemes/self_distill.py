@@ -85,6 +85,7 @@ from kdjax import data as kdata
 from kdjax import workdir as workdir_lib
 from kdjax.config import check_int
 from kdjax.config import check_number
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.optim import make_optimizer
@@ -150,11 +151,7 @@ def self_options(config: ml_collections.ConfigDict) -> dict:
   if name not in DEFAULTS:
     raise UserError(f'config.scheme.name {name!r} is not a self-distillation scheme; use one '
                     f'of {", ".join(NAMES)}')
-  unknown = sorted(set(raw) - set(DEFAULTS[name]))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not an option of {name}; its options are '
-                    f'{", ".join(DEFAULTS[name])}')
-  options = {**DEFAULTS[name], **raw}
+  options = with_defaults(raw, DEFAULTS[name], dotted='scheme', what=f'an option of {name}')
   checked = ml_collections.ConfigDict({'scheme': {k: v for k, v in options.items()
                                                   if k != 'heads'}})
   if 'temperature' in options:

@@ -78,6 +78,7 @@ from kdjax.config import check_int
 from kdjax.config import config_to_dict
 from kdjax.config import load_config_file
 from kdjax.config import merge
+from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.config import base_config
@@ -166,12 +167,7 @@ def scheme_options(config: ml_collections.ConfigDict) -> dict:
   Raises:
     UserError: an unknown field or method, or a number out of range.
   """
-  raw = _plain(config.scheme)
-  unknown = sorted(set(raw) - set(DEFAULTS))
-  if unknown:
-    raise UserError(f'config.scheme.{unknown[0]} is not a stages option; its options are '
-                    f'{", ".join(DEFAULTS)}')
-  options = {**DEFAULTS, **raw}
+  options = with_defaults(config.scheme, DEFAULTS, dotted='scheme', what='a stages option')
   if options['method'] not in METHODS:
     raise UserError(f'config.scheme.method must be one of {", ".join(METHODS)} '
                     f'(got {options["method"]!r})')
