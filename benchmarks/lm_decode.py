@@ -14,9 +14,11 @@ would make the parity check vacuous. ``--checkpoint DIR`` reads a
 trained Hugging Face folder instead (e.g. one written by
 ``kdjax.models.save_pretrained``), on both sides.
 
-* **kdjax**: :func:`kdjax.models.generate` (prefill of the left-padded prompts, then a
-  ``lax.while_loop`` of one-token steps with the key/value cache; jitted, compiled once
-  per shape and settings). The first call of each shape is timed apart
+* **kdjax**: a :func:`kdjax.models.generator` per length and settings (the weights read
+  once, as the loaded ``transformers`` model holds them; :func:`kdjax.models.generate`
+  reads them at every call), called on the prompts: prefill of the left-padded prompts,
+  then a ``lax.while_loop`` of one-token steps with the key/value cache; jitted,
+  compiled once per shape and settings. The first call of each shape is timed apart
   (``kdjax_first_call_seconds``: tracing, compiling, running) and excluded from the
   figures; the XLA compilations during the timed calls are counted
   (``kdjax_compiles_during_timing``, 0 when nothing recompiles).
@@ -242,7 +244,8 @@ def sampling_kwargs(sampling: str) -> tuple[dict, dict]:
 
 
 class KdjaxSide:
-  """``kdjax.models.generate`` on device-resident prompts, counting XLA compilations."""
+  """``kdjax.models.generator`` calls on device-resident prompts, counting XLA
+  compilations."""
 
   compiles = 0
 
@@ -253,6 +256,7 @@ class KdjaxSide:
     # Each batch size's prompts on the device beforehand (a slice there compiles too).
     self.prompts = {b: tuple(jnp.asarray(a[:b]) for a in prompts) for b in batches}
     self.sampling = sampling
+    self.generators = {}
     jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
   @classmethod
@@ -263,10 +267,13 @@ class KdjaxSide:
   def generate(self, batch: int, new: int, sampling: str | None = None):
     """One call on the first ``batch`` prompts; its tokens (waited for)."""
     from kdjax import models
-    kw, _ = sampling_kwargs(sampling or self.sampling)
+    mode = sampling or self.sampling
+    if (new, mode) not in self.generators:
+      kw, _ = sampling_kwargs(mode)
+      self.generators[new, mode] = models.generator(self.module, max_new_tokens=new,
+                                                    pad_id=PAD_ID, **kw)
     ids, mask = self.prompts[batch]
-    out = models.generate(self.module, ids, mask, max_new_tokens=new, rng=0, pad_id=PAD_ID,
-                          **kw)
+    out = self.generators[new, mode](ids, mask, 0)
     return self.jax.block_until_ready(out.tokens)
 
   def calls(self, batch: int, new: int, n: int) -> float:

@@ -20,6 +20,7 @@ from kdjax.models.bert import tokenize_texts
 from kdjax.models.cnn import CNN
 from kdjax.models.decoding import Generation
 from kdjax.models.decoding import generate
+from kdjax.models.decoding import generator
 from kdjax.models.decoding import left_pad
 from kdjax.models.decoding import sample
 from kdjax.models.hf import Family

@@ -186,13 +186,15 @@ def sample(apply: Callable[..., Any], params: Any, state: Any, prompt_ids: Array
 
   Args:
     apply: the decoder's pure ``apply(params, state, input_ids, *, attention_mask,
-      cache) -> (ModelOutput, state)`` (:func:`kdjax.models.functional`).
+      cache, logits_to_keep) -> (ModelOutput, state)`` (:func:`kdjax.models.functional`).
     params: its parameters.
     state: its non-parameter state.
     prompt_ids: ``[batch, P]`` int32, left-padded; every row needs at least one token.
     prompt_mask: ``[batch, P]``, 1 on the prompt tokens.
     rng: a PRNG key (unused when greedy).
-    init_cache: ``init_cache(batch, max_length)`` -> an empty cache for the decoder.
+    init_cache: ``init_cache(batch, max_length)`` -> an empty
+      :class:`~kdjax.models.transformer.KVCache` for the decoder (the prompt is read
+      into one of length ``P``, then it grows).
     max_new_tokens: tokens to generate per row (static).
     temperature: 0 for greedy decoding (static).
     top_k: optional top-k cut (static).
@@ -213,9 +215,11 @@ def sample(apply: Callable[..., Any], params: Any, state: Any, prompt_ids: Array
   if max_positions is not None:
     check_context(plen, max_new_tokens, max_positions)
   prompt_mask = prompt_mask.astype(jnp.int32)
-  cache = init_cache(batch, plen + max_new_tokens)
+  # The prompt is read into a cache of its own length (its attention spans its P slots,
+  # and only its last token's logits are made), then the cache grows by the new tokens.
   out, _ = apply(params, state, prompt_ids.astype(jnp.int32), attention_mask=prompt_mask,
-                 cache=cache)
+                 cache=init_cache(batch, plen), logits_to_keep=1)
+  out = out._replace(cache=out.cache.grow(max_new_tokens))
   stops = jnp.asarray(tuple(stop_tokens) or (-1,), jnp.int32)
 
   def pick(carry):
@@ -281,6 +285,9 @@ def generate(module: nnx.Module, prompt_ids, prompt_mask=None, *, max_new_tokens
              pad_id: int = 0) -> Generation:
   """:func:`sample` for a decoder module (jitted; compiled once per shape and settings).
 
+  Each call reads the module's current weights (a few milliseconds in Python); to
+  generate many times from the same weights, make a :func:`generator` once.
+
   Args:
     module: a :class:`kdjax.models.transformer.Decoder`.
     prompt_ids: ``[batch, P]`` left-padded ids (see :func:`left_pad`).
@@ -297,23 +304,53 @@ def generate(module: nnx.Module, prompt_ids, prompt_mask=None, *, max_new_tokens
     UserError: a prompt plus ``max_new_tokens`` longer than the model's context, or
       meaningless sampling settings.
   """
+  return generator(module, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, stop_tokens=stop_tokens,
+                   pad_id=pad_id)(prompt_ids, prompt_mask, rng)
+
+
+def generator(module: nnx.Module, *, max_new_tokens: int, temperature: float = 0.0,
+              top_k: int | None = None, top_p: float | None = None,
+              stop_tokens: Sequence[int] = (), pad_id: int = 0
+              ) -> Callable[..., Generation]:
+  """``gen(prompt_ids, prompt_mask=None, rng=0) -> Generation``: :func:`generate` with
+  the module's weights read once, now (a snapshot: after training the module, make a
+  new generator). The settings are :func:`generate`'s.
+
+  >>> from kdjax.models import create
+  >>> m = create('llama', num_classes=11, input_shape=(8,), hidden_size=16, num_layers=1,
+  ...            num_heads=2, num_kv_heads=1)
+  >>> gen = generator(m, max_new_tokens=3)
+  >>> ids, mask = left_pad([[5, 6], [7]])
+  >>> g = gen(ids, mask)
+  >>> g.tokens.shape, bool((g.tokens == generate(m, ids, mask, max_new_tokens=3).tokens).all())
+  ((2, 3), True)
+
+  Raises:
+    UserError: meaningless sampling settings; when called, a prompt plus
+      ``max_new_tokens`` longer than the model's context.
+  """
   check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p)
-  prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-  if prompt_ids.ndim != 2:
-    raise UserError(f'prompt_ids must be [batch, tokens], got shape {prompt_ids.shape}.')
-  prompt_mask = (jnp.ones_like(prompt_ids) if prompt_mask is None
-                 else jnp.asarray(prompt_mask, jnp.int32))
   config = module.config
-  check_context(prompt_ids.shape[1], max_new_tokens, config.max_positions)
-  if isinstance(rng, (int, np.integer)):
-    rng = jax.random.key(int(rng))
   view = nnx.view(module, deterministic=True, raise_if_not_found=False)
   graphdef, params, state = nnx.split(view, nnx.Param, ...)
   run = _compiled(graphdef, config, max_new_tokens, float(temperature), top_k,
                   None if top_p is None else float(top_p), tuple(int(t) for t in stop_tokens),
                   int(pad_id))
-  return run(params, state, prompt_ids, prompt_mask, rng)
+
+  def gen(prompt_ids, prompt_mask=None, rng: Array | int = 0) -> Generation:
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    if prompt_ids.ndim != 2:
+      raise UserError(f'prompt_ids must be [batch, tokens], got shape {prompt_ids.shape}.')
+    prompt_mask = (jnp.ones_like(prompt_ids) if prompt_mask is None
+                   else jnp.asarray(prompt_mask, jnp.int32))
+    check_context(prompt_ids.shape[1], max_new_tokens, config.max_positions)
+    if isinstance(rng, (int, np.integer)):
+      rng = jax.random.key(int(rng))
+    return run(params, state, prompt_ids, prompt_mask, rng)
+
+  return gen
 
 
 @functools.lru_cache(maxsize=16)

@@ -268,6 +268,20 @@ class KVCache(NamedTuple):
   positions: jax.Array
   index: jax.Array
 
+  def grow(self, n: int) -> KVCache:
+    """The cache with ``n`` more empty slots at the end (a prompt is read into a cache
+    of its own length, so its attention spans only its tokens, then the cache grows
+    for the tokens to generate).
+
+    >>> c = init_cache(DecoderConfig.llama(vocab_size=10, hidden_size=8, num_layers=1,
+    ...                                    num_heads=2, num_kv_heads=1), 3, 5).grow(2)
+    >>> c.keys[0].shape, c.mask.shape
+    ((3, 7, 1, 4), (3, 7))
+    """
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, int(n))] + [(0, 0)] * (a.ndim - 2))
+    return self._replace(keys=tuple(map(pad, self.keys)), values=tuple(map(pad, self.values)),
+                         mask=pad(self.mask))
+
 
 def init_cache(config_or_module: DecoderConfig | Decoder, batch: int, max_length: int,
                dtype: Any = None) -> KVCache:
@@ -604,9 +618,11 @@ class Decoder(nnx.Module):
 
   ``__call__(input_ids, *, attention_mask=None, positions=None, segment_ids=None,
   cache=None, output_hidden_states=False, output_attentions=False,
-  output_qkv=False) -> ModelOutput``
+  output_qkv=False, logits_to_keep=0) -> ModelOutput``
 
-  * ``input_ids``: int ``[B, T]``; ``logits``: ``[B, T, vocab]`` (computation dtype).
+  * ``input_ids``: int ``[B, T]``; ``logits``: ``[B, T, vocab]`` (computation dtype),
+    or ``[B, n, vocab]`` for the last ``n`` tokens with ``logits_to_keep=n > 0`` (a
+    prompt read for decoding needs only its last token's).
   * ``attention_mask``: ``[B, T]``, 1 for real tokens, 0 for padding (left padding for
     generation); padding keys are never attended to.
   * ``segment_ids``: ``[B, T]`` for packed rows: a token attends (causally) only to
@@ -673,6 +689,7 @@ class Decoder(nnx.Module):
       output_hidden_states: bool = False,
       output_attentions: bool = False,
       output_qkv: bool = False,
+      logits_to_keep: int = 0,
   ) -> ModelOutput:
     c = self.config
     input_ids = jnp.asarray(input_ids)
@@ -745,10 +762,11 @@ class Decoder(nnx.Module):
     h = self.final_norm(h)
     hidden[-1] = h
 
+    last = h[:, -int(logits_to_keep):] if logits_to_keep else h
     if self.lm_head is None:
-      logits = tied_logits(h, self.embed.embedding[...].astype(c.dtype))
+      logits = tied_logits(last, self.embed.embedding[...].astype(c.dtype))
     else:
-      logits = self.lm_head(h)
+      logits = self.lm_head(last)
     new_cache = None
     if cache is not None:
       new_cache = KVCache(keys=tuple(keys), values=tuple(values), mask=slot_mask,

@@ -146,3 +146,42 @@ def test_bad_requests_are_one_line_user_errors(model):
     gen.generate(model, np.ones((1, 3), np.int32), max_new_tokens=2, temperature=1.0, top_p=1.5)
   with pytest.raises(UserError, match='at least one token'):
     gen.left_pad([[1, 2], []])
+
+
+def test_logits_to_keep_gives_the_last_tokens_logits_and_the_same_cache(model):
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 37, (2, 6)), jnp.int32)
+  mask = jnp.asarray([[0, 0, 1, 1, 1, 1], [1] * 6], jnp.int32)
+  cache = transformer.init_cache(model.config, 2, 6)
+  with jax.default_matmul_precision('highest'):
+    full = model(ids, attention_mask=mask, cache=cache)
+    last = model(ids, attention_mask=mask, cache=cache, logits_to_keep=2)
+  assert last.logits.shape == (2, 2, 37)
+  np.testing.assert_allclose(last.logits, full.logits[:, -2:], rtol=1e-6, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, last.cache, full.cache)
+
+
+def test_a_cache_grown_after_the_prompt_decodes_as_one_sized_for_everything(model):
+  # The prompt read into a cache of its own length, then grown, continues exactly as
+  # in a cache made for prompt + new tokens from the start.
+  ids = jnp.asarray([[0, 0, 3, 4, 5], [6, 7, 8, 9, 10]], jnp.int32)
+  mask = (ids > 0).astype(jnp.int32)
+  step = jnp.asarray([[11], [12]], jnp.int32)
+  with jax.default_matmul_precision('highest'):
+    grown = model(ids, attention_mask=mask, cache=transformer.init_cache(model.config, 2, 5))
+    big = model(ids, attention_mask=mask, cache=transformer.init_cache(model.config, 2, 8))
+    a = model(step, cache=grown.cache.grow(3))
+    b = model(step, cache=big.cache)
+  np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+  assert a.cache.mask.shape == b.cache.mask.shape == (2, 8)
+  np.testing.assert_array_equal(a.cache.mask, b.cache.mask)
+
+
+def test_a_generator_reads_the_weights_once_and_equals_generate(model):
+  prompts, mask = gen.left_pad([[1, 2, 3], [4]])
+  g = gen.generator(model, max_new_tokens=5, temperature=1.0, top_k=8)
+  a, b = g(prompts, mask, 3), gen.generate(model, prompts, mask, max_new_tokens=5, rng=3,
+                                           temperature=1.0, top_k=8)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.mask, b.mask)
+  with pytest.raises(UserError, match='max_positions|context'):
+    g(np.ones((1, 30), np.int32))
