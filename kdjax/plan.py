@@ -747,14 +747,26 @@ def _array_bytes(text: str) -> list[int]:
 
 
 def _group_size(line: str, default: int) -> int:
-  """Devices per group of a collective: ``replica_groups={{0,1},{2,3}}`` or the iota form
-  ``replica_groups=[4,2]<=[8]`` (last dimension); a collective-permute's pairs count 2."""
+  """Devices per group of a collective: ``replica_groups={{0,1},{2,3}}``, the iota form
+  ``replica_groups=[4,2]<=[8]`` (last dimension), or the mesh form of libtpu's compiler
+  ``replica_groups=mesh['axis_0'=16,'axis_1'=4], device_ids=(...) {'axis_0'}`` (the
+  product of the named axes); a collective-permute's pairs count 2.
+
+  >>> _group_size("replica_groups=mesh['axis_0'=16,'axis_1'=4] {'axis_0','axis_1'}", 2)
+  64
+  """
   m = re.search(r'replica_groups=\{\{([\d,]+)\}', line)
   if m:
     return len(m.group(1).split(','))
   m = re.search(r'replica_groups=\[([\d,]+)\]<=', line)
   if m:
     return int(m.group(1).split(',')[-1])
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
+  if m:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+    named = re.findall(r"'([^']+)'", m.group(2))
+    if named and all(a in sizes for a in named):
+      return math.prod(int(sizes[a]) for a in named)
   return default
 
 
@@ -762,15 +774,33 @@ def collective_bytes(hlo_text: str, num_devices: int = 2) -> dict:
   """``{op: {'count', 'bytes', 'link_bytes'}}`` over the collectives of an optimized HLO
   module's text: ``bytes`` the full arrays the ops produce (an all-gather's result, a
   reduce-scatter's operand, ...), ``link_bytes`` what each device sends in the ring model
-  of the module docstring. Async ``*-start`` ops count once (their ``*-done`` not).
+  of the module docstring. Each collective counts once however often its text appears:
+
+  * async ``*-start`` ops count once (their ``*-done`` not); an all-gather's or a
+    collective-permute's start result holds its operands, then its results (then context
+    scalars): only the results count;
+  * libtpu's compiler splits an asynchronous collective into a start fusion
+    (``AsyncCollectiveStart``), continuation fusions (``async_collective_fusion.N``,
+    the collective overlapped with computation) and a done fusion
+    (``AsyncCollectiveDone``), each holding a copy of the collective with the same
+    ``channel_id``: copies with the same op, ``channel_id`` and result shapes are one
+    collective (counted each, they made ``kdjax plan`` report 3.2 times the all-gathered
+    bytes of the 7B -> 1B plan, ``benchmarks/RESULTS.md``);
+  * an all-reduce inside libtpu's ``all-reduce-scatter`` fusion computation is that
+    fusion's reduce-scatter (its operand the full array, sent once, not twice).
+
+  A collective inside a while loop's body counts once, not once per iteration.
 
   >>> hlo = ('%ag = bf16[8,4]{1,0} all-gather(bf16[2,4]{1,0} %p), replica_groups={{0,1,2,3}}'
   ...        ', dimensions={0}')
   >>> collective_bytes(hlo)['all-gather']
   {'count': 1, 'bytes': 64, 'link_bytes': 48.0}
   """
-  out = {}
+  out, seen, computation = {}, set(), ''
   for line in hlo_text.splitlines():
+    if line[:1] not in ('', ' ', '\t') and line.rstrip().endswith('{'):
+      computation = line.split()[1 if line.startswith('ENTRY') else 0].lstrip('%')
+      continue
     m = _INSTR.match(line) if any(c in line for c in COLLECTIVES) else None
     if not m:
       continue
@@ -778,13 +808,29 @@ def collective_bytes(hlo_text: str, num_devices: int = 2) -> dict:
     kind = op[:-len('-start')] if op.endswith('-start') else op
     if kind not in COLLECTIVES:
       continue
-    results = _array_bytes(result_type)
-    operands = _array_bytes(rest.split(')', 1)[0]) if '(' not in rest.split(')', 1)[0] else []
-    if not results:
+    arrays = _ARRAY.findall(result_type)
+    head = rest.split(')', 1)[0]
+    operands = _array_bytes(head) if '(' not in head else []
+    if not arrays:
       continue
-    result = results[-1] if op.endswith('-start') else sum(results)
-    operand = sum(operands) if operands else result
+    channel = re.search(r'\bchannel_id=(\d+)', line)
+    if channel:
+      key = (kind, channel.group(1), tuple(arrays))
+      if key in seen:
+        continue
+      seen.add(key)
+    if op in ('all-gather-start', 'collective-permute-start'):
+      while len(arrays) > 1 and arrays[-1] in (('u32', ''), ('s32', '')):
+        arrays.pop()                            # the context scalars
+      arrays = arrays[len(arrays) // 2:]        # (operands, results)
+    result = sum(_DTYPE_BYTES[d] * math.prod(int(s) for s in dims.split(',') if s)
+                 for d, dims in arrays)
     n = _group_size(line, num_devices)
+    if kind == 'all-reduce' and computation.startswith('all-reduce-scatter'):
+      kind, operands = 'reduce-scatter', [result]
+    elif kind == 'reduce-scatter' and not operands:   # operands printed without types
+      operands = [result * n]
+    operand = sum(operands) if operands else result
     share = (n - 1) / n if n > 1 else 0.0
     if kind == 'all-gather':
       full, sent = result, result * share

@@ -124,3 +124,73 @@ def test_chip_table_units():
   v5e = plan_lib.CHIPS['v5e']
   assert v5e.hbm_bytes == 16 * 2**30 and math.isclose(v5e.peak_flops, 197e12)
   assert set(plan_lib.TPUS) | set(plan_lib.GPUS) == set(plan_lib.CHIPS)
+
+
+# libtpu's optimized HLO (trimmed from the 7B -> 1B plan, benchmarks/RESULTS.md): one
+# asynchronous all-gather written three times (start fusion, continuation fusion, done
+# fusion; one channel_id), its groups in the mesh form, a reduce-scatter as an all-reduce
+# inside an all-reduce-scatter fusion, and a collective-permute-start with context scalars.
+TPU_HLO = r"""
+%fused_computation.918 (param_0.2926: bf16[256,11008]) -> (bf16[256,11008], bf16[4096,11008], s32[2], u32[]) {
+  %param_0.2926 = bf16[256,11008]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %all-gather.432 = bf16[4096,11008]{1,0:T(8,128)(2,1)} all-gather(%param_0.2926), channel_id=39, replica_groups=mesh['axis_0'=16,'axis_1'=1,'axis_2'=16], device_ids=([16,16]T(1,0)) {'axis_0'}, dimensions={0}, use_global_device_ids=true
+  ROOT %custom-call.114 = (bf16[256,11008]{1,0:T(8,128)(2,1)S(1)}, bf16[4096,11008]{1,0:T(8,128)(2,1)}, s32[2]{0:S(4)}, u32[]{:S(2)}) custom-call(%all-gather.432), custom_call_target="AsyncCollectiveStart"
+}
+
+%async_collective_fusion.920 (param_0.2848: bf16[256,11008], param_9.317: bf16[4096,11008], param_10.339: bf16[2,2048,4096]) -> (bf16[2,2048,11008], bf16[4096,11008]) {
+  %param_0.2848 = bf16[256,11008]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %all-gather.434 = bf16[4096,11008]{1,0:T(8,128)(2,1)S(1)} all-gather(%param_0.2848), channel_id=39, replica_groups=mesh['axis_0'=16,'axis_1'=1,'axis_2'=16], device_ids=([16,16]T(1,0)) {'axis_0'}, dimensions={0}, use_global_device_ids=true
+}
+
+%fused_computation.897 (param_0.2851: bf16[256,11008], param_1.3007: bf16[4096,11008]) -> bf16[4096,11008] {
+  %param_0.2851 = bf16[256,11008]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %all-gather.436 = bf16[4096,11008]{1,0:T(8,128)(2,1)} all-gather(%param_0.2851), channel_id=39, replica_groups=mesh['axis_0'=16,'axis_1'=1,'axis_2'=16], device_ids=([16,16]T(1,0)) {'axis_0'}, dimensions={0}, use_global_device_ids=true
+  ROOT %custom-call.88 = bf16[4096,11008]{1,0:T(8,128)(2,1)S(1)} custom-call(%param_0.2851, %param_1.3007, %all-gather.436), custom_call_target="AsyncCollectiveDone"
+}
+
+%all-reduce-scatter.4 (input.4: bf16[2048,32000]) -> bf16[144,32000] {
+  %input.4 = bf16[2048,32000]{1,0:T(8,128)(2,1)} parameter(0)
+  %pad.71 = bf16[2304,32000]{1,0:T(8,128)(2,1)} pad(%input.4, %constant.1107), padding=0_256x0_0
+  %all-reduce.60 = bf16[2304,32000]{1,0:T(8,128)(2,1)} all-reduce(%pad.71), channel_id=124, replica_groups={{0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}}, to_apply=%add
+}
+
+ENTRY %main.83_spmd (param.31: bf16[256,11008]) -> bf16[4096,11008] {
+  %collective-permute-start = (bf16[144,32000]{1,0:T(8,128)(2,1)}, bf16[144,32000]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%fusion.5), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  %collective-permute-done = bf16[144,32000]{1,0:T(8,128)(2,1)} collective-permute-done(%collective-permute-start)
+  %all-reduce.2 = bf16[32000,2048]{1,0:T(8,128)(2,1)} all-reduce(%scatter_custom_fusion), channel_id=75, replica_groups=mesh['axis_0'=256,'axis_1'=1,'axis_2'=1] {'axis_0','axis_1'}, use_global_device_ids=true, to_apply=%region_45
+}
+"""
+
+
+def test_collective_bytes_counts_libtpu_async_copies_once():
+  got = plan_lib.collective_bytes(TPU_HLO)
+  gathered = 2 * 4096 * 11008
+  assert got['all-gather'] == {'count': 1, 'bytes': gathered, 'link_bytes': gathered * 15 / 16}
+  scattered = 2 * 2304 * 32000   # the padded operand, sent once (ring reduce-scatter)
+  assert got['reduce-scatter'] == {'count': 1, 'bytes': scattered,
+                                   'link_bytes': scattered * 15 / 16}
+  reduced = 2 * 32000 * 2048
+  assert got['all-reduce'] == {'count': 1, 'bytes': reduced,
+                               'link_bytes': 2 * reduced * 255 / 256}
+  permuted = 2 * 144 * 32000
+  assert got['collective-permute'] == {'count': 1, 'bytes': permuted,
+                                       'link_bytes': float(permuted)}
+
+
+def test_collective_bytes_keeps_collectives_that_share_a_channel():
+  """Same channel, other shapes: two collectives (libtpu numbers some so)."""
+  hlo = '\n'.join([
+      '%a = bf16[64]{0} all-gather(%x), channel_id=1, replica_groups={{0,1}}, dimensions={0}',
+      '%b = bf16[32]{0} all-gather(%y), channel_id=1, replica_groups={{0,1}}, dimensions={0}',
+      '%c = bf16[64]{0} all-gather(%z), replica_groups={{0,1}}, dimensions={0}',
+      '%d = bf16[64]{0} all-gather(%z), replica_groups={{0,1}}, dimensions={0}',
+  ])
+  assert plan_lib.collective_bytes(hlo)['all-gather']['count'] == 4
+
+
+def test_collective_bytes_reduce_scatter_with_untyped_operand():
+  """libtpu prints operands without their types: the operand is the result times n."""
+  hlo = ('%r = f32[256]{0} reduce-scatter(%w), channel_id=2, replica_groups={{0,1,2,3}}, '
+         'dimensions={0}, to_apply=%add')
+  assert plan_lib.collective_bytes(hlo)['reduce-scatter'] == {
+      'count': 1, 'bytes': 4096, 'link_bytes': 4096 * 3 / 4}
