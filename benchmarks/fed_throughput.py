@@ -95,7 +95,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 if ROOT not in sys.path:
@@ -252,7 +252,6 @@ class SequentialRunner(Runner):
 
   def __init__(self, apply, params, state, data, num_clients):
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from kdjax.federated.local import epoch_orders

@@ -16,7 +16,6 @@ torch = pytest.importorskip('torch')
 F = torch.nn.functional
 
 from kdjax.losses import crd  # noqa: E402
-from kdjax.losses import features  # noqa: E402
 from kdjax.losses import ofa  # noqa: E402
 from kdjax.losses import registry  # noqa: E402
 
