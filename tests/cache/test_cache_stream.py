@@ -124,9 +124,10 @@ def other_data_cache(tmp_path, cache_dir):
 
 
 def test_cache_of_other_data_is_refused_by_the_stream_feed(tmp_path, other_data_cache,
-                                                           distill_args, cli):
-  out = cli(['distill', *distill_args, '--config.data.feed=stream', '--workdir',
-             str(tmp_path / 'w'), f'--config.teacher.cache={other_data_cache}'], check=False)
+                                                           distill_args, kdjax_main):
+  out = kdjax_main(['distill', *distill_args, '--config.data.feed=stream', '--workdir',
+                    str(tmp_path / 'w'), f'--config.teacher.cache={other_data_cache}'],
+                   check=False)
   assert out.returncode == 2, out.stderr
   lines = _errors(out.stderr)
   assert len(lines) == 1 and 'other data' in lines[0], out.stderr
