@@ -66,20 +66,24 @@ def patches_conv_general_dilated(
 ) -> jax.Array:
   """A drop-in for ``lax.conv_general_dilated`` (as ``nnx.Conv`` calls it) via im2col.
 
-  Supports what the zoo uses: channels-last input ``[N, *spatial, C]``, kernel
-  ``[*window, C, O]``, any strides and kernel dilation, explicit or 'SAME'/'VALID'
-  padding, one feature group, no input dilation.
+  Channels-last input ``[N, *spatial, C]``, kernel ``[*window, C / groups, O]``; any
+  strides and kernel dilation, explicit or 'SAME'/'VALID' padding. im2col covers one
+  feature group without input dilation (every conv of the zoo); grouped and
+  input-dilated convolutions go to ``lax.conv_general_dilated`` itself.
   """
-  del dimension_numbers, out_sharding  # nnx.Conv always passes channels-last specs
   nsp = lhs.ndim - 2
+  if feature_group_count != 1 or any(d != 1 for d in ntuple(lhs_dilation, nsp)):
+    spatial = 'DHW'[-nsp:]
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers or (f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'),
+        feature_group_count=feature_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+  del dimension_numbers, out_sharding  # nnx.Conv always passes channels-last specs
   window = rhs.shape[:nsp]
   strides = ntuple(tuple(window_strides), nsp)
   rhs_dil = ntuple(rhs_dilation, nsp)
-  if feature_group_count != 1 or any(d != 1 for d in ntuple(lhs_dilation, nsp)):
-    raise NotImplementedError(
-        "conv_impl='patches' supports feature_group_count=1 and no input "
-        "dilation; use conv_impl='xla'."
-    )
   if isinstance(padding, str):
     pads = jax.lax.padtype_to_pads(
         lhs.shape[1:-1],

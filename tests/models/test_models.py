@@ -587,6 +587,19 @@ def test_wrn_dropout_sits_in_every_block():
 # --------------------------------------------------------------- conv lowering
 
 
+@pytest.mark.parametrize('groups,lhs_dilation', [(2, (1, 1)), (1, (2, 1))])
+def test_patches_conv_covers_grouped_and_input_dilated_convs(groups, lhs_dilation):
+  # im2col has no form for these; the drop-in hands them to lax.conv_general_dilated.
+  x, w = _x((2, 6, 6, 4), 3), _x((3, 3, 4 // groups, 6), 4)
+  kw = dict(lhs_dilation=lhs_dilation, feature_group_count=groups, precision='highest')
+  pad = [(1, 1), (1, 1)]
+  ref = jax.lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=(
+      'NHWC', 'HWIO', 'NHWC'), **kw)
+  got = jax.jit(lambda x, w: layers.patches_conv_general_dilated(x, w, (1, 1), pad, **kw))(
+      x, w)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     'shape,window,strides,padding,dilation',
     [
