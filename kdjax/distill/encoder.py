@@ -80,6 +80,7 @@ from kdjax.distill.sentence import sentence_vectors
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import IDENTITY_FIELDS
 from kdjax.engine.loop import fit
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import Setup
 from kdjax.engine.setup import setup
 from kdjax.errors import Diverged
@@ -244,7 +245,7 @@ def distill_encoder(config, workdir: str) -> dict[str, Any]:
       'teacher_path': str(enc_run.teacher.config.hf_path),
       'teacher_fingerprint': enc_run.teacher.fingerprint, 'eval_lines': enc_run.eval_lines,
   }
-  workdir_lib.write_json(storage.join(workdir, workdir_lib.SUMMARY), summary)
+  write_summary(workdir, summary)
   _log('after distillation: ' + _figures(evaluation))
   plot_curves(workdir)
   return summary

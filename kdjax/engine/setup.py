@@ -292,7 +292,7 @@ def _check_bank_rows(config, num_train: int | None) -> None:
   if num_train is None:
     return
   for name, term in config.loss.terms.items():
-    n_data = _plain(term).get('n_data') if hasattr(term, 'get') else None
+    n_data = term.get('n_data')
     if n_data is not None and int(n_data) < num_train:
       raise UserError(f'config.loss.terms.{name}.n_data is {int(n_data)}, fewer rows than the '
                       f'{num_train} examples of {config.data.name}:{config.data.train_split}; '

@@ -66,6 +66,7 @@ from kdjax.config import check_number
 from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.evaluate import make_evaluator
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import Data
 from kdjax.engine.setup import Setup
 from kdjax.engine.setup import setup
@@ -87,7 +88,6 @@ from kdjax.schemes.online import check_label_objective
 from kdjax.schemes.online import fit_run
 from kdjax.schemes.online import log_line
 from kdjax.schemes.online import with_step
-from kdjax.schemes.online import write_summary
 
 NAME = 'bdkd_online'
 TEACHER_LOSSES = ('kl', 'bdkd')

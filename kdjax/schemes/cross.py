@@ -62,6 +62,7 @@ from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.feed import teacher_inputs
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import Data
 from kdjax.engine.setup import setup
 from kdjax.engine.state import TrainState
@@ -78,7 +79,6 @@ from kdjax.schemes.online import IDENTITY
 from kdjax.schemes.online import fit_run
 from kdjax.schemes.online import log_line
 from kdjax.schemes.online import with_step
-from kdjax.schemes.online import write_summary
 
 NAME = 'cross'
 COARSE5 = (0, 0, 1, 1, 2, 2, 3, 3, 4, 4)   # MNIST-1D digits in pairs: 5 coarse classes

@@ -76,13 +76,13 @@ from kdjax.engine.config import validate
 from kdjax.engine.feed import DeviceSource
 from kdjax.engine.feed import Feed
 from kdjax.engine.loop import TrainCalls
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import Setup
 from kdjax.engine.setup import setup
 from kdjax.errors import UserError
 from kdjax.schemes.online import IDENTITY
 from kdjax.schemes.online import fit_run
 from kdjax.schemes.online import log_line
-from kdjax.schemes.online import write_summary
 
 NAME = 'curriculum'
 SCORES = ('confidence', 'loss')

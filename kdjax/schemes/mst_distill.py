@@ -93,6 +93,7 @@ from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import validate
 from kdjax.engine.evaluate import make_evaluator
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import Setup
 from kdjax.engine.setup import setup
 from kdjax.engine.state import TrainState
@@ -120,7 +121,6 @@ from kdjax.schemes.online import check_label_objective
 from kdjax.schemes.online import fit_run
 from kdjax.schemes.online import log_line
 from kdjax.schemes.online import with_step
-from kdjax.schemes.online import write_summary
 
 NAME = 'mst_distill'
 # config.scheme's fields and their defaults (the authors' T, k and loss weights).

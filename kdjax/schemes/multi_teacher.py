@@ -70,6 +70,7 @@ from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.config import validate
 from kdjax.engine.evaluate import make_evaluator
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import Data
 from kdjax.engine.setup import Setup
 from kdjax.engine.setup import setup
@@ -91,7 +92,6 @@ from kdjax.schemes.online import gate_apply
 from kdjax.schemes.online import init_gate
 from kdjax.schemes.online import log_line
 from kdjax.schemes.online import with_step
-from kdjax.schemes.online import write_summary
 
 NAME = 'multi_teacher'
 COMBINE = ('average', 'confidence', 'gate')

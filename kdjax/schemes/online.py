@@ -70,7 +70,7 @@ from kdjax.engine.evaluate import make_evaluator
 from kdjax.engine.loop import Fitted
 from kdjax.engine.loop import TrainCalls
 from kdjax.engine.loop import fit_workdir
-from kdjax.engine.loop import write_summary  # noqa: F401 (the schemes import it from here)
+from kdjax.engine.loop import write_summary
 from kdjax.engine.setup import CACHE_NEEDS
 from kdjax.engine.setup import TEACHER_NEEDS
 from kdjax.engine.setup import Data

@@ -88,6 +88,7 @@ from kdjax.config import check_number
 from kdjax.config import with_defaults
 from kdjax.engine import metrics as metrics_lib
 from kdjax.engine.evaluate import make_evaluator
+from kdjax.engine.loop import write_summary
 from kdjax.engine.optim import make_optimizer
 from kdjax.engine.setup import Data
 from kdjax.engine.setup import Setup
@@ -107,7 +108,6 @@ from kdjax.schemes.online import check_label_objective
 from kdjax.schemes.online import fit_run
 from kdjax.schemes.online import log_line
 from kdjax.schemes.online import with_step
-from kdjax.schemes.online import write_summary
 
 # config.scheme's fields and their defaults, by scheme.
 DEFAULTS = {
